@@ -1,0 +1,20 @@
+//! verity: an embeddable inference-time reasoning runtime.
+//!
+//! One process holds a language model and decodes in batches, scores every generated token
+//! from the logits it already has, selects among N samples, and learns LoRA adapters from
+//! verified rollouts while it serves. See `DESIGN.md` for the data flow.
+//!
+//! Start with [`Model::load`], then [`generate`] for a single sequence.
+
+pub mod chat;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod sampling;
+pub mod stats;
+pub mod tokenizer;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use error::{Error, Result};
+pub use model::{LoadOptions, Model, ModelConfig, WeightFormat};
+pub use tokenizer::Tokenizer;

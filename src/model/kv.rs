@@ -1,0 +1,203 @@
+//! The KV cache of one sequence, as reference-counted segments.
+//!
+//! A sequence's keys and values are a chain of frozen, shared segments followed by one
+//! segment it owns and appends to. Forking a sequence (the N samples of one prompt) freezes
+//! what it has into a shared segment and gives each child an empty segment of its own: the
+//! prompt is prefilled once and held once, and attention reads the shared segment in place
+//! (scores are computed per segment and joined before the softmax, so nothing is copied).
+//! We chose segments over fixed-size pages because the sharing we need is "one prompt, many
+//! continuations", where a segment is exactly the shared unit and attention stays a few
+//! large matrix products instead of a gather over page tables.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Sizes every segment of one model shares.
+#[derive(Debug, Clone)]
+pub struct KvGeometry {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Keys and values of a run of consecutive positions, for every layer.
+/// Layout per layer: (capacity, kv_heads, head_dim), token-major so appends are contiguous.
+pub struct KvSegment {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    /// Absolute position of the segment's first token.
+    start: usize,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvSegment {
+    fn empty(start: usize) -> Self {
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+            start,
+            len: 0,
+            capacity: 0,
+        }
+    }
+
+    pub fn start(&self) -> usize {
+        self.start
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keys of `layer` for the stored positions: (len, kv_heads, head_dim), a view.
+    pub fn keys(&self, layer: usize) -> Result<Tensor> {
+        Ok(self.keys[layer].narrow(0, 0, self.len)?)
+    }
+    pub fn values(&self, layer: usize) -> Result<Tensor> {
+        Ok(self.values[layer].narrow(0, 0, self.len)?)
+    }
+
+    /// Keys for stored positions plus `extra` pending ones written by [`Self::write`] in this step.
+    pub(crate) fn keys_with_pending(&self, layer: usize, extra: usize) -> Result<Tensor> {
+        Ok(self.keys[layer].narrow(0, 0, self.len + extra)?)
+    }
+    pub(crate) fn values_with_pending(&self, layer: usize, extra: usize) -> Result<Tensor> {
+        Ok(self.values[layer].narrow(0, 0, self.len + extra)?)
+    }
+
+    fn reserve(&mut self, geometry: &KvGeometry, additional: usize) -> Result<()> {
+        let needed = self.len + additional;
+        if needed <= self.capacity {
+            return Ok(());
+        }
+        // Grow geometrically so a decode loop reallocates O(log n) times.
+        let capacity = needed.max(self.capacity * 2).max(16).next_multiple_of(16);
+        let shape = (capacity, geometry.num_kv_heads, geometry.head_dim);
+        let mut keys = Vec::with_capacity(geometry.num_layers);
+        let mut values = Vec::with_capacity(geometry.num_layers);
+        for layer in 0..geometry.num_layers {
+            let k = Tensor::zeros(shape, geometry.dtype, &geometry.device)?;
+            let v = Tensor::zeros(shape, geometry.dtype, &geometry.device)?;
+            if self.len > 0 {
+                k.slice_set(&self.keys(layer)?.contiguous()?, 0, 0)?;
+                v.slice_set(&self.values(layer)?.contiguous()?, 0, 0)?;
+            }
+            keys.push(k);
+            values.push(v);
+        }
+        self.keys = keys;
+        self.values = values;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Writes new rows (n, kv_heads, head_dim) after the stored ones; they count once
+    /// [`Self::commit`] is called (after every layer has written).
+    pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        self.keys[layer].slice_set(&k.contiguous()?, 0, self.len)?;
+        self.values[layer].slice_set(&v.contiguous()?, 0, self.len)?;
+        Ok(())
+    }
+
+    fn commit(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Bytes held by this segment's tensors.
+    pub fn bytes(&self, geometry: &KvGeometry) -> usize {
+        2 * geometry.num_layers
+            * self.capacity
+            * geometry.num_kv_heads
+            * geometry.head_dim
+            * geometry.dtype.size_in_bytes()
+    }
+}
+
+/// The cache of one sequence: shared frozen segments, then its own.
+pub struct SeqKv {
+    geometry: Arc<KvGeometry>,
+    shared: Vec<Arc<KvSegment>>,
+    own: KvSegment,
+}
+
+impl SeqKv {
+    pub fn new(geometry: Arc<KvGeometry>) -> Self {
+        Self {
+            geometry,
+            shared: Vec::new(),
+            own: KvSegment::empty(0),
+        }
+    }
+
+    /// Positions stored (shared and own).
+    pub fn len(&self) -> usize {
+        self.own.start + self.own.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn shared_segments(&self) -> &[Arc<KvSegment>] {
+        &self.shared
+    }
+    pub fn own_segment(&self) -> &KvSegment {
+        &self.own
+    }
+    /// Positions this sequence holds alone (not shared with a fork).
+    pub fn own_len(&self) -> usize {
+        self.own.len
+    }
+
+    /// Makes room for `additional` positions in the own segment.
+    pub fn reserve(&mut self, additional: usize) -> Result<()> {
+        let geometry = self.geometry.clone();
+        self.own.reserve(&geometry, additional)
+    }
+
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.own.commit(n)
+    }
+
+    /// A new sequence that continues from everything this one holds, sharing it.
+    /// This sequence's own positions become a shared frozen segment for both.
+    pub fn fork(&mut self) -> Result<SeqKv> {
+        self.freeze()?;
+        Ok(SeqKv {
+            geometry: self.geometry.clone(),
+            shared: self.shared.clone(),
+            own: KvSegment::empty(self.len()),
+        })
+    }
+
+    fn freeze(&mut self) -> Result<()> {
+        if self.own.len == 0 {
+            return Ok(());
+        }
+        let start = self.len();
+        let mut own = std::mem::replace(&mut self.own, KvSegment::empty(start));
+        // Frozen segments never grow again: give back the spare capacity.
+        if own.capacity > own.len {
+            for layer in 0..own.keys.len() {
+                let k = own.keys(layer)?.copy()?;
+                let v = own.values(layer)?.copy()?;
+                own.keys[layer] = k;
+                own.values[layer] = v;
+            }
+            own.capacity = own.len;
+        }
+        self.shared.push(Arc::new(own));
+        Ok(())
+    }
+
+    pub fn geometry(&self) -> &KvGeometry {
+        &self.geometry
+    }
+}

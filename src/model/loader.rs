@@ -1,0 +1,114 @@
+//! Opening a model from a path: a GGUF file or a Hugging Face folder, with its tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use super::config::ModelConfig;
+use super::llama::{Transformer, WeightFormat};
+use super::{gguf, hf};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub format: WeightFormat,
+    /// Activation/dense dtype; default f32 on CPU, bf16 on GPU.
+    pub dtype: Option<DType>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            format: WeightFormat::Quantized,
+            dtype: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    fn dtype(&self) -> DType {
+        self.dtype.unwrap_or(if self.device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        })
+    }
+}
+
+/// Which kind of file a model came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    Gguf,
+    HuggingFace,
+}
+
+/// A loaded model: the transformer, its tokenizer, and where it came from.
+pub struct Model {
+    pub transformer: Transformer,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    /// Weight names in the file that the transformer did not use.
+    pub unused_weights: Vec<String>,
+}
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let dtype = options.dtype();
+        if meta.is_dir() {
+            let (config, mut weights) = hf::load(path, dtype, &options.device)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            Self::check_vocab(path, &config, &tokenizer)?;
+            let transformer =
+                Transformer::new(config, &mut weights, options.format, dtype, &options.device)?;
+            Ok(Self {
+                transformer,
+                tokenizer,
+                path: path.to_path_buf(),
+                format: ModelFormat::HuggingFace,
+                unused_weights: weights.remaining(),
+            })
+        } else {
+            let (header, mut reader) = gguf::read_header(path)?;
+            let mut config = gguf::config_from_header(path, &header)?;
+            let mut weights =
+                gguf::read_weights(path, &header, &mut reader, &mut config, &options.device)?;
+            let tokenizer = Tokenizer::from_gguf(&header)?;
+            Self::check_vocab(path, &config, &tokenizer)?;
+            let transformer =
+                Transformer::new(config, &mut weights, options.format, dtype, &options.device)?;
+            Ok(Self {
+                transformer,
+                tokenizer,
+                path: path.to_path_buf(),
+                format: ModelFormat::Gguf,
+                unused_weights: weights.remaining(),
+            })
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.transformer.config()
+    }
+
+    /// The tokenizer may know fewer ids than the logits row has (padding rows), never more.
+    fn check_vocab(path: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> Result<()> {
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "the tokenizer has {} tokens but the embedding only {} rows",
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! LoRA weights as the transformer reads them: per layer and target module a pair
+//! (A: r×in, B: out×r) of `Var`s and a scale α/r (or α/√r for rsLoRA). The forward passes
+//! read the Vars' storage at every call, so an optimizer step that writes them in place is
+//! seen by the very next decode step, with no copy and no rebuild of the model.
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::config::ModelConfig;
+use crate::error::{Error, Result};
+
+/// The linear layers a LoRA adapter may target, with PEFT's module names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LoraTarget {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LoraTarget {
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::Q,
+        LoraTarget::K,
+        LoraTarget::V,
+        LoraTarget::O,
+        LoraTarget::Gate,
+        LoraTarget::Up,
+        LoraTarget::Down,
+    ];
+
+    /// PEFT's `target_modules` name.
+    pub fn module_name(self) -> &'static str {
+        match self {
+            LoraTarget::Q => "q_proj",
+            LoraTarget::K => "k_proj",
+            LoraTarget::V => "v_proj",
+            LoraTarget::O => "o_proj",
+            LoraTarget::Gate => "gate_proj",
+            LoraTarget::Up => "up_proj",
+            LoraTarget::Down => "down_proj",
+        }
+    }
+
+    /// Path of the module inside a layer, as in HF and PEFT key names.
+    pub fn module_path(self) -> &'static str {
+        match self {
+            LoraTarget::Q => "self_attn.q_proj",
+            LoraTarget::K => "self_attn.k_proj",
+            LoraTarget::V => "self_attn.v_proj",
+            LoraTarget::O => "self_attn.o_proj",
+            LoraTarget::Gate => "mlp.gate_proj",
+            LoraTarget::Up => "mlp.up_proj",
+            LoraTarget::Down => "mlp.down_proj",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.module_name() == name || name == &t.module_name()[..1])
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown LoRA target '{name}' (known: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
+                ))
+            })
+    }
+
+    /// (in, out) features of this module in a model.
+    pub fn dims(self, c: &ModelConfig) -> (usize, usize) {
+        let q = c.num_heads * c.head_dim;
+        let kv = c.num_kv_heads * c.head_dim;
+        match self {
+            LoraTarget::Q => (c.hidden_size, q),
+            LoraTarget::K | LoraTarget::V => (c.hidden_size, kv),
+            LoraTarget::O => (q, c.hidden_size),
+            LoraTarget::Gate | LoraTarget::Up => (c.hidden_size, c.intermediate_size),
+            LoraTarget::Down => (c.intermediate_size, c.hidden_size),
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One low-rank update `Δy = scale · x Aᵀ Bᵀ`.
+#[derive(Clone)]
+pub struct LoraPair {
+    /// r × in
+    pub a: Var,
+    /// out × r
+    pub b: Var,
+}
+
+/// Shape and scaling of an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    pub targets: Vec<LoraTarget>,
+    /// rsLoRA: scale α/√r instead of α/r.
+    pub use_rslora: bool,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+}
+
+/// A LoRA adapter for every layer of one model.
+pub struct LoraAdapter {
+    pub spec: LoraSpec,
+    scale: f64,
+    /// `layers[l][target as usize]`
+    layers: Vec<[Option<LoraPair>; 7]>,
+}
+
+impl LoraAdapter {
+    /// A fresh adapter: A ~ Kaiming-uniform (as PEFT), B = 0, so it changes nothing yet.
+    pub fn new(
+        config: &ModelConfig,
+        spec: LoraSpec,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if spec.rank == 0 {
+            return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
+        }
+        if spec.targets.is_empty() {
+            return Err(Error::InvalidArgument(
+                "LoRA needs at least one target module".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            let mut slots: [Option<LoraPair>; 7] = Default::default();
+            for &t in &spec.targets {
+                let (fan_in, fan_out) = t.dims(config);
+                // PEFT: kaiming_uniform_(a=√5) → U(-1/√in, 1/√in).
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                let a =
+                    Tensor::rand(-bound, bound, (spec.rank, fan_in), device)?.to_dtype(dtype)?;
+                let b = Tensor::zeros((fan_out, spec.rank), dtype, device)?;
+                slots[t.index()] = Some(LoraPair {
+                    a: Var::from_tensor(&a)?,
+                    b: Var::from_tensor(&b)?,
+                });
+            }
+            layers.push(slots);
+        }
+        Ok(Self {
+            scale: spec.scale(),
+            spec,
+            layers,
+        })
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn get(&self, layer: usize, target: LoraTarget) -> Option<&LoraPair> {
+        self.layers.get(layer)?[target.index()].as_ref()
+    }
+
+    /// Every trainable Var, in a fixed order (layer, target, A then B).
+    pub fn vars(&self) -> Vec<Var> {
+        let mut vars = Vec::new();
+        for slots in &self.layers {
+            for pair in slots.iter().flatten() {
+                vars.push(pair.a.clone());
+                vars.push(pair.b.clone());
+            }
+        }
+        vars
+    }
+
+    /// `scale · x Aᵀ Bᵀ` for x of shape (rows, in).
+    pub fn delta(&self, layer: usize, target: LoraTarget, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(pair) = self.get(layer, target) else {
+            return Ok(None);
+        };
+        let a = pair.a.as_tensor();
+        let b = pair.b.as_tensor();
+        let x = x.to_dtype(a.dtype())?;
+        let low = x.matmul(&a.t()?)?;
+        Ok(Some((low.matmul(&b.t()?)? * self.scale)?))
+    }
+}

@@ -1,0 +1,559 @@
+//! Tokenization: a `tokenizers` tokenizer loaded from `tokenizer.json` or built from the
+//! byte-level BPE a GGUF embeds (vocab, merges, token types, `tokenizer.ggml.pre`), the
+//! special-token rules (BOS/EOS, the end-of-generation set llama.cpp stops on), the chat
+//! template, and a streaming decoder that never emits a broken UTF-8 character.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use candle_core::quantized::gguf_file::Value;
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{Error, Result};
+use crate::model::gguf::{value_as_u64, GgufHeader};
+
+/// Qwen2's pre-tokenizer split (llama.cpp `qwen2`, HF Qwen2 tokenizer.json).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama-3's pre-tokenizer split (llama.cpp `llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Texts of tokens that end generation, as llama.cpp recognises them.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<EOT>",
+    "</s>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<reponame>",
+    "<|file_sep|>",
+    "<｜end▁of▁sentence｜>",
+];
+
+/// Special-token facts a generation loop needs.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Tokens that end generation (eos, end-of-turn and the like).
+    pub eog: Vec<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+}
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Same tokenizer, but special tokens in the text are not parsed (split as plain text).
+    plain: OnceLock<tokenizers::Tokenizer>,
+    /// The bytes each id stands for, for exact and streaming decoding.
+    token_bytes: Vec<Vec<u8>>,
+    /// Control tokens (rendered as nothing unless asked).
+    control: Vec<bool>,
+    special: SpecialTokens,
+    chat_template: Option<ChatTemplate>,
+    /// Where the tokenizer came from ("gguf:qwen2", "tokenizer.json"), for `verity info`.
+    pub description: String,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("description", &self.description)
+            .field("vocab", &self.token_bytes.len())
+            .field("special", &self.special)
+            .finish()
+    }
+}
+
+/// GPT-2's byte-to-character map used by byte-level BPE, and its inverse.
+fn byte_level_maps() -> ([char; 256], HashMap<char, u8>) {
+    let mut map = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        let printable = (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        map[b as usize] = if printable {
+            b as char
+        } else {
+            let c = char::from_u32(256 + n).unwrap_or('\u{FFFD}');
+            n += 1;
+            c
+        };
+    }
+    let inverse = map.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+    (map, inverse)
+}
+
+fn byte_level_bytes(token: &str, inverse: &HashMap<char, u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(token.len());
+    for c in token.chars() {
+        match inverse.get(&c) {
+            Some(&b) => out.push(b),
+            None => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// SentencePiece-style pieces: "▁" is a space, "<0xAB>" is a raw byte.
+fn sentencepiece_bytes(token: &str) -> Vec<u8> {
+    if token.len() == 6 && token.starts_with("<0x") && token.ends_with('>') {
+        if let Ok(b) = u8::from_str_radix(&token[3..5], 16) {
+            return vec![b];
+        }
+    }
+    token.replace('\u{2581}', " ").into_bytes()
+}
+
+fn eog_ids(
+    vocab: &[(String, bool)],
+    eos: Option<u32>,
+    extra: impl IntoIterator<Item = u32>,
+) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().chain(extra).collect();
+    for (id, (text, special)) in vocab.iter().enumerate() {
+        if *special && EOG_TEXTS.contains(&text.as_str()) {
+            ids.push(id as u32);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer a GGUF file embeds (`tokenizer.ggml.model = gpt2`).
+    pub fn from_gguf(header: &GgufHeader) -> Result<Self> {
+        let model = header.get_str("tokenizer.ggml.model").unwrap_or("");
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model '{model}' is not supported (verity builds byte-level BPE, 'gpt2')"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match header.get(key) {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::String(s) => Ok(s.clone()),
+                        _ => Err(Error::Tokenizer(format!("'{key}' holds a non-string"))),
+                    })
+                    .collect(),
+                _ => Err(Error::Tokenizer(format!(
+                    "GGUF metadata lacks the array '{key}'"
+                ))),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match header.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| value_as_u64(v).unwrap_or(1)).collect()
+            }
+            _ => vec![1; tokens.len()],
+        };
+        let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
+
+        // As llama.cpp does, a token whose text marks the end of a turn is a control token
+        // even where the file typed it as normal (Qwen's `</s>`).
+        let is_control: Vec<bool> = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| types.get(id) == Some(&3) || EOG_TEXTS.contains(&t.as_str()))
+            .collect();
+        let is_added: Vec<bool> = (0..tokens.len())
+            .map(|id| is_control[id] || types.get(id) == Some(&4))
+            .collect();
+        let mut vocab = serde_json::Map::new();
+        let mut added = Vec::new();
+        for (id, token) in tokens.iter().enumerate() {
+            if is_added[id] {
+                added.push(serde_json::json!({
+                    "id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": is_control[id],
+                }));
+            }
+            // Keep the first id of a duplicated string (the rest stay decodable by id).
+            vocab.entry(token.clone()).or_insert(id.into());
+        }
+        let merges: Vec<serde_json::Value> = merges
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(serde_json::json!([a, b])),
+                None => Err(Error::Tokenizer(format!("malformed merge '{m}'"))),
+            })
+            .collect::<Result<_>>()?;
+        let byte_level = |use_regex: bool, trim: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim, "use_regex": use_regex});
+        let split = |pattern: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+        let (normalizer, pre_tokenizer) = match pre {
+            "smollm" => (
+                serde_json::Value::Null,
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true, true)]}),
+            ),
+            "qwen2" => (
+                serde_json::json!({"type": "NFC"}),
+                serde_json::json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false, false)]}),
+            ),
+            "llama-bpe" | "llama3" => (
+                serde_json::Value::Null,
+                serde_json::json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false, false)]}),
+            ),
+            "default" | "gpt2" | "gpt-2" => (serde_json::Value::Null, byte_level(true, true)),
+            other => {
+                return Err(Error::Tokenizer(format!(
+                "pre-tokenizer '{other}' is not supported (known: smollm, qwen2, llama-bpe, gpt2)"
+            )))
+            }
+        };
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": normalizer,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {
+                "type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges,
+            },
+        });
+        let inner = tokenizers::Tokenizer::from_str(&json.to_string()).map_err(|e| {
+            Error::Tokenizer(format!("cannot build the BPE tokenizer from GGUF: {e}"))
+        })?;
+
+        let (_, inverse) = byte_level_maps();
+        let specials: Vec<(String, bool)> = tokens
+            .iter()
+            .zip(&is_added)
+            .map(|(t, &added)| (t.clone(), added))
+            .collect();
+        let token_bytes = tokens
+            .iter()
+            .zip(&is_added)
+            .map(|(t, &added)| {
+                if added {
+                    t.clone().into_bytes()
+                } else {
+                    byte_level_bytes(t, &inverse)
+                }
+            })
+            .collect();
+        let control = is_control;
+        let id = |key: &str| header.get_usize(key).map(|v| v as u32);
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let eot = id("tokenizer.ggml.eot_token_id");
+        let special = SpecialTokens {
+            bos,
+            eos,
+            eog: eog_ids(&specials, eos, eot),
+            add_bos: header
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(false),
+            add_eos: header
+                .get_bool("tokenizer.ggml.add_eos_token")
+                .unwrap_or(false),
+        };
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let chat_template = header
+            .get_str("tokenizer.chat_template")
+            .map(|src| ChatTemplate::new(src, &text_of(bos), &text_of(eos)))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            plain: OnceLock::new(),
+            token_bytes,
+            control,
+            special,
+            chat_template,
+            description: format!(
+                "gguf byte-level BPE, pre-tokenizer '{pre}', {} tokens",
+                tokens.len()
+            ),
+        })
+    }
+
+    /// Loads `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`) from a
+    /// Hugging Face folder.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let json = crate::model::hf::read_json(&path)?;
+        let read_optional = |name: &str| -> Result<Option<serde_json::Value>> {
+            let p = dir.join(name);
+            if p.is_file() {
+                crate::model::hf::read_json(&p).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let config = read_optional("tokenizer_config.json")?;
+        let generation = read_optional("generation_config.json")?;
+
+        let byte_level = json
+            .get("decoder")
+            .map(|d| d.to_string().contains("ByteLevel"))
+            .unwrap_or(false);
+        let (_, inverse) = byte_level_maps();
+        let vocab_size = inner.get_vocab_size(true);
+        let added = inner.get_added_tokens_decoder();
+        let mut token_bytes = Vec::with_capacity(vocab_size);
+        let mut control = Vec::with_capacity(vocab_size);
+        let mut specials = Vec::with_capacity(vocab_size);
+        for id in 0..vocab_size as u32 {
+            let (text, is_added, is_special) = match added.get(&id) {
+                Some(t) => (t.content.clone(), true, t.special),
+                None => (inner.id_to_token(id).unwrap_or_default(), false, false),
+            };
+            let bytes = if is_added {
+                text.clone().into_bytes()
+            } else if byte_level {
+                byte_level_bytes(&text, &inverse)
+            } else {
+                sentencepiece_bytes(&text)
+            };
+            token_bytes.push(bytes);
+            control.push(is_special);
+            specials.push((text, is_added));
+        }
+        let token_field = |key: &str| -> Option<String> {
+            let v = config.as_ref()?.get(key)?;
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.get("content")?.as_str().map(str::to_string))
+        };
+        let bos_text = token_field("bos_token");
+        let eos_text = token_field("eos_token");
+        let bos = bos_text.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut eos = eos_text.as_deref().and_then(|t| inner.token_to_id(t));
+        let mut extra = Vec::new();
+        if let Some(g) = &generation {
+            match g.get("eos_token_id") {
+                Some(serde_json::Value::Array(ids)) => {
+                    extra.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+                }
+                Some(v) => {
+                    if let Some(id) = v.as_u64() {
+                        eos = eos.or(Some(id as u32));
+                        extra.push(id as u32);
+                    }
+                }
+                None => {}
+            }
+        }
+        let flag = |key: &str| {
+            config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        };
+        let special = SpecialTokens {
+            bos,
+            eos,
+            eog: eog_ids(&specials, eos, extra),
+            add_bos: flag("add_bos_token"),
+            add_eos: flag("add_eos_token"),
+        };
+        let template_source = config
+            .as_ref()
+            .and_then(|c| c.get("chat_template"))
+            .and_then(|t| match t {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(list) => list
+                    .iter()
+                    .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|e| e.get("template")?.as_str().map(str::to_string)),
+                _ => None,
+            });
+        let chat_template = template_source
+            .map(|src| {
+                ChatTemplate::new(
+                    &src,
+                    bos_text.as_deref().unwrap_or(""),
+                    eos_text.as_deref().unwrap_or(""),
+                )
+            })
+            .transpose()?;
+        Ok(Self {
+            inner,
+            plain: OnceLock::new(),
+            token_bytes,
+            control,
+            special,
+            chat_template,
+            description: format!("tokenizer.json, {vocab_size} tokens"),
+        })
+    }
+
+    /// The `tokenizer.json` text of this tokenizer (to write a HF folder).
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+    pub fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.special.eog.binary_search(&id).is_ok()
+    }
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.get(id as usize).copied().unwrap_or(false)
+    }
+
+    /// Token ids of `text`. With `parse_special`, special-token text (`<|im_start|>`) becomes
+    /// the special token; otherwise it is tokenized as plain text. BOS/EOS are added only
+    /// where the vocabulary asks for them.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let tk = if parse_special {
+            &self.inner
+        } else {
+            self.plain.get_or_init(|| {
+                let mut t = self.inner.clone();
+                t.set_encode_special_tokens(true);
+                t
+            })
+        };
+        let enc = tk
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 2);
+        if self.special.add_bos {
+            ids.extend(self.special.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        if self.special.add_eos {
+            ids.extend(self.special.eos);
+        }
+        Ok(ids)
+    }
+
+    /// The raw bytes of one token (control tokens give their text).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes
+            .get(id as usize)
+            .map(|b| b.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// Bytes of a sequence of ids; control tokens are skipped unless `render_special`.
+    pub fn decode_bytes(&self, ids: &[u32], render_special: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &id in ids {
+            if render_special || !self.is_control(id) {
+                out.extend_from_slice(self.token_bytes(id));
+            }
+        }
+        out
+    }
+
+    /// Text of a sequence of ids (invalid UTF-8 replaced by U+FFFD).
+    pub fn decode(&self, ids: &[u32], render_special: bool) -> String {
+        String::from_utf8_lossy(&self.decode_bytes(ids, render_special)).into_owned()
+    }
+
+    /// Renders `messages` with the model's chat template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::ChatTemplate("this model has no chat template".into()))?;
+        template.render(messages, add_generation_prompt)
+    }
+
+    /// A decoder that turns ids into text as they arrive.
+    pub fn stream_decoder(&self, render_special: bool) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            pending: Vec::new(),
+            render_special,
+        }
+    }
+}
+
+/// Emits only complete UTF-8 characters; a multi-byte character split across tokens waits
+/// until its last byte arrives. Bytes that can never become valid UTF-8 come out as U+FFFD.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    pending: Vec<u8>,
+    render_special: bool,
+}
+
+impl StreamDecoder<'_> {
+    /// Text made complete by `id` (possibly empty).
+    pub fn push(&mut self, id: u32) -> String {
+        if self.render_special || !self.tokenizer.is_control(id) {
+            self.pending
+                .extend_from_slice(self.tokenizer.token_bytes(id));
+        }
+        self.drain(false)
+    }
+
+    /// Whatever is left, invalid bytes replaced.
+    pub fn finish(&mut self) -> String {
+        self.drain(true)
+    }
+
+    fn drain(&mut self, flush: bool) -> String {
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap_or_default());
+                    match e.error_len() {
+                        // An incomplete character at the end: wait for more bytes.
+                        None if !flush => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        None => {
+                            out.push('\u{FFFD}');
+                            self.pending.clear();
+                            return out;
+                        }
+                        Some(bad) => {
+                            out.push('\u{FFFD}');
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
