@@ -83,7 +83,7 @@ pub fn tiny_config(arch: Architecture) -> ModelConfig {
         architecture: arch,
         vocab_size: 300,
         hidden_size: 32,
-        intermediate_size: 48,
+        intermediate_size: 64,
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
