@@ -11,8 +11,12 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod sampling;
+pub mod score;
+pub mod select;
 pub mod stats;
+pub mod tasks;
 pub mod tokenizer;
+pub mod verify;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{Error, Result};

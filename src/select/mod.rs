@@ -1,0 +1,404 @@
+//! Choosing one answer among N sampled traces: greedy, best-of-N by a score, majority
+//! vote, score-weighted vote, Borda vote, DeepConf offline filtering, and the state
+//! machine for DeepConf online early termination ([`DeepConfOnline`]).
+//!
+//! Answers are pooled by [`equivalent`]. Ties are broken deterministically: between
+//! answers with equal vote weight, the one whose first supporting candidate has the
+//! lowest index wins (as in the Self-Certainty reference code), so Borda with power 0
+//! gives exactly the majority vote. The representative trace of the winning answer is
+//! its best-ranked supporter under the rule's score (the first one for majority).
+
+use crate::score::{TraceScore, TraceView};
+use crate::verify::{equivalent, extract_answer, Answer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+mod online;
+#[cfg(test)]
+mod tests;
+
+pub use online::{DeepConfOnline, WindowTracker};
+
+/// One sampled trace as the selection rules see it: its extracted answer and the
+/// trace scores computed for it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Candidate {
+    pub answer: Option<Answer>,
+    pub scores: BTreeMap<TraceScore, f64>,
+}
+
+impl Candidate {
+    pub fn new(answer: Option<Answer>) -> Self {
+        Candidate {
+            answer,
+            scores: BTreeMap::new(),
+        }
+    }
+
+    /// Adds one score (builder style).
+    pub fn with_score(mut self, score: TraceScore, value: f64) -> Self {
+        self.scores.insert(score, value);
+        self
+    }
+
+    /// Extracts the trace's answer and computes the listed scores (those that come out
+    /// `None`, e.g. on an empty trace, are left out).
+    pub fn from_trace(view: &TraceView, scores: &[TraceScore]) -> Self {
+        let answer = extract_answer(view.text).map(|found| found.answer);
+        let scores = scores
+            .iter()
+            .filter_map(|&score| score.compute(view).map(|value| (score, value)))
+            .collect();
+        Candidate { answer, scores }
+    }
+
+    /// The candidate's value of `score`, if present and finite.
+    pub fn score(&self, score: TraceScore) -> Option<f64> {
+        self.scores.get(&score).copied().filter(|v| v.is_finite())
+    }
+}
+
+/// How to pick the final answer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SelectionRule {
+    /// The first candidate.
+    Greedy,
+    /// Best-of-N: the candidate with the highest score.
+    Max(TraceScore),
+    /// One vote per candidate with an answer.
+    Majority,
+    /// Votes weighted by a score. When some score is negative, every weight is shifted
+    /// by the lowest score (weight = score − min) so weights are ≥ 0; the lowest-scoring
+    /// candidate then adds no weight, though it still counts.
+    Weighted(TraceScore),
+    /// Borda vote on self-certainty: rank r (0-based, over all N candidates) gives
+    /// (N − r)^power votes to its answer. power = 0 is majority vote.
+    Borda { power: f64 },
+    /// DeepConf offline: among candidates with an answer and the metric, keep those at
+    /// or above the (100 − keep_percent)th percentile of the metric (so at least one),
+    /// then a vote weighted by the metric.
+    DeepConf {
+        metric: TraceScore,
+        keep_percent: f64,
+    },
+}
+
+/// Borda's default power (DESIGN.md).
+pub const DEFAULT_BORDA_POWER: f64 = 0.5;
+
+impl SelectionRule {
+    /// The scores candidates need for this rule.
+    pub fn required_scores(&self) -> Vec<TraceScore> {
+        match *self {
+            SelectionRule::Greedy | SelectionRule::Majority => Vec::new(),
+            SelectionRule::Max(score) | SelectionRule::Weighted(score) => vec![score],
+            SelectionRule::Borda { .. } => vec![TraceScore::MeanSelfCertainty],
+            SelectionRule::DeepConf { metric, .. } => vec![metric],
+        }
+    }
+}
+
+impl fmt::Display for SelectionRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SelectionRule::Greedy => f.write_str("greedy"),
+            SelectionRule::Max(score) => write!(f, "max:{score}"),
+            SelectionRule::Majority => f.write_str("majority"),
+            SelectionRule::Weighted(score) => write!(f, "weighted:{score}"),
+            SelectionRule::Borda { power } => write!(f, "borda:{power}"),
+            SelectionRule::DeepConf {
+                metric,
+                keep_percent,
+            } => write!(f, "deepconf:{metric}:{keep_percent}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid selection rule {input:?}: {reason}")]
+pub struct ParseRuleError {
+    pub input: String,
+    pub reason: String,
+}
+
+impl FromStr for SelectionRule {
+    type Err = ParseRuleError;
+
+    /// "greedy", "majority", "max:<score>", "weighted:<score>", "borda[:<p>]",
+    /// "deepconf:<metric>:<eta>" (e.g. "deepconf:bottom10:2048:10" keeps the top 10%).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let error = |reason: String| ParseRuleError {
+            input: s.to_string(),
+            reason,
+        };
+        let parse_score = |text: &str| text.parse::<TraceScore>().map_err(|e| error(e.reason));
+        let s = s.trim();
+        let (name, argument) = match s.split_once(':') {
+            Some((name, argument)) => (name, Some(argument)),
+            None => (s, None),
+        };
+        match (name, argument) {
+            ("greedy", None) => Ok(SelectionRule::Greedy),
+            ("majority", None) => Ok(SelectionRule::Majority),
+            ("max", Some(score)) => Ok(SelectionRule::Max(parse_score(score)?)),
+            ("weighted", Some(score)) => Ok(SelectionRule::Weighted(parse_score(score)?)),
+            ("borda", None) => Ok(SelectionRule::Borda {
+                power: DEFAULT_BORDA_POWER,
+            }),
+            ("borda", Some(power)) => match power.trim().parse::<f64>() {
+                Ok(power) if power.is_finite() && power >= 0.0 => {
+                    Ok(SelectionRule::Borda { power })
+                }
+                _ => Err(error("the Borda power must be a number >= 0".into())),
+            },
+            ("deepconf", Some(rest)) => {
+                let Some((metric, eta)) = rest.rsplit_once(':') else {
+                    return Err(error("expected deepconf:<metric>:<eta>".into()));
+                };
+                let metric = parse_score(metric)?;
+                match eta.trim().parse::<f64>() {
+                    Ok(keep_percent) if keep_percent > 0.0 && keep_percent <= 100.0 => {
+                        Ok(SelectionRule::DeepConf {
+                            metric,
+                            keep_percent,
+                        })
+                    }
+                    _ => Err(error("eta must be a percentage in (0, 100]".into())),
+                }
+            }
+            _ => Err(error(
+                "expected greedy, majority, max:<score>, weighted:<score>, borda:<p> or deepconf:<metric>:<eta>"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// The pooled vote of one answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoteRow {
+    pub answer: Answer,
+    pub weight: f64,
+    /// How many candidates voted for it (including any with weight 0).
+    pub count: usize,
+}
+
+/// The outcome of a selection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub answer: Option<Answer>,
+    /// The representative trace: the winning answer's best-ranked supporter under the
+    /// rule's score, the first one for majority (for greedy and max, the chosen
+    /// candidate itself).
+    pub chosen: Option<usize>,
+    /// The vote table, by weight descending (ties: first supporter's index); empty for
+    /// greedy and max, which do not vote.
+    pub votes: Vec<VoteRow>,
+}
+
+impl Selection {
+    fn empty() -> Self {
+        Selection {
+            answer: None,
+            chosen: None,
+            votes: Vec::new(),
+        }
+    }
+}
+
+/// Applies `rule` to `candidates`.
+pub fn select(rule: &SelectionRule, candidates: &[Candidate]) -> Selection {
+    if candidates.is_empty() {
+        return Selection::empty();
+    }
+    match *rule {
+        SelectionRule::Greedy => pick(candidates, 0),
+        SelectionRule::Max(score) => pick(candidates, rank_by(candidates, score)[0]),
+        SelectionRule::Majority => {
+            let ballots = (0..candidates.len()).map(|i| (i, 1.0)).collect();
+            tally(candidates, ranked(ballots))
+        }
+        SelectionRule::Weighted(score) => {
+            let order = rank_by(candidates, score);
+            tally(
+                candidates,
+                ranked(weighted_ballots(candidates, &order, score)),
+            )
+        }
+        SelectionRule::Borda { power } => {
+            let order = rank_by(candidates, TraceScore::MeanSelfCertainty);
+            let n = candidates.len();
+            let ballots = order
+                .iter()
+                .enumerate()
+                .map(|(rank, &i)| (i, ((n - rank) as f64).powf(power)))
+                .collect();
+            tally(candidates, ranked(ballots))
+        }
+        SelectionRule::DeepConf {
+            metric,
+            keep_percent,
+        } => {
+            let kept = deepconf_keep(candidates, metric, keep_percent);
+            tally(
+                candidates,
+                ranked(weighted_ballots(candidates, &kept, metric)),
+            )
+        }
+    }
+}
+
+fn pick(candidates: &[Candidate], index: usize) -> Selection {
+    Selection {
+        answer: candidates[index].answer.clone(),
+        chosen: Some(index),
+        votes: Vec::new(),
+    }
+}
+
+/// Candidate indices by `score` descending; candidates without the score come last;
+/// equal scores keep index order.
+fn rank_by(candidates: &[Candidate], score: TraceScore) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(
+        |&a, &b| match (candidates[a].score(score), candidates[b].score(score)) {
+            (Some(x), Some(y)) => y.total_cmp(&x),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        },
+    );
+    order
+}
+
+/// Ballots weighted by `score` for the candidates in `order`; shifted by the lowest
+/// score when it is negative, so that weights are ≥ 0. A missing score weighs 0.
+fn weighted_ballots(
+    candidates: &[Candidate],
+    order: &[usize],
+    score: TraceScore,
+) -> Vec<(usize, f64)> {
+    let lowest = order
+        .iter()
+        .filter(|&&i| candidates[i].answer.is_some())
+        .filter_map(|&i| candidates[i].score(score))
+        .reduce(f64::min)
+        .unwrap_or(0.0);
+    let shift = lowest.min(0.0);
+    order
+        .iter()
+        .map(|&i| (i, candidates[i].score(score).map_or(0.0, |s| s - shift)))
+        .collect()
+}
+
+/// DeepConf offline filtering: candidates with an answer and the metric whose metric is
+/// at least the (100 − keep_percent)th percentile, best first.
+fn deepconf_keep(candidates: &[Candidate], metric: TraceScore, keep_percent: f64) -> Vec<usize> {
+    let eligible: Vec<usize> = rank_by(candidates, metric)
+        .into_iter()
+        .filter(|&i| candidates[i].answer.is_some() && candidates[i].score(metric).is_some())
+        .collect();
+    let values: Vec<f64> = eligible
+        .iter()
+        .filter_map(|&i| candidates[i].score(metric))
+        .collect();
+    let Some(threshold) = percentile(&values, 100.0 - keep_percent) else {
+        return Vec::new();
+    };
+    eligible
+        .into_iter()
+        .filter(|&i| candidates[i].score(metric).is_some_and(|v| v >= threshold))
+        .collect()
+}
+
+/// A candidate's vote: its weight, and its rank in the rule's preference order (which
+/// picks the representative trace of an answer).
+struct Ballot {
+    index: usize,
+    weight: f64,
+    rank: usize,
+}
+
+/// Ballots from (candidate index, weight) pairs listed in preference order.
+fn ranked(in_preference_order: Vec<(usize, f64)>) -> Vec<Ballot> {
+    in_preference_order
+        .into_iter()
+        .enumerate()
+        .map(|(rank, (index, weight))| Ballot {
+            index,
+            weight,
+            rank,
+        })
+        .collect()
+}
+
+/// One answer's pool while tallying.
+struct Pool {
+    row: VoteRow,
+    best_rank: usize,
+    representative: usize,
+}
+
+/// Pools ballots on equivalent answers; candidates without an answer are skipped and a
+/// non-finite weight counts as 0.
+fn tally(candidates: &[Candidate], mut ballots: Vec<Ballot>) -> Selection {
+    // Pooling in index order makes a pool's position its first supporter's index, so
+    // the stable sort by weight below breaks ties by that index.
+    ballots.sort_by_key(|b| b.index);
+    let mut pools: Vec<Pool> = Vec::new();
+    for ballot in ballots {
+        let Some(answer) = &candidates[ballot.index].answer else {
+            continue;
+        };
+        let weight = if ballot.weight.is_finite() {
+            ballot.weight
+        } else {
+            0.0
+        };
+        match pools.iter_mut().find(|p| equivalent(&p.row.answer, answer)) {
+            Some(pool) => {
+                pool.row.weight += weight;
+                pool.row.count += 1;
+                if ballot.rank < pool.best_rank {
+                    pool.best_rank = ballot.rank;
+                    pool.representative = ballot.index;
+                }
+            }
+            None => pools.push(Pool {
+                row: VoteRow {
+                    answer: answer.clone(),
+                    weight,
+                    count: 1,
+                },
+                best_rank: ballot.rank,
+                representative: ballot.index,
+            }),
+        }
+    }
+    pools.sort_by(|a, b| b.row.weight.total_cmp(&a.row.weight));
+    let Some(winner) = pools.first() else {
+        return Selection::empty();
+    };
+    Selection {
+        answer: Some(winner.row.answer.clone()),
+        chosen: Some(winner.representative),
+        votes: pools.into_iter().map(|p| p.row).collect(),
+    }
+}
+
+/// The `q`th percentile (0–100) of the finite `values`, interpolating linearly between
+/// order statistics like `numpy.percentile`'s default. `None` when there is no finite
+/// value or `q` is NaN.
+pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if sorted.is_empty() || q.is_nan() {
+        return None;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let position = (sorted.len() - 1) as f64 * q.clamp(0.0, 100.0) / 100.0;
+    let below = position.floor() as usize;
+    let above = position.ceil() as usize;
+    let fraction = position - below as f64;
+    Some(sorted[below] + (sorted[above] - sorted[below]) * fraction)
+}
