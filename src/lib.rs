@@ -7,6 +7,7 @@
 //! Start with [`Model::load`], then [`generate`] for a single sequence.
 
 pub mod chat;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod model;

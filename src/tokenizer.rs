@@ -495,7 +495,7 @@ impl Tokenizer {
     pub fn stream_decoder(&self, render_special: bool) -> StreamDecoder<'_> {
         StreamDecoder {
             tokenizer: self,
-            pending: Vec::new(),
+            buffer: Utf8Buffer::default(),
             render_special,
         }
     }
@@ -503,19 +503,15 @@ impl Tokenizer {
 
 /// Emits only complete UTF-8 characters; a multi-byte character split across tokens waits
 /// until its last byte arrives. Bytes that can never become valid UTF-8 come out as U+FFFD.
-pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+#[derive(Debug, Clone, Default)]
+pub struct Utf8Buffer {
     pending: Vec<u8>,
-    render_special: bool,
 }
 
-impl StreamDecoder<'_> {
-    /// Text made complete by `id` (possibly empty).
-    pub fn push(&mut self, id: u32) -> String {
-        if self.render_special || !self.tokenizer.is_control(id) {
-            self.pending
-                .extend_from_slice(self.tokenizer.token_bytes(id));
-        }
+impl Utf8Buffer {
+    /// Text made complete by `bytes` (possibly empty).
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
         self.drain(false)
     }
 
@@ -555,5 +551,28 @@ impl StreamDecoder<'_> {
                 }
             }
         }
+    }
+}
+
+/// Token ids in, whole UTF-8 characters out (see [`Utf8Buffer`]).
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    buffer: Utf8Buffer,
+    render_special: bool,
+}
+
+impl StreamDecoder<'_> {
+    /// Text made complete by `id` (possibly empty).
+    pub fn push(&mut self, id: u32) -> String {
+        if self.render_special || !self.tokenizer.is_control(id) {
+            self.buffer.push(self.tokenizer.token_bytes(id))
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whatever is left, invalid bytes replaced.
+    pub fn finish(&mut self) -> String {
+        self.buffer.finish()
     }
 }

@@ -1,0 +1,198 @@
+//! What callers hand the engine and what they get back: requests, traces, stream events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::ChatMessage;
+use crate::error::{Error, Result};
+use crate::sampling::SamplingParams;
+use crate::stats::TokenStats;
+
+/// The prompt of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    /// Raw text; special-token text in it is parsed as special tokens.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+    /// A conversation rendered with the model's chat template (generation prompt added).
+    Chat(Vec<ChatMessage>),
+}
+
+/// Per-token logit adjustments beyond the plain sampler.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Penalties {
+    /// CTRL-style: logits of tokens already generated are divided (if > 0) or multiplied
+    /// (if < 0) by this; 1 = off.
+    pub repetition: f32,
+    /// Subtracted once per previous occurrence (OpenAI's frequency_penalty).
+    pub frequency: f32,
+    /// Subtracted once if the token occurred (OpenAI's presence_penalty).
+    pub presence: f32,
+    /// Added to the logit of a token id.
+    pub logit_bias: HashMap<u32, f32>,
+}
+
+impl Penalties {
+    pub fn is_noop(&self) -> bool {
+        (self.repetition == 1.0 || self.repetition == 0.0)
+            && self.frequency == 0.0
+            && self.presence == 0.0
+            && self.logit_bias.is_empty()
+    }
+}
+
+/// Watches one trace's statistics as they arrive and says when to stop it early
+/// (DeepConf-online uses this). One monitor per trace, so it can keep running state.
+pub trait TraceMonitor: Send {
+    /// Called after each generated token; true stops the trace with
+    /// [`FinishReason::AbortedLowConfidence`].
+    fn observe(&mut self, stats: &TokenStats) -> bool;
+}
+
+/// Makes a monitor for each sample of a request.
+pub type EarlyStop = Arc<dyn Fn(usize) -> Box<dyn TraceMonitor> + Send + Sync>;
+
+/// One generation request: a prompt and how to continue it `n` times.
+#[derive(Clone)]
+pub struct Request {
+    pub prompt: Prompt,
+    /// Number of samples; the prompt is prefilled once and its KV shared by all of them.
+    pub n: usize,
+    pub max_tokens: usize,
+    /// Sample i draws from its own generator seeded with `sampling.seed + i`, so its tokens
+    /// do not depend on the rest of the batch.
+    pub sampling: SamplingParams,
+    pub penalties: Penalties,
+    /// Strings that end a trace (matched on the decoded text, across token boundaries;
+    /// the stop string is not part of the output).
+    pub stop: Vec<String>,
+    /// Token ids that end a trace, besides the model's end-of-generation tokens.
+    pub stop_tokens: Vec<u32>,
+    /// Keep generating past end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Record this many top alternatives (id, log-prob) per token; 0 = none.
+    pub top_logprobs: usize,
+    /// LoRA adapter by id (registered with the engine); None = base model.
+    pub adapter: Option<String>,
+    pub early_stop: Option<EarlyStop>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("prompt", &self.prompt)
+            .field("n", &self.n)
+            .field("max_tokens", &self.max_tokens)
+            .field("sampling", &self.sampling)
+            .field("stop", &self.stop)
+            .field("adapter", &self.adapter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request {
+    pub fn new(prompt: Prompt) -> Self {
+        Self {
+            prompt,
+            n: 1,
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            penalties: Penalties::default(),
+            stop: Vec::new(),
+            stop_tokens: Vec::new(),
+            ignore_eos: false,
+            top_logprobs: 0,
+            adapter: None,
+            early_stop: None,
+        }
+    }
+    pub fn text(text: impl Into<String>) -> Self {
+        Self::new(Prompt::Text(text.into()))
+    }
+    pub fn chat(messages: Vec<ChatMessage>) -> Self {
+        Self::new(Prompt::Chat(messages))
+    }
+
+    /// Checks everything that does not need the model.
+    pub fn validate(&self) -> Result<()> {
+        if self.n == 0 {
+            return Err(Error::InvalidArgument("n must be at least 1".into()));
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        self.sampling.validate()?;
+        if !(self.penalties.repetition >= 0.0 && self.penalties.repetition.is_finite()) {
+            return Err(Error::InvalidArgument(
+                "repetition penalty must be ≥ 0".into(),
+            ));
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "stop strings must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a trace ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token, stop token or stop string.
+    Stop,
+    /// `max_tokens` (or the context) reached.
+    Length,
+    /// Cancelled by the caller.
+    Aborted,
+    /// Stopped by the request's early-stop monitor; keeps what it generated.
+    AbortedLowConfidence,
+}
+
+/// One finished sample.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Trace {
+    pub index: usize,
+    /// Generated token ids (an end-of-generation token that ended it is included).
+    pub tokens: Vec<u32>,
+    pub text: String,
+    /// Per generated token, from the raw logits of the step that produced it.
+    pub stats: Vec<TokenStats>,
+    /// Byte offset in `text` where each token's text ends (for answer spans → tokens).
+    pub token_end: Vec<usize>,
+    /// Top alternatives (id, log-prob) per token, when asked for.
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub finish: FinishReason,
+}
+
+/// What a request's stream carries.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A token of sample `index` and the text it completed (may be empty while a
+    /// character or a possible stop string is incomplete).
+    Token {
+        index: usize,
+        token: u32,
+        text: String,
+        stats: TokenStats,
+    },
+    /// Every trace, in sample order; the last event of a request.
+    Done(Completion),
+    /// The request failed; the last event.
+    Error(String),
+}
+
+/// The result of a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Completion {
+    pub prompt_tokens: usize,
+    pub traces: Vec<Trace>,
+}

@@ -1,0 +1,405 @@
+//! The batched engine on the tiny model and on SmolLM2: batching changes nothing, the
+//! prompt of n samples is prefilled once, statistics equal an f64 reference, continuous
+//! batching admits and frees as it should, and every way a trace can end works.
+
+mod common;
+use common::*;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use verity::engine::{Engine, EngineConfig, Event, FinishReason, Prompt, Request, TraceMonitor};
+use verity::model::config::Architecture;
+use verity::model::WeightFormat;
+use verity::sampling::SamplingParams;
+use verity::stats::TokenStats;
+use verity::{LoadOptions, Model};
+
+fn tiny_model(name: &str) -> Arc<Model> {
+    let dir = temp_dir(name);
+    let config = tiny_config(Architecture::Qwen2);
+    let weights = tiny_weights(&config, 11);
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, &config, &weights, None);
+    let options = LoadOptions {
+        format: WeightFormat::Dense,
+        ..Default::default()
+    };
+    Arc::new(Model::load(&path, &options).unwrap())
+}
+
+fn engine(model: &Arc<Model>, config: EngineConfig) -> Engine {
+    Engine::new(model.clone(), config).unwrap()
+}
+
+fn req(prompt: &[u32], max_tokens: usize, temperature: f32, seed: u64) -> Request {
+    let mut r = Request::new(Prompt::Tokens(prompt.to_vec()));
+    r.max_tokens = max_tokens;
+    r.ignore_eos = true;
+    r.sampling = SamplingParams {
+        temperature,
+        seed,
+        top_p: 0.95,
+        ..Default::default()
+    };
+    r
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![5, 6, 7],
+        vec![100, 20, 30, 40, 50, 60, 70],
+        vec![9],
+        vec![250, 251, 252, 253, 1],
+    ]
+}
+
+fn assert_stats_close(a: &[TokenStats], b: &[TokenStats], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        for (u, v) in [
+            (x.logprob, y.logprob),
+            (x.entropy, y.entropy),
+            (x.self_certainty, y.self_certainty),
+            (x.confidence, y.confidence),
+        ] {
+            assert!((u - v).abs() <= tol, "{x:?} vs {y:?}");
+        }
+    }
+}
+
+#[test]
+fn batched_decode_equals_one_at_a_time_on_the_tiny_model() {
+    let model = tiny_model("engine-batch");
+    for temperature in [0.0, 0.9] {
+        let e = engine(&model, EngineConfig::default());
+        let handles: Vec<_> = prompts()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| e.submit(req(p, 12 + i, temperature, 40 + i as u64)))
+            .collect();
+        let together: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.blocking_completion().unwrap())
+            .collect();
+        let one = engine(
+            &model,
+            EngineConfig {
+                max_batch: 1,
+                ..Default::default()
+            },
+        );
+        for (i, p) in prompts().iter().enumerate() {
+            let alone = one
+                .generate(req(p, 12 + i, temperature, 40 + i as u64))
+                .unwrap();
+            assert_eq!(
+                alone.traces[0].tokens, together[i].traces[0].tokens,
+                "prompt {i}, T = {temperature}"
+            );
+            assert_eq!(alone.traces[0].tokens.len(), 12 + i);
+            assert_stats_close(&alone.traces[0].stats, &together[i].traces[0].stats, 1e-4);
+        }
+    }
+}
+
+/// The formulas again, in f64, straight from a logits row (independent of src/stats.rs).
+fn reference_stats(row: &[f64], token: usize, k: usize) -> [f64; 4] {
+    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + row.iter().map(|z| (z - max).exp()).sum::<f64>().ln();
+    let logp: Vec<f64> = row.iter().map(|z| z - lse).collect();
+    let entropy = -logp.iter().map(|l| l.exp() * l).sum::<f64>();
+    let v = row.len() as f64;
+    let sc = -v.ln() - logp.iter().sum::<f64>() / v;
+    let mut sorted = logp.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let conf = -sorted[..k].iter().sum::<f64>() / k as f64;
+    [logp[token], entropy, sc, conf]
+}
+
+#[test]
+fn token_stats_equal_an_f64_reference_from_the_full_logits_row() {
+    let model = tiny_model("engine-stats");
+    let e = engine(&model, EngineConfig::default());
+    let prompt = [3u32, 1, 4, 1, 5, 9, 2, 6];
+    let trace = e
+        .generate(req(&prompt, 10, 1.0, 5))
+        .unwrap()
+        .traces
+        .remove(0);
+    let all: Vec<u32> = prompt.iter().chain(&trace.tokens).copied().collect();
+    let input = Tensor::new(all.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model
+        .transformer
+        .forward_train(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let rows: Vec<Vec<f64>> = logits.to_vec2().unwrap();
+    for (i, st) in trace.stats.iter().enumerate() {
+        let r = reference_stats(&rows[prompt.len() - 1 + i], trace.tokens[i] as usize, 20);
+        let ours = [
+            st.logprob as f64,
+            st.entropy as f64,
+            st.self_certainty as f64,
+            st.confidence as f64,
+        ];
+        for (o, t) in ours.iter().zip(r) {
+            assert!(
+                (o - t).abs() < 1e-4,
+                "token {i}: {ours:?} vs reference {r:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn n_samples_prefill_the_prompt_once_and_match_separate_requests() {
+    let model = tiny_model("engine-prefix");
+    let prompt: Vec<u32> = (10..40).collect();
+    let e = engine(&model, EngineConfig::default());
+    let mut r = req(&prompt, 8, 0.9, 1000);
+    r.n = 16;
+    let together = e.generate(r).unwrap();
+    assert_eq!(
+        e.stats().prompt_tokens_prefilled,
+        prompt.len() as u64,
+        "the prompt is prefilled once, not 16 times"
+    );
+    assert_eq!(together.traces.len(), 16);
+    let distinct: std::collections::HashSet<_> =
+        together.traces.iter().map(|t| t.tokens.clone()).collect();
+    assert!(distinct.len() > 1, "samples differ");
+    let separate = engine(&model, EngineConfig::default());
+    for (i, t) in together.traces.iter().enumerate() {
+        let alone = separate
+            .generate(req(&prompt, 8, 0.9, 1000 + i as u64))
+            .unwrap();
+        assert_eq!(alone.traces[0].tokens, t.tokens, "sample {i}");
+        assert_stats_close(&alone.traces[0].stats, &t.stats, 1e-4);
+    }
+    assert_eq!(
+        separate.stats().prompt_tokens_prefilled,
+        16 * prompt.len() as u64
+    );
+}
+
+#[test]
+fn a_seed_gives_the_same_sample_in_a_batch_of_1_or_64() {
+    let model = tiny_model("engine-seed");
+    let e = engine(&model, EngineConfig::default());
+    let target = req(&[7, 8, 9], 10, 1.0, 77);
+    let alone = e.generate(target.clone()).unwrap();
+    let others: Vec<_> = (0..63)
+        .map(|i| e.submit(req(&[i as u32 + 1, 2], 10, 1.0, i)))
+        .collect();
+    let in_batch = e.submit(target);
+    let in_batch = in_batch.blocking_completion().unwrap();
+    for h in others {
+        h.blocking_completion().unwrap();
+    }
+    assert_eq!(alone.traces[0].tokens, in_batch.traces[0].tokens);
+}
+
+#[test]
+fn continuous_batching_admits_new_requests_and_respects_the_budget() {
+    let model = tiny_model("engine-cb");
+    let e = engine(
+        &model,
+        EngineConfig {
+            kv_budget_tokens: 200,
+            ..Default::default()
+        },
+    );
+    // A long request is running; a short one arriving later finishes first.
+    let mut long = e.submit(req(&[1, 2, 3], 60, 0.0, 0));
+    let mut seen = 0;
+    while seen < 5 {
+        if let Some(Event::Token { .. }) = long.blocking_next() {
+            seen += 1;
+        }
+    }
+    let short = e
+        .submit(req(&[4, 5], 3, 0.0, 0))
+        .blocking_completion()
+        .unwrap();
+    assert_eq!(short.traces[0].tokens.len(), 3);
+    assert!(
+        e.stats().running_requests >= 1,
+        "the long request is still running while the short one finished"
+    );
+    // Cancel the long one: it ends Aborted and its KV is released.
+    long.abort();
+    let mut aborted = None;
+    while let Some(ev) = long.blocking_next() {
+        if let Event::Done(c) = ev {
+            aborted = Some(c);
+        }
+    }
+    let aborted = aborted.unwrap();
+    assert_eq!(aborted.traces[0].finish, FinishReason::Aborted);
+    assert!(aborted.traces[0].tokens.len() >= 5);
+    // Dropping a handle cancels too.
+    let dropped = e.submit(req(&[9, 9], 50, 0.0, 0));
+    drop(dropped);
+    // Many requests over a small budget all finish, and the budget is never exceeded.
+    let handles: Vec<_> = (0..12)
+        .map(|i| e.submit(req(&[i + 1, 7, 7], 40, 0.0, 0)))
+        .collect();
+    for h in handles {
+        assert_eq!(h.blocking_completion().unwrap().traces[0].tokens.len(), 40);
+    }
+    let stats = e.stats();
+    assert!(stats.kv_peak <= 200, "peak {} over budget", stats.kv_peak);
+    assert_eq!(stats.kv_reserved, 0, "everything freed");
+    // A request that can never fit, and an over-long prompt, are refused at once.
+    let mut too_big = req(&[1], 60, 0.0, 0);
+    too_big.n = 4;
+    let err = e.generate(too_big).unwrap_err().to_string();
+    assert!(err.contains("budget is 200"), "{err}");
+    let long_prompt: Vec<u32> = vec![3; 64];
+    let err = e
+        .generate(req(&long_prompt, 1, 0.0, 0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not fit the context of 64"), "{err}");
+}
+
+struct StopAfter(usize);
+impl TraceMonitor for StopAfter {
+    fn observe(&mut self, _: &TokenStats) -> bool {
+        self.0 -= 1;
+        self.0 == 0
+    }
+}
+
+#[test]
+fn stop_strings_tokens_length_and_early_stop_end_traces_correctly() {
+    let model = tiny_model("engine-stop");
+    let e = engine(&model, EngineConfig::default());
+    let prompt = [40u32, 41, 42];
+    let free = e
+        .generate(req(&prompt, 20, 0.0, 0))
+        .unwrap()
+        .traces
+        .remove(0);
+    assert_eq!(free.finish, FinishReason::Length);
+    assert_eq!(free.tokens.len(), 20);
+    let tok = &model.tokenizer;
+    // A stop string that spans a token boundary: the last byte of token 4 and the first
+    // of token 5 (the tiny vocabulary is byte-level, so pieces are short).
+    let text4 = tok.decode(&free.tokens[..5], false);
+    let text5 = tok.decode(&free.tokens[..6], false);
+    assert!(text5.len() > text4.len() && !text4.is_empty());
+    let cut = text4.char_indices().last().unwrap().0;
+    let stop: String = text5[cut..].to_string();
+    let mut r = req(&prompt, 20, 0.0, 0);
+    r.stop = vec![stop.clone()];
+    let stopped = e.generate(r).unwrap().traces.remove(0);
+    assert_eq!(stopped.finish, FinishReason::Stop);
+    let expected_text = &text5[..text5.find(&stop).unwrap()];
+    assert_eq!(
+        stopped.text, expected_text,
+        "text ends before the stop string"
+    );
+    // Stop token id.
+    let mut r = req(&prompt, 20, 0.0, 0);
+    r.stop_tokens = vec![free.tokens[2]];
+    let first = free
+        .tokens
+        .iter()
+        .position(|&t| t == free.tokens[2])
+        .unwrap();
+    let t = e.generate(r).unwrap().traces.remove(0);
+    assert_eq!((t.finish, t.tokens.len()), (FinishReason::Stop, first + 1));
+    // End-of-generation token: bias the logits so <|im_end|> (an EOG id) always wins.
+    let eog = *tok.special().eog.last().unwrap();
+    let mut r = req(&prompt, 20, 0.0, 0);
+    r.ignore_eos = false;
+    r.penalties.logit_bias.insert(eog, 1e4);
+    let t = e.generate(r).unwrap().traces.remove(0);
+    assert_eq!(
+        (t.finish, t.tokens.as_slice(), t.text.as_str()),
+        (FinishReason::Stop, &[eog][..], "")
+    );
+    // The early-stop hook keeps what was generated.
+    let mut r = req(&prompt, 20, 0.0, 0);
+    r.early_stop = Some(Arc::new(|_| {
+        Box::new(StopAfter(5)) as Box<dyn TraceMonitor>
+    }));
+    let t = e.generate(r).unwrap().traces.remove(0);
+    assert_eq!(t.finish, FinishReason::AbortedLowConfidence);
+    assert_eq!(t.tokens, free.tokens[..5]);
+    // Streamed deltas add up to the final text.
+    let mut h = e.submit(req(&prompt, 20, 0.0, 0));
+    let mut streamed = String::new();
+    let mut done = None;
+    while let Some(ev) = h.blocking_next() {
+        match ev {
+            Event::Token { text, .. } => streamed.push_str(&text),
+            Event::Done(c) => done = Some(c),
+            Event::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(streamed, done.unwrap().traces[0].text);
+}
+
+#[test]
+fn smollm2_batched_equals_alone_and_greedy_stats_match_the_reference() {
+    let model = Arc::new(Model::load(real_model(SMOLLM2), &Default::default()).unwrap());
+    let reference = reference("smollm2-135m-q4_1.json");
+    let e = engine(&model, EngineConfig::default());
+    let prompts: Vec<Vec<u32>> = reference["greedy"]["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["prompt_token_ids"]))
+        .collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(req(p, 12, 0.8, 3)))
+        .collect();
+    let together: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.blocking_completion().unwrap())
+        .collect();
+    for (p, t) in prompts.iter().zip(&together) {
+        let alone = e.generate(req(p, 12, 0.8, 3)).unwrap();
+        assert_eq!(alone.traces[0].tokens, t.traces[0].tokens);
+        assert_stats_close(&alone.traces[0].stats, &t.traces[0].stats, 1e-3);
+    }
+    // Greedy through the engine: per-token statistics against llama.cpp's, where the
+    // continuation is margin-robust.
+    let tol = &reference["notes"]["suggested_tolerances"];
+    for p in reference["greedy"]["prompts"].as_array().unwrap() {
+        let robust = p["checks"]["first_step_with_margin_below_0.5"]
+            .as_u64()
+            .unwrap_or(48) as usize;
+        if robust == 0 {
+            continue;
+        }
+        let mut r = req(&ids(&p["prompt_token_ids"]), robust, 0.0, 0);
+        r.ignore_eos = false;
+        let trace = e.generate(r).unwrap().traces.remove(0);
+        for (st, step) in trace.stats.iter().zip(p["steps"].as_array().unwrap()) {
+            let slack = 1.5; // quantized path, see tests/reference.rs
+            assert!(
+                (st.self_certainty as f64 - step["self_certainty"].as_f64().unwrap()).abs()
+                    < tol["self_certainty"].as_f64().unwrap() * slack
+            );
+            assert!(
+                (st.entropy as f64 - step["entropy"].as_f64().unwrap()).abs()
+                    < tol["entropy"].as_f64().unwrap() * slack
+            );
+            assert!(
+                (st.logprob as f64 - step["logprob"].as_f64().unwrap()).abs()
+                    < tol["logprob_of_given_token"].as_f64().unwrap() * slack
+            );
+        }
+    }
+}
