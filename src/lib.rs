@@ -9,6 +9,7 @@
 pub mod chat;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod sampling;

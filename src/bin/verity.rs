@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use verity::engine::{Engine, EngineConfig, Prompt, Request};
 use verity::generate::generate;
 use verity::sampling::SamplingParams;
 use verity::{ChatMessage, LoadOptions, Model, WeightFormat};
@@ -87,6 +88,100 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArgs,
+    },
+    /// Draw n samples of one prompt (prefilled once) and print every trace with its scores.
+    Sample {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: OsString,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Selection rule applied to the traces (greedy, majority, borda:0.5, max:self_certainty, …).
+        #[arg(long, default_value = "borda:0.5")]
+        select: String,
+        /// Print JSON (one object with every trace, its per-token stats and scores).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accuracy of selection rules on a JSONL data set (GSM8K format).
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        n: usize,
+        /// Comma-separated rules: greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:64:10
+        #[arg(
+            long,
+            default_value = "greedy,majority,borda:0.5,max:self_certainty,weighted:self_certainty,deepconf:bottom10:64:10"
+        )]
+        select: String,
+        /// DeepConf-online: warmup:percentile:window[:tau] (budget = --n).
+        #[arg(long)]
+        online: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "question")]
+        question_field: String,
+        #[arg(long, default_value = "answer")]
+        answer_field: String,
+        /// Write every trace with its scores here (JSONL).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write synthetic verifiable tasks as JSONL (question/answer, GSM8K style).
+    Tasks {
+        /// arithmetic, count_letter, sort_list, linear_equation, reverse_word
+        #[arg(long, default_value = "arithmetic")]
+        kind: String,
+        #[arg(long, default_value_t = 2)]
+        difficulty: u32,
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Decode tokens/s by batch size, n samples vs independent requests, cost of the stats.
+    Decode {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Batch sizes to measure.
+        #[arg(long, default_value = "1,4,16,64")]
+        batches: String,
+        /// Tokens generated per sequence.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
     },
 }
 
@@ -171,6 +266,244 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Sample {
+            model,
+            prompt,
+            chat,
+            n,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            select,
+            json,
+        } => {
+            let prompt = prompt
+                .into_string()
+                .map_err(|p| format!("--prompt is not valid UTF-8: {}", p.to_string_lossy()))?;
+            let rule: verity::select::SelectionRule =
+                select.parse().map_err(|e| format!("--select: {e}"))?;
+            let model = std::sync::Arc::new(model.load()?);
+            let engine = Engine::new(model, EngineConfig::default()).map_err(|e| e.to_string())?;
+            let mut request = if chat {
+                Request::chat(vec![ChatMessage::user(prompt)])
+            } else {
+                Request::new(Prompt::Text(prompt))
+            };
+            request.n = n;
+            request.max_tokens = max_tokens;
+            request.sampling = SamplingParams {
+                temperature,
+                top_p,
+                seed,
+                ..Default::default()
+            };
+            let start = std::time::Instant::now();
+            let completion = engine.generate(request).map_err(|e| e.to_string())?;
+            let wall = start.elapsed();
+            let mut scores: Vec<verity::score::TraceScore> = rule.required_scores();
+            scores.extend([
+                verity::score::TraceScore::MeanSelfCertainty,
+                verity::score::TraceScore::MeanLogprob,
+                verity::score::TraceScore::NegMeanEntropy,
+                verity::score::TraceScore::LowestGroup { window: 64 },
+            ]);
+            scores.sort();
+            scores.dedup();
+            let candidates: Vec<verity::select::Candidate> = completion
+                .traces
+                .iter()
+                .map(|t| {
+                    let view = verity::score::TraceView {
+                        text: &t.text,
+                        stats: &t.stats,
+                        token_end: &t.token_end,
+                    };
+                    verity::select::Candidate::from_trace(&view, &scores)
+                })
+                .collect();
+            let selection = verity::select::select(&rule, &candidates);
+            if json {
+                let traces: Vec<serde_json::Value> = completion
+                    .traces
+                    .iter()
+                    .zip(&candidates)
+                    .map(|(t, c)| {
+                        let s: serde_json::Map<String, serde_json::Value> = c.scores.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+                        serde_json::json!({"index": t.index, "text": t.text, "tokens": t.tokens, "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "scores": s, "token_stats": t.stats})
+                    })
+                    .collect();
+                let votes: Vec<serde_json::Value> = selection.votes.iter().map(|v| serde_json::json!({"answer": v.answer.to_string(), "weight": v.weight, "count": v.count})).collect();
+                let out = serde_json::json!({"prompt_tokens": completion.prompt_tokens, "traces": traces, "selection": {"rule": rule.to_string(), "answer": selection.answer.map(|a| a.to_string()), "chosen": selection.chosen, "votes": votes}, "wall_seconds": wall.as_secs_f64()});
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+                );
+            } else {
+                for (t, c) in completion.traces.iter().zip(&candidates) {
+                    let s: Vec<String> = c
+                        .scores
+                        .iter()
+                        .map(|(k, v)| format!("{k} {v:.3}"))
+                        .collect();
+                    println!(
+                        "── sample {} ({} tokens, {:?}; answer {}) {}",
+                        t.index,
+                        t.tokens.len(),
+                        t.finish,
+                        c.answer
+                            .as_ref()
+                            .map(|a| a.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        s.join(" · ")
+                    );
+                    println!("{}", t.text.trim());
+                }
+                println!(
+                    "── {rule}: answer {} (sample {:?})",
+                    selection
+                        .answer
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "none".into()),
+                    selection.chosen
+                );
+                let tokens: usize = completion.traces.iter().map(|t| t.tokens.len()).sum();
+                eprintln!("[{n} samples, {tokens} tokens in {:.2} s: {:.1} tok/s; prompt of {} tokens prefilled once]", wall.as_secs_f64(), tokens as f64 / wall.as_secs_f64(), completion.prompt_tokens);
+            }
+            Ok(())
+        }
+        Command::Eval {
+            model,
+            data,
+            n,
+            select,
+            online,
+            limit,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            question_field,
+            answer_field,
+            out,
+        } => {
+            let rules = select
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.trim()
+                        .parse::<verity::select::SelectionRule>()
+                        .map_err(|e| format!("--select: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let online = online.map(|spec| parse_online(&spec, n)).transpose()?;
+            let mut items = verity::eval::read_jsonl(&data, &question_field, &answer_field)
+                .map_err(|e| e.to_string())?;
+            if let Some(k) = limit {
+                items.truncate(k);
+            }
+            if items.is_empty() {
+                return Err(format!("{} holds no items", data.display()));
+            }
+            let model = std::sync::Arc::new(model.load()?);
+            let engine = Engine::new(model, EngineConfig::default()).map_err(|e| e.to_string())?;
+            let config = verity::eval::EvalConfig {
+                n,
+                max_tokens,
+                temperature,
+                top_p,
+                seed,
+                rules,
+                online,
+            };
+            let mut file = match &out {
+                Some(p) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+                )),
+                None => None,
+            };
+            let start = std::time::Instant::now();
+            let results = verity::eval::run(
+                &engine,
+                &items,
+                &config,
+                |done, total| {
+                    let width = 30;
+                    let filled = width * done / total;
+                    eprint!(
+                        "\r[{}{}] {done}/{total} questions, {:.0} s",
+                        "#".repeat(filled),
+                        " ".repeat(width - filled),
+                        start.elapsed().as_secs_f64()
+                    );
+                },
+                file.as_mut().map(|f| f as &mut dyn Write),
+            )
+            .map_err(|e| e.to_string())?;
+            eprintln!();
+            if let Some(f) = file.as_mut() {
+                f.flush().map_err(|e| e.to_string())?;
+            }
+            println!(
+                "{:<44} {:>9} {:>17} {:>12} {:>9}",
+                "rule", "accuracy", "95% interval", "tokens/q", "wall s"
+            );
+            for r in &results {
+                let (lo, hi) = r.interval();
+                println!(
+                    "{:<44} {:>8.1}% {:>7.1}% – {:>5.1}% {:>12.0} {:>9.1}",
+                    r.rule,
+                    100.0 * r.accuracy(),
+                    100.0 * lo,
+                    100.0 * hi,
+                    r.mean_tokens,
+                    r.wall.as_secs_f64()
+                );
+            }
+            println!("({} questions, n = {n})", items.len());
+            Ok(())
+        }
+        Command::Tasks {
+            kind,
+            difficulty,
+            n,
+            seed,
+            out,
+        } => {
+            let kind: verity::tasks::TaskKind = kind.parse().map_err(|e| format!("--kind: {e}"))?;
+            let items = verity::tasks::generate(kind, difficulty, n, seed);
+            let mut text = String::new();
+            for item in &items {
+                text.push_str(&item.to_json_line().map_err(|e| e.to_string())?);
+                text.push('\n');
+            }
+            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+            eprintln!(
+                "wrote {} {kind} tasks (difficulty {difficulty}) to {}",
+                items.len(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Decode {
+                    model,
+                    batches,
+                    tokens,
+                },
+        } => {
+            let batches: Vec<usize> = batches
+                .split(',')
+                .map(|b| {
+                    b.trim()
+                        .parse()
+                        .map_err(|_| format!("--batches: '{b}' is not a number"))
+                })
+                .collect::<Result<_, _>>()?;
+            let model = std::sync::Arc::new(model.load()?);
+            bench_decode(model, &batches, tokens)
+        }
         Command::Info { model } => {
             let m = model.load()?;
             let c = m.config();
@@ -224,4 +557,131 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `warmup:percentile:window[:tau]` with the budget from --n.
+fn parse_online(spec: &str, budget: usize) -> Result<verity::select::DeepConfOnline, String> {
+    let spec = spec.strip_prefix("deepconf:").unwrap_or(spec);
+    let parts: Vec<&str> = spec.split(':').collect();
+    let num = |i: usize, name: &str| -> Result<f64, String> {
+        parts
+            .get(i)
+            .ok_or_else(|| format!("--online: missing {name} (warmup:percentile:window[:tau])"))?
+            .parse::<f64>()
+            .map_err(|_| format!("--online: {name} is not a number"))
+    };
+    let warmup = num(0, "warmup")? as usize;
+    let percentile = num(1, "percentile")?;
+    let window = num(2, "window")? as usize;
+    let tau = if parts.len() > 3 {
+        Some(num(3, "tau")?)
+    } else {
+        None
+    };
+    if warmup == 0 || warmup > budget || window == 0 || !(0.0..=100.0).contains(&percentile) {
+        return Err(format!(
+            "--online: need 0 < warmup ≤ n ({budget}), window > 0, percentile in [0, 100]"
+        ));
+    }
+    Ok(verity::select::DeepConfOnline::new(
+        warmup, percentile, window, tau, budget,
+    ))
+}
+
+/// Generated tokens per second for `requests` requests of `n` samples each.
+fn engine_throughput(
+    engine: &Engine,
+    requests: usize,
+    n: usize,
+    tokens: usize,
+    prompt: &[u32],
+) -> Result<f64, String> {
+    let start = std::time::Instant::now();
+    let handles: Vec<_> = (0..requests)
+        .map(|i| {
+            let mut r = Request::new(Prompt::Tokens(prompt.to_vec()));
+            r.n = n;
+            r.max_tokens = tokens;
+            r.ignore_eos = true;
+            r.sampling = SamplingParams {
+                temperature: 0.8,
+                seed: i as u64 * 1000,
+                ..Default::default()
+            };
+            engine.submit(r)
+        })
+        .collect();
+    let mut generated = 0;
+    for h in handles {
+        generated += h
+            .blocking_completion()
+            .map_err(|e| e.to_string())?
+            .traces
+            .iter()
+            .map(|t| t.tokens.len())
+            .sum::<usize>();
+    }
+    Ok(generated as f64 / start.elapsed().as_secs_f64())
+}
+
+fn bench_decode(
+    model: std::sync::Arc<Model>,
+    batches: &[usize],
+    tokens: usize,
+) -> Result<(), String> {
+    let question = "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every day at the farmers' market?";
+    let text = model
+        .tokenizer
+        .apply_chat_template(
+            &[ChatMessage::user(format!(
+                "{question}{}",
+                verity::eval::BOXED_INSTRUCTION
+            ))],
+            true,
+        )
+        .map_err(|e| e.to_string())?;
+    let prompt = model
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|e| e.to_string())?;
+    let max_batch = batches.iter().copied().max().unwrap_or(1).max(16);
+    let engine = Engine::new(
+        model.clone(),
+        EngineConfig {
+            max_batch,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let plain = Engine::new(
+        model,
+        EngineConfig {
+            max_batch,
+            token_stats: false,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    println!(
+        "decode, {} prompt tokens, {tokens} new tokens per sequence",
+        prompt.len()
+    );
+    let mut single = None;
+    for &b in batches {
+        let tps = engine_throughput(&engine, b, 1, tokens, &prompt)?;
+        let base = *single.get_or_insert(tps);
+        println!(
+            "  batch {b:>3}: {tps:>8.1} tok/s  ({:.2}× batch 1)",
+            tps / base
+        );
+    }
+    let shared = engine_throughput(&engine, 1, 16, tokens, &prompt)?;
+    let independent = engine_throughput(&engine, 16, 1, tokens, &prompt)?;
+    println!("  n = 16 of one prompt: {shared:.1} tok/s; 16 independent requests: {independent:.1} tok/s ({:.2}×)", shared / independent);
+    for b in [1usize, 16] {
+        let with = engine_throughput(&engine, b, 1, tokens, &prompt)?;
+        let without = engine_throughput(&plain, b, 1, tokens, &prompt)?;
+        println!("  per-token stats at batch {b}: {with:.1} tok/s with, {without:.1} without ({:+.1}% time)", 100.0 * (without / with - 1.0));
+    }
+    Ok(())
 }

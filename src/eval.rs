@@ -1,0 +1,342 @@
+//! The evaluation harness behind `verity eval`: read GSM8K-style JSONL, sample N traces
+//! per question once, apply every selection rule to the same traces, and report accuracy
+//! (with a 95% Wilson interval), tokens generated and wall time per rule. DeepConf-online
+//! runs its own sampling (warm-up, then early-stopped traces) on the same questions.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::chat::ChatMessage;
+use crate::engine::{EarlyStop, Engine, Request, Trace, TraceMonitor};
+use crate::error::{Error, Result};
+use crate::sampling::SamplingParams;
+use crate::score::{TokenStats, TraceScore, TraceView};
+use crate::select::{select, Candidate, DeepConfOnline, SelectionRule, WindowTracker};
+use crate::verify::{equivalent, reference_answer, Answer};
+
+/// What the model is asked to do with each question.
+pub const BOXED_INSTRUCTION: &str =
+    " Please reason step by step, and put your final answer within \\boxed{}.";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalItem {
+    pub question: String,
+    pub answer: String,
+}
+
+/// Reads `{question, answer}` objects, one per line (field names configurable).
+pub fn read_jsonl(path: &Path, question_field: &str, answer_field: &str) -> Result<Vec<EvalItem>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut items = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad =
+            |what: &str| Error::InvalidArgument(format!("{}:{}: {what}", path.display(), n + 1));
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let field = |name: &str| -> Result<String> {
+            match v.get(name) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(other) => Ok(other.to_string()),
+                None => Err(bad(&format!("no field '{name}'"))),
+            }
+        };
+        items.push(EvalItem {
+            question: field(question_field)?,
+            answer: field(answer_field)?,
+        });
+    }
+    Ok(items)
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub n: usize,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub rules: Vec<SelectionRule>,
+    pub online: Option<DeepConfOnline>,
+}
+
+/// One rule's totals.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleResult {
+    pub rule: String,
+    pub correct: usize,
+    pub total: usize,
+    /// Generated tokens per question the rule needed.
+    pub mean_tokens: f64,
+    pub wall: Duration,
+}
+
+impl RuleResult {
+    pub fn accuracy(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
+    }
+    /// 95% Wilson score interval.
+    pub fn interval(&self) -> (f64, f64) {
+        wilson(self.correct, self.total)
+    }
+}
+
+pub fn wilson(correct: usize, total: usize) -> (f64, f64) {
+    if total == 0 {
+        return (0.0, 1.0);
+    }
+    let (n, p, z) = (total as f64, correct as f64 / total as f64, 1.96f64);
+    let center = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let half = z * ((p * (1.0 - p) + z * z / (4.0 * n)) / n).sqrt() / (1.0 + z * z / n);
+    ((center - half).max(0.0), (center + half).min(1.0))
+}
+
+fn candidates(traces: &[Trace], scores: &[TraceScore]) -> Vec<Candidate> {
+    traces
+        .iter()
+        .map(|t| {
+            let view = TraceView {
+                text: &t.text,
+                stats: &t.stats,
+                token_end: &t.token_end,
+            };
+            Candidate::from_trace(&view, scores)
+        })
+        .collect()
+}
+
+fn is_correct(answer: &Option<Answer>, reference: &Option<Answer>) -> bool {
+    matches!((answer, reference), (Some(a), Some(r)) if equivalent(a, r))
+}
+
+fn request(question: &str, n: usize, config: &EvalConfig, temperature: f32, seed: u64) -> Request {
+    let mut r = Request::chat(vec![ChatMessage::user(format!(
+        "{question}{BOXED_INSTRUCTION}"
+    ))]);
+    r.n = n;
+    r.max_tokens = config.max_tokens;
+    r.sampling = SamplingParams {
+        temperature,
+        top_p: config.top_p,
+        seed,
+        ..Default::default()
+    };
+    r
+}
+
+/// Stops a trace when DeepConf's window tracker says so.
+struct OnlineMonitor(WindowTracker);
+impl TraceMonitor for OnlineMonitor {
+    fn observe(&mut self, stats: &TokenStats) -> bool {
+        self.0.push(stats.confidence)
+    }
+}
+
+/// Runs the evaluation; `progress(done, total)` is called after each question and every
+/// trace is written to `out` (JSONL) when given.
+pub fn run(
+    engine: &Engine,
+    items: &[EvalItem],
+    config: &EvalConfig,
+    mut progress: impl FnMut(usize, usize),
+    mut out: Option<&mut dyn Write>,
+) -> Result<Vec<RuleResult>> {
+    let needs_greedy = config.rules.contains(&SelectionRule::Greedy);
+    let sampled_rules: Vec<&SelectionRule> = config
+        .rules
+        .iter()
+        .filter(|r| **r != SelectionRule::Greedy)
+        .collect();
+    let mut scores: Vec<TraceScore> = sampled_rules
+        .iter()
+        .flat_map(|r| r.required_scores())
+        .collect();
+    scores.extend([TraceScore::MeanSelfCertainty, TraceScore::MeanLogprob]);
+    scores.sort();
+    scores.dedup();
+    let mut results: Vec<RuleResult> = config
+        .rules
+        .iter()
+        .map(|r| RuleResult {
+            rule: r.to_string(),
+            correct: 0,
+            total: 0,
+            mean_tokens: 0.0,
+            wall: Duration::ZERO,
+        })
+        .collect();
+    let mut online_result = config.online.as_ref().map(|o| RuleResult {
+        rule: format!(
+            "deepconf-online(warmup {}, p{}, window {})",
+            o.warmup, o.percentile, o.window
+        ),
+        correct: 0,
+        total: 0,
+        mean_tokens: 0.0,
+        wall: Duration::ZERO,
+    });
+    let write_err =
+        |e: std::io::Error| Error::InvalidArgument(format!("cannot write the output: {e}"));
+    for (qi, item) in items.iter().enumerate() {
+        let reference = reference_answer(&item.answer);
+        let seed = config.seed.wrapping_add((qi as u64) << 20);
+        if needs_greedy {
+            let start = Instant::now();
+            let trace = engine
+                .generate(request(&item.question, 1, config, 0.0, seed))?
+                .traces
+                .remove(0);
+            let c = candidates(std::slice::from_ref(&trace), &scores).remove(0);
+            let ok = is_correct(&c.answer, &reference);
+            for (rule, res) in config.rules.iter().zip(results.iter_mut()) {
+                if *rule == SelectionRule::Greedy {
+                    res.total += 1;
+                    res.correct += ok as usize;
+                    res.mean_tokens += trace.tokens.len() as f64;
+                    res.wall += start.elapsed();
+                }
+            }
+            if let Some(out) = out.as_deref_mut() {
+                let line = serde_json::json!({"question": qi, "kind": "greedy", "text": trace.text, "tokens": trace.tokens.len(), "answer": c.answer.map(|a| a.to_string()), "correct": ok});
+                writeln!(out, "{line}").map_err(write_err)?;
+            }
+        }
+        if !sampled_rules.is_empty() {
+            let start = Instant::now();
+            let traces = engine
+                .generate(request(
+                    &item.question,
+                    config.n,
+                    config,
+                    config.temperature,
+                    seed,
+                ))?
+                .traces;
+            let wall = start.elapsed();
+            let cands = candidates(&traces, &scores);
+            let tokens: usize = traces.iter().map(|t| t.tokens.len()).sum();
+            for (rule, res) in config.rules.iter().zip(results.iter_mut()) {
+                if *rule == SelectionRule::Greedy {
+                    continue;
+                }
+                let selection = select(rule, &cands);
+                res.total += 1;
+                res.correct += is_correct(&selection.answer, &reference) as usize;
+                res.mean_tokens += tokens as f64;
+                res.wall += wall;
+            }
+            if let Some(out) = out.as_deref_mut() {
+                for (t, c) in traces.iter().zip(&cands) {
+                    let s: serde_json::Map<String, serde_json::Value> = c
+                        .scores
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), (*v).into()))
+                        .collect();
+                    let line = serde_json::json!({"question": qi, "kind": "sample", "index": t.index, "text": t.text, "tokens": t.tokens.len(), "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "correct": is_correct(&c.answer, &reference), "scores": s});
+                    writeln!(out, "{line}").map_err(write_err)?;
+                }
+            }
+        }
+        if let (Some(online), Some(res)) = (&config.online, online_result.as_mut()) {
+            let start = Instant::now();
+            let (answer, tokens) = run_online(engine, item, config, online.clone(), seed)?;
+            res.total += 1;
+            res.correct += is_correct(&answer, &reference) as usize;
+            res.mean_tokens += tokens as f64;
+            res.wall += start.elapsed();
+        }
+        progress(qi + 1, items.len());
+    }
+    results.extend(online_result);
+    for r in &mut results {
+        if r.total > 0 {
+            r.mean_tokens /= r.total as f64;
+        }
+    }
+    Ok(results)
+}
+
+/// DeepConf-online for one question: warm-up traces set the threshold, later traces (in
+/// rounds, so consensus can stop sampling) stop when their window confidence drops.
+fn run_online(
+    engine: &Engine,
+    item: &EvalItem,
+    config: &EvalConfig,
+    mut online: DeepConfOnline,
+    seed: u64,
+) -> Result<(Option<Answer>, usize)> {
+    let window = online.window;
+    let lowest = TraceScore::LowestGroup { window };
+    let warm = engine
+        .generate(request(
+            &item.question,
+            online.warmup.min(online.budget),
+            config,
+            config.temperature,
+            seed,
+        ))?
+        .traces;
+    let mut kept = Vec::new();
+    let mut tokens: usize = warm.iter().map(|t| t.tokens.len()).sum();
+    for c in candidates(&warm, &[lowest]) {
+        if let Some(l) = c.score(lowest) {
+            online.observe_warmup(l);
+        }
+        kept.push(c);
+    }
+    let mut started = warm.len();
+    let round = 4usize;
+    while online.traces_left(started) > 0 {
+        let votes = select(
+            &online.vote_rule(),
+            &kept
+                .iter()
+                .filter(|c| c.score(lowest).is_some_and(|l| online.keeps(l)))
+                .cloned()
+                .collect::<Vec<_>>(),
+        )
+        .votes;
+        if online.consensus_reached(&votes) {
+            break;
+        }
+        let n = round.min(online.traces_left(started));
+        let shared = Arc::new(Mutex::new(online.clone()));
+        let make: EarlyStop = Arc::new(move |_| {
+            Box::new(OnlineMonitor(shared.lock().tracker())) as Box<dyn TraceMonitor>
+        });
+        let mut r = request(
+            &item.question,
+            n,
+            config,
+            config.temperature,
+            seed.wrapping_add(started as u64),
+        );
+        r.early_stop = Some(make);
+        let traces = engine.generate(r)?.traces;
+        tokens += traces.iter().map(|t| t.tokens.len()).sum::<usize>();
+        started += n;
+        // Traces stopped early carry no answer worth voting on.
+        let finished: Vec<Trace> = traces
+            .into_iter()
+            .filter(|t| t.finish != crate::engine::FinishReason::AbortedLowConfidence)
+            .collect();
+        kept.extend(candidates(&finished, &[lowest]));
+    }
+    let voters: Vec<Candidate> = kept
+        .into_iter()
+        .filter(|c| c.score(lowest).is_some_and(|l| online.keeps(l)))
+        .collect();
+    Ok((select(&online.vote_rule(), &voters).answer, tokens))
+}
