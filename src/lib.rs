@@ -6,6 +6,7 @@
 //!
 //! Start with [`Model::load`], then [`generate`] for a single sequence.
 
+pub mod adapter;
 pub mod chat;
 pub mod engine;
 pub mod error;

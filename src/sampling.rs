@@ -111,6 +111,9 @@ pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
         return argmax(row);
     }
     let inv_t = 1.0 / params.temperature as f64;
+    if params.top_k == 0 && params.top_p >= 1.0 && params.min_p == 0.0 {
+        return sample_full(row, inv_t, rng);
+    }
     // Candidates sorted by logit, cut by top-k first (cheap), then probabilities.
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     let k = if params.top_k == 0 {
@@ -118,7 +121,7 @@ pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     } else {
         params.top_k.min(row.len())
     };
-    if k < row.len() {
+    if k < idx.len() {
         idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
         idx.truncate(k);
     }
@@ -156,4 +159,18 @@ pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
         }
     }
     idx[keep - 1]
+}
+
+/// Samples from softmax(row / T) over the whole vocabulary, without sorting.
+fn sample_full(row: &[f32], inv_t: f64, rng: &mut Rng) -> u32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let total: f64 = row.iter().map(|&z| ((z as f64 - max) * inv_t).exp()).sum();
+    let mut u = rng.next_f64() * total;
+    for (i, &z) in row.iter().enumerate() {
+        u -= ((z as f64 - max) * inv_t).exp();
+        if u < 0.0 {
+            return i as u32;
+        }
+    }
+    argmax(row)
 }

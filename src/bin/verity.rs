@@ -32,6 +32,11 @@ struct ModelArgs {
     /// Dequantize weights to dense tensors instead of running on quantized blocks.
     #[arg(long)]
     dense: bool,
+    /// Run steps of at least this many tokens (batches, prompt chunks) on dense copies of
+    /// quantized weights: faster batches and prefill, more memory, and batch-dependent
+    /// numerics (see `Transformer::set_dense_rows`).
+    #[arg(long)]
+    dense_rows: Option<usize>,
 }
 
 impl ModelArgs {
@@ -47,6 +52,7 @@ impl ModelArgs {
             } else {
                 WeightFormat::Quantized
             },
+            dense_rows: self.dense_rows,
             ..LoadOptions::default()
         };
         Model::load(&self.model, &options).map_err(|e| e.to_string())
@@ -644,6 +650,7 @@ fn bench_decode(
         .tokenizer
         .encode(&text, true)
         .map_err(|e| e.to_string())?;
+    let short = &prompt[..8.min(prompt.len())];
     let max_batch = batches.iter().copied().max().unwrap_or(1).max(16);
     let engine = Engine::new(
         model.clone(),
@@ -662,25 +669,30 @@ fn bench_decode(
         },
     )
     .map_err(|e| e.to_string())?;
+    // Batch scaling on a short prompt, so that prefill does not blur the decode rate.
     println!(
-        "decode, {} prompt tokens, {tokens} new tokens per sequence",
-        prompt.len()
+        "decode, {tokens} new tokens per sequence after an {}-token prompt",
+        short.len()
     );
     let mut single = None;
     for &b in batches {
-        let tps = engine_throughput(&engine, b, 1, tokens, &prompt)?;
+        let tps = engine_throughput(&engine, b, 1, tokens, short)?;
         let base = *single.get_or_insert(tps);
         println!(
             "  batch {b:>3}: {tps:>8.1} tok/s  ({:.2}× batch 1)",
             tps / base
         );
     }
+    println!(
+        "GSM8K prompt of {} tokens (prefill included):",
+        prompt.len()
+    );
     let shared = engine_throughput(&engine, 1, 16, tokens, &prompt)?;
     let independent = engine_throughput(&engine, 16, 1, tokens, &prompt)?;
     println!("  n = 16 of one prompt: {shared:.1} tok/s; 16 independent requests: {independent:.1} tok/s ({:.2}×)", shared / independent);
     for b in [1usize, 16] {
-        let with = engine_throughput(&engine, b, 1, tokens, &prompt)?;
-        let without = engine_throughput(&plain, b, 1, tokens, &prompt)?;
+        let with = engine_throughput(&engine, b, 1, tokens, short)?;
+        let without = engine_throughput(&plain, b, 1, tokens, short)?;
         println!("  per-token stats at batch {b}: {with:.1} tok/s with, {without:.1} without ({:+.1}% time)", 100.0 * (without / with - 1.0));
     }
     Ok(())

@@ -17,6 +17,8 @@ pub struct LoadOptions {
     pub format: WeightFormat,
     /// Activation/dense dtype; default f32 on CPU, bf16 on GPU.
     pub dtype: Option<DType>,
+    /// See [`Transformer::set_dense_rows`].
+    pub dense_rows: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -25,6 +27,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             format: WeightFormat::Quantized,
             dtype: None,
+            dense_rows: None,
         }
     }
 }
@@ -65,8 +68,9 @@ impl Model {
             let (config, mut weights) = hf::load(path, dtype, &options.device)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             Self::check_vocab(path, &config, &tokenizer)?;
-            let transformer =
+            let mut transformer =
                 Transformer::new(config, &mut weights, options.format, dtype, &options.device)?;
+            transformer.set_dense_rows(options.dense_rows)?;
             Ok(Self {
                 transformer,
                 tokenizer,
@@ -81,8 +85,9 @@ impl Model {
                 gguf::read_weights(path, &header, &mut reader, &mut config, &options.device)?;
             let tokenizer = Tokenizer::from_gguf(&header)?;
             Self::check_vocab(path, &config, &tokenizer)?;
-            let transformer =
+            let mut transformer =
                 Transformer::new(config, &mut weights, options.format, dtype, &options.device)?;
+            transformer.set_dense_rows(options.dense_rows)?;
             Ok(Self {
                 transformer,
                 tokenizer,

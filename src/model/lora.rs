@@ -167,6 +167,80 @@ impl LoraAdapter {
         self.scale
     }
 
+    /// An adapter from existing weights (loaded from a file, say): `pairs` gives, for each
+    /// (layer, target) that has one, its A (r × in) and B (out × r). Layers or targets left
+    /// out have no update. Shapes, layer indices and targets are checked against `config` and
+    /// `spec`; A and B of a pair must share dtype and device.
+    pub fn from_pairs(
+        config: &ModelConfig,
+        spec: LoraSpec,
+        pairs: impl IntoIterator<Item = (usize, LoraTarget, LoraPair)>,
+    ) -> Result<Self> {
+        if spec.rank == 0 {
+            return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
+        }
+        if spec.targets.is_empty() {
+            return Err(Error::InvalidArgument(
+                "LoRA needs at least one target module".into(),
+            ));
+        }
+        let mut layers: Vec<[Option<LoraPair>; 7]> = vec![Default::default(); config.num_layers];
+        for (layer, target, pair) in pairs {
+            let name = target.module_name();
+            if layer >= config.num_layers {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA pair for layer {layer} {name}, but the model has {} layers",
+                    config.num_layers
+                )));
+            }
+            if !spec.targets.contains(&target) {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA pair for {name}, which is not among the adapter's targets"
+                )));
+            }
+            let (fan_in, fan_out) = target.dims(config);
+            let checks = [
+                ("A", pair.a.as_tensor(), [spec.rank, fan_in]),
+                ("B", pair.b.as_tensor(), [fan_out, spec.rank]),
+            ];
+            for (which, t, want) in checks {
+                if t.dims() != want {
+                    return Err(Error::InvalidArgument(format!(
+                        "LoRA {which} of layer {layer} {name} has shape {:?}, expected {want:?}",
+                        t.dims()
+                    )));
+                }
+            }
+            let (a, b) = (pair.a.as_tensor(), pair.b.as_tensor());
+            if a.dtype() != b.dtype() || !a.device().same_device(b.device()) {
+                return Err(Error::InvalidArgument(format!(
+                    "LoRA A and B of layer {layer} {name} differ in dtype or device"
+                )));
+            }
+            let slot = &mut layers[layer][target.index()];
+            if slot.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "two LoRA pairs for layer {layer} {name}"
+                )));
+            }
+            *slot = Some(pair);
+        }
+        Ok(Self {
+            scale: spec.scale(),
+            spec,
+            layers,
+        })
+    }
+
+    /// Every pair the adapter has, in (layer, target) order.
+    pub fn pairs(&self) -> impl Iterator<Item = (usize, LoraTarget, &LoraPair)> + '_ {
+        self.layers.iter().enumerate().flat_map(|(l, slots)| {
+            LoraTarget::ALL
+                .into_iter()
+                .filter_map(move |t| slots[t.index()].as_ref().map(|p| (l, t, p)))
+        })
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

@@ -1,0 +1,112 @@
+//! The clipped policy loss of the GRPO family, per token, with its aggregation modes and
+//! the optional k3 KL penalty to the base policy.
+//!
+//! Per token: `ρ = exp(log π_θ − log π_old)`,
+//! `L = −min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) · w_tis + β·k3`, with
+//! `k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1`.
+//! Aggregation turns per-token terms into one number: `dapo` = Σ / tokens in the batch,
+//! `grpo` = mean per sequence then mean, `dr_grpo` = Σ / (G · max_completion_len).
+//! Each is a per-token weight, so micro-batches can be summed exactly.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossAggregation {
+    Grpo,
+    DrGrpo,
+    #[default]
+    Dapo,
+}
+
+impl std::str::FromStr for LossAggregation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "grpo" => Ok(Self::Grpo),
+            "dr_grpo" => Ok(Self::DrGrpo),
+            "dapo" => Ok(Self::Dapo),
+            other => Err(format!("unknown loss aggregation '{other}' (grpo, dr_grpo, dapo)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClipRange {
+    pub eps_low: f64,
+    pub eps_high: f64,
+}
+
+impl Default for ClipRange {
+    /// DAPO's clip-higher.
+    fn default() -> Self {
+        Self {
+            eps_low: 0.2,
+            eps_high: 0.28,
+        }
+    }
+}
+
+/// Weight of each token of each sequence in the aggregated loss, for sequences with
+/// `lengths` completion tokens, in a batch with these totals.
+pub fn token_weights(
+    mode: LossAggregation,
+    lengths: &[usize],
+    batch_tokens: usize,
+    batch_sequences: usize,
+    max_completion_len: usize,
+) -> Vec<f64> {
+    lengths
+        .iter()
+        .map(|&len| match mode {
+            LossAggregation::Dapo => 1.0 / batch_tokens.max(1) as f64,
+            LossAggregation::Grpo => 1.0 / (len.max(1) * batch_sequences.max(1)) as f64,
+            LossAggregation::DrGrpo => 1.0 / (batch_sequences.max(1) * max_completion_len.max(1)) as f64,
+        })
+        .collect()
+}
+
+/// Inputs of the loss for a micro-batch of B sequences padded to T completion tokens.
+pub struct LossInputs<'a> {
+    /// log π_θ (B, T), differentiable.
+    pub logp: &'a Tensor,
+    /// log π_old (B, T).
+    pub logp_old: &'a Tensor,
+    /// log π_ref (B, T) for the KL term, when β > 0.
+    pub logp_ref: Option<&'a Tensor>,
+    /// Advantage per sequence (B, 1).
+    pub advantages: &'a Tensor,
+    /// Per-token weight (B, T): aggregation weight × mask × truncated importance weight.
+    pub weights: &'a Tensor,
+    pub clip: ClipRange,
+    pub beta: f64,
+}
+
+/// The aggregated loss (a scalar) and, for logging, the clipped fraction of tokens.
+pub fn policy_loss(x: &LossInputs<'_>) -> Result<(Tensor, Tensor)> {
+    let log_ratio = (x.logp - x.logp_old)?;
+    let ratio = log_ratio.exp()?;
+    let unclipped = ratio.broadcast_mul(x.advantages)?;
+    let clipped_ratio = ratio.clamp(1.0 - x.clip.eps_low, 1.0 + x.clip.eps_high)?;
+    let clipped = clipped_ratio.broadcast_mul(x.advantages)?;
+    let mut per_token = unclipped.minimum(&clipped)?.neg()?;
+    if x.beta > 0.0 {
+        if let Some(reference) = x.logp_ref {
+            let d = (reference - x.logp)?;
+            let k3 = ((d.exp()? - &d)? - 1.0)?;
+            per_token = (per_token + (k3 * x.beta)?)?;
+        }
+    }
+    let loss = (per_token * x.weights)?.sum_all()?;
+    // Tokens whose ratio left the clip range (counted with the weights' support).
+    let outside = ratio
+        .ne(&clipped_ratio)?
+        .to_dtype(x.weights.dtype())?
+        .detach();
+    let support = x.weights.gt(0.0)?.to_dtype(x.weights.dtype())?;
+    let clip_frac = ((outside * &support)?.sum_all()? / support.sum_all()?.maximum(1.0)?.to_scalar::<f64>()?)?;
+    Ok((loss, clip_frac))
+}
