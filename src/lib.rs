@@ -19,6 +19,7 @@ pub mod select;
 pub mod stats;
 pub mod tasks;
 pub mod tokenizer;
+pub mod train;
 pub mod verify;
 
 pub use chat::{ChatMessage, ChatTemplate};

@@ -121,6 +121,11 @@ pub struct LoraAdapter {
     scale: f64,
     /// `layers[l][target as usize]`
     layers: Vec<[Option<LoraPair>; 7]>,
+    /// Held for reading by a decode step and for writing by an optimizer update, so a step
+    /// never sees half an update.
+    update_lock: parking_lot::RwLock<()>,
+    /// Incremented by every update (0 = as created or loaded).
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl LoraAdapter {
@@ -160,11 +165,34 @@ impl LoraAdapter {
             scale: spec.scale(),
             spec,
             layers,
+            update_lock: parking_lot::RwLock::new(()),
+            version: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     pub fn scale(&self) -> f64 {
         self.scale
+    }
+
+    /// Blocks updates while held (a decode step holds it across its forward pass).
+    pub fn read_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.update_lock.read()
+    }
+
+    /// Writes new values into the adapter's tensors in place, as one update that no decode
+    /// step sees half of, and bumps the version. `update` gets every Var in [`Self::vars`]
+    /// order. Returns the new version.
+    pub fn update(&self, update: impl FnOnce(&[Var]) -> Result<()>) -> Result<u64> {
+        let _guard = self.update_lock.write();
+        update(&self.vars())?;
+        Ok(self
+            .version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// An adapter from existing weights (loaded from a file, say): `pairs` gives, for each
@@ -229,6 +257,8 @@ impl LoraAdapter {
             scale: spec.scale(),
             spec,
             layers,
+            update_lock: parking_lot::RwLock::new(()),
+            version: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

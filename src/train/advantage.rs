@@ -27,7 +27,9 @@ impl std::str::FromStr for ScaleRewards {
             "group" => Ok(Self::Group),
             "batch" => Ok(Self::Batch),
             "none" => Ok(Self::None),
-            other => Err(format!("unknown scale_rewards '{other}' (group, batch, none)")),
+            other => Err(format!(
+                "unknown scale_rewards '{other}' (group, batch, none)"
+            )),
         }
     }
 }

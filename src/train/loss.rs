@@ -24,12 +24,14 @@ pub enum LossAggregation {
 
 impl std::str::FromStr for LossAggregation {
     type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "grpo" => Ok(Self::Grpo),
             "dr_grpo" => Ok(Self::DrGrpo),
             "dapo" => Ok(Self::Dapo),
-            other => Err(format!("unknown loss aggregation '{other}' (grpo, dr_grpo, dapo)")),
+            other => Err(format!(
+                "unknown loss aggregation '{other}' (grpo, dr_grpo, dapo)"
+            )),
         }
     }
 }
@@ -64,7 +66,9 @@ pub fn token_weights(
         .map(|&len| match mode {
             LossAggregation::Dapo => 1.0 / batch_tokens.max(1) as f64,
             LossAggregation::Grpo => 1.0 / (len.max(1) * batch_sequences.max(1)) as f64,
-            LossAggregation::DrGrpo => 1.0 / (batch_sequences.max(1) * max_completion_len.max(1)) as f64,
+            LossAggregation::DrGrpo => {
+                1.0 / (batch_sequences.max(1) * max_completion_len.max(1)) as f64
+            }
         })
         .collect()
 }
@@ -107,6 +111,11 @@ pub fn policy_loss(x: &LossInputs<'_>) -> Result<(Tensor, Tensor)> {
         .to_dtype(x.weights.dtype())?
         .detach();
     let support = x.weights.gt(0.0)?.to_dtype(x.weights.dtype())?;
-    let clip_frac = ((outside * &support)?.sum_all()? / support.sum_all()?.maximum(1.0)?.to_scalar::<f64>()?)?;
+    let tokens = support
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?
+        .max(1.0);
+    let clip_frac = ((outside * &support)?.sum_all()? / tokens)?;
     Ok((loss, clip_frac))
 }

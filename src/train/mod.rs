@@ -1,0 +1,335 @@
+//! The in-process trainer: GRPO-family updates of a LoRA adapter from scored rollouts.
+//!
+//! A step takes groups of rollouts (G completions of one prompt, each with a reward),
+//! turns rewards into group-relative advantages, drops groups without signal (dynamic
+//! sampling), scores the completions with `forward_train` (prompt tokens masked), forms the
+//! clipped policy loss, accumulates gradients over micro-batches, and — unless the loss or
+//! the gradient is not finite, in which case the step is skipped and counted — applies
+//! AdamW to the adapter's tensors in place. The engine reads those same tensors, so its
+//! next decode step uses the new weights.
+
+pub mod advantage;
+pub mod loss;
+pub mod optim;
+pub mod rewards;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::{ops, LoraAdapter, Transformer};
+pub use advantage::{group_advantages, has_signal, ScaleRewards};
+pub use loss::{policy_loss, token_weights, ClipRange, LossAggregation, LossInputs};
+pub use optim::{AdamW, AdamWConfig, Schedule};
+
+/// One completion of one prompt with its reward.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Completions with the same `group` share a prompt and are compared to each other.
+    pub group: usize,
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    /// log π of each completion token as recorded while decoding.
+    pub decode_logprobs: Vec<f32>,
+    /// Adapter version that decoded it.
+    pub adapter_version: u64,
+    pub reward: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub optimizer: AdamWConfig,
+    pub clip: ClipRange,
+    pub aggregation: LossAggregation,
+    pub scale_rewards: ScaleRewards,
+    /// KL coefficient to the base policy (adapter off), k3 estimator; 0 = off.
+    pub beta: f64,
+    /// Skip groups whose rewards are all equal.
+    pub dynamic_sampling: bool,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Dr. GRPO's normaliser.
+    pub max_completion_len: usize,
+    /// Use the decode-time log-probs as π_old when the rollout's adapter version is the
+    /// current one; otherwise (and always when false) π_old is recomputed with the training
+    /// forward, and the decode/train mismatch enters as a truncated importance weight.
+    pub use_decode_logprobs: bool,
+    /// Cap of the truncated importance weight exp(log π_old − log π_decode).
+    pub tis_cap: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            optimizer: AdamWConfig::default(),
+            clip: ClipRange::default(),
+            aggregation: LossAggregation::default(),
+            scale_rewards: ScaleRewards::default(),
+            beta: 0.0,
+            dynamic_sampling: true,
+            micro_batch: 8,
+            max_completion_len: 512,
+            use_decode_logprobs: false,
+            tis_cap: 2.0,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StepReport {
+    pub step: u64,
+    /// The adapter version after the step (unchanged if nothing was applied).
+    pub version: u64,
+    pub applied: bool,
+    /// Why nothing was applied, if so.
+    pub skipped: Option<String>,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub clip_fraction: f64,
+    pub lr: f64,
+    pub reward_mean: f64,
+    pub groups_used: usize,
+    pub groups_skipped: usize,
+    pub tokens: usize,
+    pub train_time: Duration,
+    /// Time to publish the new weights to the decoder (the in-place write under the
+    /// adapter's lock and the version bump).
+    pub handoff_time: Duration,
+}
+
+pub struct Trainer {
+    pub adapter: Arc<LoraAdapter>,
+    pub config: TrainConfig,
+    optimizer: AdamW,
+    steps: u64,
+    skipped_nonfinite: u64,
+}
+
+/// Per-token log-probs (B, T) of `completions` after a shared `prompt` (right-padded;
+/// entries past a completion's end are meaningless), differentiable w.r.t. the adapter.
+pub fn completion_logprobs(
+    model: &Transformer,
+    prompt: &[u32],
+    completions: &[&[u32]],
+    adapter: Option<&LoraAdapter>,
+) -> Result<Tensor> {
+    let t_max = completions.iter().map(|c| c.len()).max().unwrap_or(0);
+    let p = prompt.len();
+    let rows: Vec<u32> = completions
+        .iter()
+        .flat_map(|c| {
+            prompt
+                .iter()
+                .chain(c.iter())
+                .copied()
+                .chain(std::iter::repeat_n(0, t_max - c.len()))
+        })
+        .collect();
+    let b = completions.len();
+    let device = model.device();
+    let tokens = Tensor::from_vec(rows, (b, p + t_max), device)?;
+    let hidden = model.forward_train_hidden(&tokens, adapter)?;
+    // Row p-1+j predicts completion token j.
+    let hidden = hidden.narrow(1, p - 1, t_max)?;
+    let logp = ops::log_softmax(&model.lm_head_train(&hidden)?)?;
+    let targets = tokens
+        .narrow(1, p, t_max)?
+        .contiguous()?
+        .unsqueeze(D::Minus1)?;
+    Ok(logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?)
+}
+
+impl Trainer {
+    pub fn new(adapter: Arc<LoraAdapter>, config: TrainConfig) -> Self {
+        Self {
+            optimizer: AdamW::new(config.optimizer.clone()),
+            adapter,
+            config,
+            steps: 0,
+            skipped_nonfinite: 0,
+        }
+    }
+
+    /// Steps skipped because the loss or gradient was not finite.
+    pub fn skipped_nonfinite(&self) -> u64 {
+        self.skipped_nonfinite
+    }
+
+    pub fn step(&mut self, model: &Transformer, rollouts: &[Rollout]) -> Result<StepReport> {
+        self.step_with(model, rollouts, |_| {})
+    }
+
+    /// [`Self::step`] with a hook that sees (and may change) the gradients before the
+    /// finiteness check (tests inject NaN through it).
+    #[doc(hidden)]
+    pub fn step_with(
+        &mut self,
+        model: &Transformer,
+        rollouts: &[Rollout],
+        hook: impl FnOnce(&mut [Option<Tensor>]),
+    ) -> Result<StepReport> {
+        let start = Instant::now();
+        let c = &self.config;
+        self.steps += 1;
+        let mut report = StepReport {
+            step: self.steps,
+            version: self.adapter.version(),
+            reward_mean: rollouts.iter().map(|r| r.reward).sum::<f64>()
+                / rollouts.len().max(1) as f64,
+            ..Default::default()
+        };
+        for r in rollouts {
+            if r.completion.is_empty() || r.prompt.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a rollout has an empty prompt or completion".into(),
+                ));
+            }
+            if r.decode_logprobs.len() != r.completion.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "a rollout has {} decode log-probs for {} completion tokens",
+                    r.decode_logprobs.len(),
+                    r.completion.len()
+                )));
+            }
+        }
+        // Groups → advantages; groups without signal are dropped.
+        let mut groups: BTreeMap<usize, Vec<&Rollout>> = BTreeMap::new();
+        for r in rollouts {
+            groups.entry(r.group).or_default().push(r);
+        }
+        let (mut kept, mut rewards) = (Vec::new(), Vec::new());
+        for g in groups.values() {
+            let rs: Vec<f64> = g.iter().map(|r| r.reward).collect();
+            if c.dynamic_sampling && !has_signal(&rs) {
+                report.groups_skipped += 1;
+                continue;
+            }
+            if g.iter().any(|r| r.prompt != g[0].prompt) {
+                return Err(Error::InvalidArgument(
+                    "rollouts of one group must share their prompt".into(),
+                ));
+            }
+            kept.push(g.clone());
+            rewards.push(rs);
+        }
+        report.groups_used = kept.len();
+        if kept.is_empty() {
+            report.skipped = Some("no group with reward variance".into());
+            return Ok(report);
+        }
+        let advantages = group_advantages(&rewards, c.scale_rewards);
+        let lengths: Vec<usize> = kept.iter().flatten().map(|r| r.completion.len()).collect();
+        let total_tokens: usize = lengths.iter().sum();
+        report.tokens = total_tokens;
+        let weights = token_weights(
+            c.aggregation,
+            &lengths,
+            total_tokens,
+            lengths.len(),
+            c.max_completion_len,
+        );
+
+        let vars = self.adapter.vars();
+        let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut loss_sum, mut clip_sum, mut clip_n) = (0f64, 0f64, 0f64);
+        let current = self.adapter.version();
+        let device = model.device().clone();
+        let dtype = model.dtype();
+        let mut seq = 0;
+        for (group, adv) in kept.iter().zip(&advantages) {
+            for (chunk, adv_chunk) in group
+                .chunks(c.micro_batch.max(1))
+                .zip(adv.chunks(c.micro_batch.max(1)))
+            {
+                let prompt = &chunk[0].prompt;
+                let completions: Vec<&[u32]> =
+                    chunk.iter().map(|r| r.completion.as_slice()).collect();
+                let t_max = completions.iter().map(|x| x.len()).max().unwrap_or(0);
+                let b = chunk.len();
+                let logp = completion_logprobs(model, prompt, &completions, Some(&self.adapter))?;
+                // π_old and the per-token weights (aggregation × mask × importance cap).
+                let mut old = Vec::with_capacity(b * t_max);
+                let mut w = Vec::with_capacity(b * t_max);
+                let recomputed: Vec<Vec<f32>> = logp.to_dtype(DType::F32)?.to_vec2()?;
+                for (i, r) in chunk.iter().enumerate() {
+                    let decode_ok = c.use_decode_logprobs && r.adapter_version == current;
+                    for (j, &train_old) in recomputed[i].iter().enumerate() {
+                        if j < r.completion.len() {
+                            let decode = r.decode_logprobs[j];
+                            old.push(if decode_ok { decode } else { train_old });
+                            let tis = if decode_ok {
+                                1.0
+                            } else {
+                                ((train_old - decode) as f64).exp().min(c.tis_cap)
+                            };
+                            w.push((weights[seq + i] * tis) as f32);
+                        } else {
+                            old.push(0.0);
+                            w.push(0.0);
+                        }
+                    }
+                }
+                let logp_old = Tensor::from_vec(old, (b, t_max), &device)?.to_dtype(dtype)?;
+                let wt = Tensor::from_vec(w, (b, t_max), &device)?.to_dtype(dtype)?;
+                let adv_t = Tensor::from_vec(
+                    adv_chunk.iter().map(|a| *a as f32).collect::<Vec<_>>(),
+                    (b, 1),
+                    &device,
+                )?
+                .to_dtype(dtype)?;
+                let logp_ref = if c.beta > 0.0 {
+                    Some(completion_logprobs(model, prompt, &completions, None)?.detach())
+                } else {
+                    None
+                };
+                let (loss, clip_frac) = policy_loss(&LossInputs {
+                    logp: &logp,
+                    logp_old: &logp_old,
+                    logp_ref: logp_ref.as_ref(),
+                    advantages: &adv_t,
+                    weights: &wt,
+                    clip: c.clip,
+                    beta: c.beta,
+                })?;
+                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                clip_sum += clip_frac.to_dtype(DType::F64)?.to_scalar::<f64>()? * b as f64;
+                clip_n += b as f64;
+                let store = loss.backward()?;
+                for (slot, var) in grads.iter_mut().zip(&vars) {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        *slot = Some(match slot.take() {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+                seq += b;
+            }
+        }
+        hook(&mut grads);
+        let grad_norm = AdamW::grad_norm(&grads)?;
+        report.loss = loss_sum;
+        report.grad_norm = grad_norm;
+        report.clip_fraction = if clip_n > 0.0 { clip_sum / clip_n } else { 0.0 };
+        if !loss_sum.is_finite() || !grad_norm.is_finite() {
+            self.skipped_nonfinite += 1;
+            report.skipped = Some(format!(
+                "non-finite loss ({loss_sum}) or gradient norm ({grad_norm}); weights untouched"
+            ));
+            report.train_time = start.elapsed();
+            return Ok(report);
+        }
+        let (version, lr, published) = self.optimizer.step(&self.adapter, &grads, grad_norm)?;
+        report.handoff_time = published;
+        report.version = version;
+        report.lr = lr;
+        report.applied = true;
+        report.train_time = start.elapsed();
+        Ok(report)
+    }
+}

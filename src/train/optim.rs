@@ -1,0 +1,155 @@
+//! AdamW over LoRA `Var`s with a warm-up then cosine or constant learning-rate schedule
+//! and global-norm gradient clipping. Updates are written into the Vars in place (through
+//! [`LoraAdapter::update`]), which is the whole trainer → decoder hand-off.
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::model::LoraAdapter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    /// Steps of the cosine schedule (the rate reaches `min_lr_ratio · lr` there).
+    pub total_steps: u64,
+    pub min_lr_ratio: f64,
+    pub schedule: Schedule,
+    /// Global L2 norm the gradient is clipped to (0 = no clipping).
+    pub max_grad_norm: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+            total_steps: 1000,
+            min_lr_ratio: 0.0,
+            schedule: Schedule::Constant,
+            max_grad_norm: 1.0,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Learning rate at optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Cosine => {
+                let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                let floor = self.lr * self.min_lr_ratio;
+                floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+pub struct AdamW {
+    pub config: AdamWConfig,
+    step: u64,
+    /// First and second moments, by position in `LoraAdapter::vars()`.
+    moments: HashMap<usize, (Tensor, Tensor)>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Global L2 norm of `grads`.
+    pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+        let mut sum = 0f64;
+        for g in grads.iter().flatten() {
+            sum += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// One update of `adapter` with `grads` (in `vars()` order, None = no gradient).
+    /// Returns the new adapter version, the learning rate used, and how long publishing
+    /// the new values took (the in-place write under the adapter's lock).
+    pub fn step(
+        &mut self,
+        adapter: &LoraAdapter,
+        grads: &[Option<Tensor>],
+        grad_norm: f64,
+    ) -> Result<(u64, f64, std::time::Duration)> {
+        let c = self.config.clone();
+        let lr = c.lr_at(self.step);
+        let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
+            c.max_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let t = (self.step + 1) as i32;
+        let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
+        // Compute every new value first, then write them all under the adapter's lock.
+        let vars = adapter.vars();
+        let mut updates: Vec<(usize, Tensor)> = Vec::new();
+        for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
+            let Some(g) = grad else { continue };
+            let g = (g * clip)?;
+            let (m, v) = match self.moments.get(&i) {
+                Some((m, v)) => (
+                    ((m * c.beta1)? + (&g * (1.0 - c.beta1))?)?,
+                    ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
+                ),
+                None => ((&g * (1.0 - c.beta1))?, (g.sqr()? * (1.0 - c.beta2))?),
+            };
+            let m_hat = (&m / bc1)?;
+            let v_hat = (&v / bc2)?;
+            let theta = var.as_tensor();
+            let step = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+            let decayed = (theta * (1.0 - lr * c.weight_decay))?;
+            updates.push((i, (decayed - (step * lr)?)?));
+            self.moments.insert(i, (m, v));
+        }
+        let publish = std::time::Instant::now();
+        let version = adapter.update(|vars: &[Var]| {
+            for (i, value) in &updates {
+                vars[*i].set(value)?;
+            }
+            Ok(())
+        })?;
+        let published = publish.elapsed();
+        self.step += 1;
+        Ok((version, lr, published))
+    }
+}

@@ -1,0 +1,379 @@
+//! The trainer: advantages, aggregation and the clipped loss against hand-computed values,
+//! loss gradients against finite differences, GRPO steps that move probabilities the way
+//! the rewards say, the hand-off to the engine, and NaN handling.
+
+mod common;
+use common::*;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use verity::engine::{Engine, EngineConfig, Prompt, Request};
+use verity::model::config::Architecture;
+use verity::model::{LoraAdapter, LoraSpec, LoraTarget, WeightFormat};
+use verity::train::*;
+use verity::{LoadOptions, Model};
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol
+}
+
+#[test]
+fn advantages_match_hand_computed_values() {
+    let groups = vec![vec![1.0, 0.0, 0.0, 1.0], vec![2.0, 4.0]];
+    let a = group_advantages(&groups, ScaleRewards::Group);
+    // Group 1: mean 0.5, std 0.5 → ±0.5/(0.5+1e-4); group 2: mean 3, std 1 → ∓1/(1+1e-4).
+    assert!(close(a[0][0], 0.5 / 0.5001, 1e-12) && close(a[0][1], -0.5 / 0.5001, 1e-12));
+    assert!(close(a[1][0], -1.0 / 1.0001, 1e-12) && close(a[1][1], 1.0 / 1.0001, 1e-12));
+    // Batch: all six rewards, mean 4/3, std sqrt(((1/3)²·2 + (4/3)²·2 + (2/3)² + (8/3)²)/6).
+    let all = [1.0f64, 0.0, 0.0, 1.0, 2.0, 4.0];
+    let m = all.iter().sum::<f64>() / 6.0;
+    let sd = (all.iter().map(|x| (x - m).powi(2)).sum::<f64>() / 6.0).sqrt();
+    let b = group_advantages(&groups, ScaleRewards::Batch);
+    assert!(close(b[1][1], 1.0 / (sd + 1e-4), 1e-12));
+    let n = group_advantages(&groups, ScaleRewards::None);
+    assert_eq!(n, vec![vec![0.5, -0.5, -0.5, 0.5], vec![-1.0, 1.0]]);
+    assert!(has_signal(&[0.0, 1.0]) && !has_signal(&[1.0, 1.0, 1.0]));
+}
+
+#[test]
+fn aggregation_weights_match_each_mode() {
+    let lengths = [2, 4];
+    assert_eq!(
+        token_weights(LossAggregation::Dapo, &lengths, 6, 2, 5),
+        vec![1.0 / 6.0; 2]
+    );
+    assert_eq!(
+        token_weights(LossAggregation::Grpo, &lengths, 6, 2, 5),
+        vec![1.0 / 4.0, 1.0 / 8.0]
+    );
+    assert_eq!(
+        token_weights(LossAggregation::DrGrpo, &lengths, 6, 2, 5),
+        vec![1.0 / 10.0; 2]
+    );
+}
+
+fn t(v: &[f64], shape: (usize, usize)) -> Tensor {
+    Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn clipped_loss_matches_hand_computed_values() {
+    let logp = t(&[-1.0, -2.0], (1, 2));
+    let old = t(&[-1.1, -1.5], (1, 2));
+    let w = t(&[0.5, 0.5], (1, 2));
+    let clip = ClipRange {
+        eps_low: 0.2,
+        eps_high: 0.28,
+    };
+    let loss = |a: f64, beta: f64, reference: Option<&Tensor>| {
+        let adv = t(&[a], (1, 1));
+        let (l, c) = policy_loss(&LossInputs {
+            logp: &logp,
+            logp_old: &old,
+            logp_ref: reference,
+            advantages: &adv,
+            weights: &w,
+            clip,
+            beta,
+        })
+        .unwrap();
+        (l.to_scalar::<f64>().unwrap(), c.to_scalar::<f64>().unwrap())
+    };
+    let (r1, r2) = (0.1f64.exp(), (-0.5f64).exp());
+    // A = 2: token 1 inside the range; token 2's ratio 0.607 < 0.8, min picks the unclipped.
+    let (l, clipped) = loss(2.0, 0.0, None);
+    assert!(
+        close(l, 0.5 * (-(r1 * 2.0)) + 0.5 * (-(r2 * 2.0)), 1e-12),
+        "{l}"
+    );
+    assert!(
+        close(clipped, 0.5, 1e-12),
+        "one of two tokens is outside the range"
+    );
+    // A = -1: token 2 takes the clipped 0.8·A.
+    let (l, _) = loss(-1.0, 0.0, None);
+    assert!(close(l, 0.5 * r1 + 0.5 * 0.8, 1e-12), "{l}");
+    // k3 KL with β = 0.1 against a reference.
+    let reference = t(&[-1.5, -1.5], (1, 2));
+    let k3 = |d: f64| d.exp() - d - 1.0;
+    let (l, _) = loss(-1.0, 0.1, Some(&reference));
+    let expected = 0.5 * (r1 + 0.1 * k3(-0.5)) + 0.5 * (0.8 + 0.1 * k3(0.5));
+    assert!(close(l, expected, 1e-12), "{l} vs {expected}");
+}
+
+fn tiny(dtype: DType, name: &str) -> Arc<Model> {
+    let dir = temp_dir(name);
+    let config = tiny_config(Architecture::Llama);
+    let weights = tiny_weights(&config, 5);
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, &config, &weights, None);
+    Arc::new(
+        Model::load(
+            &path,
+            &LoadOptions {
+                format: WeightFormat::Dense,
+                dtype: Some(dtype),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn adapter(model: &Model, dtype: DType) -> Arc<LoraAdapter> {
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: LoraTarget::ALL.to_vec(),
+        use_rslora: false,
+    };
+    Arc::new(LoraAdapter::new(model.config(), spec, dtype, &Device::Cpu).unwrap())
+}
+
+fn rollout(completion: &[u32], reward: f64) -> Rollout {
+    Rollout {
+        group: 0,
+        prompt: vec![5, 6, 7],
+        completion: completion.to_vec(),
+        decode_logprobs: vec![0.0; completion.len()],
+        adapter_version: 0,
+        reward,
+    }
+}
+
+fn seq_logprob(model: &Model, adapter: &LoraAdapter, completion: &[u32]) -> f64 {
+    completion_logprobs(&model.transformer, &[5, 6, 7], &[completion], Some(adapter))
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+#[test]
+fn loss_gradients_match_finite_differences() {
+    let model = tiny(DType::F64, "train-grad");
+    let adapter = adapter(&model, DType::F64);
+    // Give B a value so gradients reach A too.
+    for (i, v) in adapter.vars().iter().enumerate() {
+        if i % 2 == 1 {
+            v.set(&Tensor::randn(0f64, 0.05, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let completions: [&[u32]; 2] = [&[10, 11, 12], &[20, 21]];
+    let old = completion_logprobs(&model.transformer, &[5, 6, 7], &completions, Some(&adapter))
+        .unwrap()
+        .detach();
+    // Perturb so ratios differ from 1 and some tokens clip.
+    let old = (old + t(&[0.1, -0.3, 0.05, 0.2, 0.0, 0.0], (2, 3))).unwrap();
+    let w = t(&[0.2, 0.2, 0.2, 0.2, 0.2, 0.0], (2, 3));
+    let adv = t(&[1.5, -0.7], (2, 1));
+    let loss = || {
+        let logp =
+            completion_logprobs(&model.transformer, &[5, 6, 7], &completions, Some(&adapter))
+                .unwrap();
+        policy_loss(&LossInputs {
+            logp: &logp,
+            logp_old: &old,
+            logp_ref: None,
+            advantages: &adv,
+            weights: &w,
+            clip: ClipRange::default(),
+            beta: 0.0,
+        })
+        .unwrap()
+        .0
+    };
+    let grads = loss().backward().unwrap();
+    let vars = adapter.vars();
+    for k in [0usize, 1, 6, 7, vars.len() - 2, vars.len() - 1] {
+        let var = &vars[k];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for index in [0, g.len() / 3, g.len() - 1] {
+            let eval = |delta: f64| {
+                let mut v = orig.clone();
+                v[index] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss().to_scalar::<f64>().unwrap()
+            };
+            let h = 1e-6;
+            let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(orig.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(
+                (g[index] - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                "var {k}[{index}]: {} vs {numeric}",
+                g[index]
+            );
+        }
+    }
+}
+
+#[test]
+fn grpo_steps_raise_rewarded_and_lower_penalised_completions() {
+    let model = tiny(DType::F32, "train-grpo");
+    let adapter = adapter(&model, DType::F32);
+    let config = TrainConfig {
+        optimizer: AdamWConfig {
+            lr: 5e-3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(adapter.clone(), config);
+    let good: [&[u32]; 2] = [&[10, 11, 12], &[30, 31]];
+    let bad: [&[u32]; 2] = [&[20, 21, 22], &[40, 41]];
+    let before: Vec<f64> = good
+        .iter()
+        .chain(&bad)
+        .map(|c| seq_logprob(&model, &adapter, c))
+        .collect();
+    // Decode-time log-probs as the engine would have recorded them (the importance weight
+    // compares the training forward against these).
+    let decoded = |c: &[u32], reward: f64| {
+        let mut r = rollout(c, reward);
+        r.decode_logprobs =
+            completion_logprobs(&model.transformer, &[5, 6, 7], &[c], Some(&adapter))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        r
+    };
+    let rollouts = vec![
+        decoded(good[0], 1.0),
+        decoded(bad[0], 0.0),
+        decoded(good[1], 1.0),
+        decoded(bad[1], 0.0),
+    ];
+    for _ in 0..5 {
+        let report = trainer.step(&model.transformer, &rollouts).unwrap();
+        assert!(report.applied, "{:?}", report.skipped);
+    }
+    assert_eq!(adapter.version(), 5);
+    let after: Vec<f64> = good
+        .iter()
+        .chain(&bad)
+        .map(|c| seq_logprob(&model, &adapter, c))
+        .collect();
+    for i in 0..2 {
+        assert!(
+            after[i] > before[i] + 0.05,
+            "rewarded completion {i}: {} → {}",
+            before[i],
+            after[i]
+        );
+        assert!(
+            after[2 + i] < before[2 + i] - 0.05,
+            "penalised completion {i}: {} → {}",
+            before[2 + i],
+            after[2 + i]
+        );
+    }
+    // A group with equal rewards carries no signal and is skipped.
+    let flat = vec![rollout(good[0], 1.0), rollout(bad[0], 1.0)];
+    let report = trainer.step(&model.transformer, &flat).unwrap();
+    assert!(!report.applied && report.groups_skipped == 1);
+    assert_eq!(adapter.version(), 5);
+}
+
+#[test]
+fn the_engine_uses_new_adapter_weights_on_its_next_step_and_base_requests_are_unaffected() {
+    let model = tiny(DType::F32, "train-handoff");
+    let adapter = adapter(&model, DType::F32);
+    let engine = Engine::new(model.clone(), EngineConfig::default()).unwrap();
+    engine.register_adapter("policy", adapter.clone());
+    let request = |adapter: Option<&str>| {
+        let mut r = Request::new(Prompt::Tokens(vec![5, 6, 7]));
+        r.max_tokens = 4;
+        r.ignore_eos = true;
+        r.adapter = adapter.map(str::to_string);
+        r
+    };
+    let base_before = engine.generate(request(None)).unwrap().traces.remove(0);
+    let tuned_before = engine
+        .generate(request(Some("policy")))
+        .unwrap()
+        .traces
+        .remove(0);
+    assert_eq!(
+        base_before.stats, tuned_before.stats,
+        "a fresh adapter changes nothing"
+    );
+    let mut trainer = Trainer::new(
+        adapter.clone(),
+        TrainConfig {
+            optimizer: AdamWConfig {
+                lr: 1e-2,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let rollouts = vec![rollout(&[10, 11], 1.0), rollout(&[20, 21], 0.0)];
+    let report = trainer.step(&model.transformer, &rollouts).unwrap();
+    assert!(report.applied);
+    assert!(report.handoff_time.as_secs_f64() < 0.1);
+    let tuned_after = engine
+        .generate(request(Some("policy")))
+        .unwrap()
+        .traces
+        .remove(0);
+    assert_ne!(
+        tuned_after.stats[0].logprob, tuned_before.stats[0].logprob,
+        "the next decode step sees the update"
+    );
+    let base_after = engine.generate(request(None)).unwrap().traces.remove(0);
+    assert_eq!(
+        base_after.stats, base_before.stats,
+        "the base model is untouched"
+    );
+    assert_eq!(base_after.tokens, base_before.tokens);
+}
+
+#[test]
+fn a_nan_gradient_skips_the_step_and_leaves_the_adapter_unchanged() {
+    let model = tiny(DType::F32, "train-nan");
+    let adapter = adapter(&model, DType::F32);
+    let mut trainer = Trainer::new(adapter.clone(), TrainConfig::default());
+    let snapshot: Vec<Vec<f32>> = adapter
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    let rollouts = vec![rollout(&[10, 11], 1.0), rollout(&[20, 21], 0.0)];
+    let report = trainer
+        .step_with(&model.transformer, &rollouts, |grads| {
+            let g = grads[1].as_ref().unwrap();
+            grads[1] = Some((g * f64::NAN).unwrap());
+        })
+        .unwrap();
+    assert!(!report.applied);
+    assert!(report.skipped.as_deref().unwrap().contains("non-finite"));
+    assert_eq!(trainer.skipped_nonfinite(), 1);
+    assert_eq!(adapter.version(), 0);
+    let now: Vec<Vec<f32>> = adapter
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+        .collect();
+    assert_eq!(now, snapshot);
+}
