@@ -604,6 +604,7 @@ impl Scheduler {
                     token_end: Vec::new(),
                     top_logprobs: Vec::new(),
                     finish: FinishReason::Length,
+                    adapter_version: a.adapter.as_ref().map(|x| x.version()).unwrap_or(0),
                 },
                 utf8: Utf8Buffer::default(),
                 stop: StopMatcher::new(&a.request.stop),

@@ -171,6 +171,9 @@ pub struct Trace {
     /// Top alternatives (id, log-prob) per token, when asked for.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
     pub finish: FinishReason,
+    /// Version of the request's adapter when the trace started (0 for the base model);
+    /// the trainer uses it to decide whether decode-time log-probs are on-policy.
+    pub adapter_version: u64,
 }
 
 /// What a request's stream carries.

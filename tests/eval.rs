@@ -1,0 +1,112 @@
+//! The evaluation harness end to end on SmolLM2 with a few synthetic problems, through the
+//! `verity` binary as a user runs it: tasks → eval (every rule, DeepConf-online) → table
+//! and trace JSONL.
+
+mod common;
+use common::*;
+
+#[test]
+fn eval_harness_runs_end_to_end_on_smollm2() {
+    let dir = temp_dir("eval");
+    let bin = env!("CARGO_BIN_EXE_verity");
+    let data = dir.join("tasks.jsonl");
+    let out = std::process::Command::new(bin)
+        .args([
+            "tasks",
+            "--kind",
+            "arithmetic",
+            "--difficulty",
+            "1",
+            "--n",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&data).unwrap().lines().count(), 3);
+
+    let traces = dir.join("run.jsonl");
+    let out = std::process::Command::new(bin)
+        .args([
+            "eval",
+            "--n",
+            "4",
+            "--max-tokens",
+            "48",
+            "--select",
+            "greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:16:50",
+            "--online",
+            "2:50:16",
+        ])
+        .arg("--model")
+        .arg(real_model(SMOLLM2))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&traces)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for rule in [
+        "greedy",
+        "majority",
+        "borda:0.5",
+        "max:self_certainty",
+        "deepconf:bottom10:16:50",
+        "deepconf-online",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(rule))
+            .unwrap_or_else(|| panic!("no row for {rule} in\n{stdout}"));
+        assert!(line.contains('%'), "{line}");
+    }
+    assert!(stdout.contains("(3 questions, n = 4)"));
+    // Every sampled trace and every greedy trace is written, with scores and correctness.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&traces)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().filter(|l| l["kind"] == "sample").count(),
+        3 * 4
+    );
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "greedy").count(), 3);
+    for l in lines.iter().filter(|l| l["kind"] == "sample") {
+        assert!(l["scores"]["self_certainty"].is_number(), "{l}");
+        assert!(l["correct"].is_boolean());
+    }
+    // Bad input: a missing data file and an unknown rule are clear errors.
+    let out = std::process::Command::new(bin)
+        .args(["eval", "--data", "/nonexistent.jsonl", "--model"])
+        .arg(real_model(SMOLLM2))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("/nonexistent.jsonl")
+    );
+    let out = std::process::Command::new(bin)
+        .args(["eval", "--select", "bogus", "--model"])
+        .arg(real_model(SMOLLM2))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--select"));
+}
