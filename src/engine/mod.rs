@@ -707,6 +707,9 @@ impl Scheduler {
             }
             let a = self.active.swap_remove(i);
             self.reserved -= a.reserved;
+            // Publish before the caller hears it is done, so what it reads next is current.
+            self.shared.stats.lock().requests_finished += 1;
+            self.publish_stats();
             let traces = a
                 .samples
                 .into_iter()
@@ -722,7 +725,6 @@ impl Scheduler {
                 prompt_tokens: a.prompt.len(),
                 traces,
             }));
-            self.shared.stats.lock().requests_finished += 1;
         }
     }
 }
