@@ -66,6 +66,8 @@ pub struct EvalConfig {
     pub seed: u64,
     pub rules: Vec<SelectionRule>,
     pub online: Option<DeepConfOnline>,
+    /// Registered adapter to decode with (None = base model).
+    pub adapter: Option<String>,
 }
 
 /// One rule's totals.
@@ -121,7 +123,13 @@ fn is_correct(answer: &Option<Answer>, reference: &Option<Answer>) -> bool {
     matches!((answer, reference), (Some(a), Some(r)) if equivalent(a, r))
 }
 
-fn request(question: &str, n: usize, config: &EvalConfig, temperature: f32, seed: u64) -> Request {
+pub fn request(
+    question: &str,
+    n: usize,
+    config: &EvalConfig,
+    temperature: f32,
+    seed: u64,
+) -> Request {
     let mut r = Request::chat(vec![ChatMessage::user(format!(
         "{question}{BOXED_INSTRUCTION}"
     ))]);
@@ -133,6 +141,7 @@ fn request(question: &str, n: usize, config: &EvalConfig, temperature: f32, seed
         seed,
         ..Default::default()
     };
+    r.adapter = config.adapter.clone();
     r
 }
 

@@ -110,3 +110,95 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--select"));
 }
+
+#[test]
+fn rl_loop_runs_end_to_end_on_smollm2_and_writes_a_loadable_adapter() {
+    let dir = temp_dir("rl");
+    let bin = env!("CARGO_BIN_EXE_verity");
+    let data = dir.join("train.jsonl");
+    let heldout = dir.join("heldout.jsonl");
+    for (path, seed, n) in [(&data, "1", "4"), (&heldout, "2", "2")] {
+        let out = std::process::Command::new(bin)
+            .args([
+                "tasks",
+                "--difficulty",
+                "1",
+                "--seed",
+                seed,
+                "--n",
+                n,
+                "--out",
+            ])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let out_dir = dir.join("run");
+    let out = std::process::Command::new(bin)
+        .args([
+            "rl",
+            "--steps",
+            "2",
+            "--group",
+            "3",
+            "--prompts-per-step",
+            "1",
+            "--max-tokens",
+            "12",
+            "--eval-every",
+            "1",
+            "--reward",
+            "ttrl",
+            "--lr",
+            "1e-3",
+        ])
+        .arg("--model")
+        .arg(real_model(SMOLLM2))
+        .arg("--data")
+        .arg(&data)
+        .arg("--eval")
+        .arg(&heldout)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("held-out greedy accuracy (2 items): before"),
+        "{stdout}"
+    );
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 2);
+    for m in &metrics {
+        for key in [
+            "reward",
+            "loss",
+            "entropy",
+            "clip_fraction",
+            "tokens_per_second",
+            "train_seconds",
+            "rollout_seconds",
+            "heldout_accuracy",
+        ] {
+            assert!(m.get(key).is_some(), "{key} missing from {m}");
+        }
+    }
+    // The final adapter is a PEFT folder that loads back against the model.
+    let model = verity::Model::load(real_model(SMOLLM2), &Default::default()).unwrap();
+    let adapter = verity::adapter::load_peft(
+        &out_dir.join("adapter"),
+        model.config(),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(adapter.spec.rank, 8);
+    assert!(out_dir.join("checkpoints/policy/LATEST").is_file());
+}

@@ -169,6 +169,45 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Learn a LoRA adapter online from rollouts (GRPO), with held-out evaluation.
+    Rl {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Training prompts (JSONL, question/answer).
+        #[arg(long)]
+        data: PathBuf,
+        /// Held-out set for greedy accuracy and the collapse guard (JSONL).
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        #[arg(long, default_value_t = 50)]
+        eval_limit: usize,
+        #[arg(long, default_value_t = 10)]
+        eval_every: usize,
+        /// verifier, ttrl (labels hidden) or intuitor (labels hidden).
+        #[arg(long, default_value = "verifier")]
+        reward: String,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        group: usize,
+        #[arg(long, default_value_t = 2)]
+        prompts_per_step: usize,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        #[arg(long, default_value_t = 192)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder: metrics.jsonl, checkpoints/, adapter/ (PEFT files).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Benchmarks.
     Bench {
         #[command(subcommand)]
@@ -421,6 +460,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 seed,
                 rules,
                 online,
+                adapter: None,
             };
             let mut file = match &out {
                 Some(p) => Some(std::io::BufWriter::new(
@@ -467,6 +507,124 @@ fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             println!("({} questions, n = {n})", items.len());
+            Ok(())
+        }
+        Command::Rl {
+            model,
+            data,
+            eval,
+            eval_limit,
+            eval_every,
+            reward,
+            steps,
+            group,
+            prompts_per_step,
+            lr,
+            rank,
+            alpha,
+            max_tokens,
+            temperature,
+            seed,
+            out,
+        } => {
+            use verity::train::online::{heldout_accuracy, learn, LearnConfig, RewardKind};
+            let reward: RewardKind = reward.parse().map_err(|e| format!("--reward: {e}"))?;
+            let train =
+                verity::eval::read_jsonl(&data, "question", "answer").map_err(|e| e.to_string())?;
+            let mut heldout = match &eval {
+                Some(p) => {
+                    verity::eval::read_jsonl(p, "question", "answer").map_err(|e| e.to_string())?
+                }
+                None => Vec::new(),
+            };
+            heldout.truncate(eval_limit);
+            let model = std::sync::Arc::new(model.load()?);
+            let spec = verity::model::LoraSpec {
+                rank,
+                alpha,
+                targets: verity::model::LoraTarget::ALL.to_vec(),
+                use_rslora: false,
+            };
+            let adapter = std::sync::Arc::new(
+                verity::model::LoraAdapter::new(
+                    model.config(),
+                    spec,
+                    model.transformer.dtype(),
+                    model.transformer.device(),
+                )
+                .map_err(|e| e.to_string())?,
+            );
+            let engine =
+                Engine::new(model.clone(), EngineConfig::default()).map_err(|e| e.to_string())?;
+            engine.register_adapter("policy", adapter.clone());
+            let train_config = verity::train::TrainConfig {
+                optimizer: verity::train::AdamWConfig {
+                    lr,
+                    total_steps: steps as u64,
+                    ..Default::default()
+                },
+                max_completion_len: max_tokens,
+                ..Default::default()
+            };
+            let mut trainer = verity::train::Trainer::new(adapter.clone(), train_config);
+            let before = if heldout.is_empty() {
+                None
+            } else {
+                Some(
+                    heldout_accuracy(&engine, &heldout, max_tokens, None)
+                        .map_err(|e| e.to_string())?,
+                )
+            };
+            let config = LearnConfig {
+                reward,
+                steps,
+                group,
+                prompts_per_step,
+                max_tokens,
+                temperature,
+                seed,
+                eval_every,
+                collapse_drop: 0.1,
+                out: out.clone(),
+                adapter_id: "policy".into(),
+            };
+            let start = std::time::Instant::now();
+            let metrics = learn(&engine, &mut trainer, &train, &heldout, &config, |m| {
+                eprintln!(
+                    "step {:>3}/{steps}  reward {:.3}  acc {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}",
+                    m.train.step, m.reward, m.sample_accuracy, m.train.loss, m.train.clip_fraction, m.entropy, m.tokens_per_second, m.rollout_seconds, m.train_seconds, m.handoff_microseconds,
+                    m.heldout_accuracy.map(|a| format!("  held-out {:.1}%", 100.0 * a)).unwrap_or_default(),
+                    m.train.skipped.as_ref().map(|s| format!("  [skipped: {s}]")).unwrap_or_default(),
+                    if m.rolled_back { "  [rolled back]" } else { "" },
+                );
+            })
+            .map_err(|e| e.to_string())?;
+            let final_dir = out.join("adapter");
+            verity::adapter::save_peft(
+                &adapter,
+                model.config(),
+                &final_dir,
+                &model.path.display().to_string(),
+            )
+            .map_err(|e| e.to_string())?;
+            println!(
+                "{} steps in {:.0} s; adapter version {}; PEFT adapter in {}",
+                metrics.len(),
+                start.elapsed().as_secs_f64(),
+                adapter.version(),
+                final_dir.display()
+            );
+            if let Some(b) = before {
+                let after = metrics
+                    .iter()
+                    .rev()
+                    .find_map(|m| m.heldout_accuracy)
+                    .unwrap_or(b);
+                let n = heldout.len();
+                let (bl, bh) = verity::eval::wilson((b * n as f64).round() as usize, n);
+                let (al, ah) = verity::eval::wilson((after * n as f64).round() as usize, n);
+                println!("held-out greedy accuracy ({n} items): before {:.1}% [{:.1}, {:.1}] → after {:.1}% [{:.1}, {:.1}]", 100.0 * b, 100.0 * bl, 100.0 * bh, 100.0 * after, 100.0 * al, 100.0 * ah);
+            }
             Ok(())
         }
         Command::Tasks {

@@ -10,6 +10,7 @@
 
 pub mod advantage;
 pub mod loss;
+pub mod online;
 pub mod optim;
 pub mod rewards;
 
@@ -153,6 +154,11 @@ impl Trainer {
             steps: 0,
             skipped_nonfinite: 0,
         }
+    }
+
+    /// Multiplies the learning rate (the collapse guard halves it after a rollback).
+    pub fn scale_lr(&mut self, factor: f64) {
+        self.optimizer.config.lr *= factor;
     }
 
     /// Steps skipped because the loss or gradient was not finite.

@@ -1,0 +1,328 @@
+//! The online learning loop behind `verity rl`: prompts stream in, each becomes a group of
+//! rollouts from the engine (decoded with the adapter being trained), rewards (a verifier,
+//! or TTRL / INTUITOR without labels), and a GRPO update; the next rollouts already use
+//! the new adapter version. A held-out greedy evaluation runs periodically; the best
+//! adapter version is checkpointed, and a collapse (held-out accuracy falling well below
+//! the best, or mean entropy collapsing when no labels are given) rolls the adapter back to
+//! the best version and halves the learning rate.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Var};
+use serde::Serialize;
+
+use crate::adapter::{load_peft, save_versioned};
+use crate::engine::{Engine, Trace};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalConfig, EvalItem};
+use crate::select::SelectionRule;
+use crate::train::rewards::{intuitor_rewards, ttrl_rewards, verifier_rewards};
+use crate::train::{Rollout, StepReport, Trainer};
+use crate::verify::{equivalent, reference_answer, MathVerifier};
+
+/// Where rewards come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// The math verifier against the item's reference answer.
+    Verifier,
+    /// Majority vote of the group as a pseudo-label (labels hidden).
+    Ttrl,
+    /// The sample's self-certainty, normalised in its group (labels hidden).
+    Intuitor,
+}
+
+impl std::str::FromStr for RewardKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "verifier" => Ok(Self::Verifier),
+            "ttrl" => Ok(Self::Ttrl),
+            "intuitor" => Ok(Self::Intuitor),
+            other => Err(format!(
+                "unknown reward '{other}' (verifier, ttrl, intuitor)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LearnConfig {
+    pub reward: RewardKind,
+    pub steps: usize,
+    /// Completions per prompt.
+    pub group: usize,
+    pub prompts_per_step: usize,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+    /// Evaluate (held-out greedy accuracy) every this many steps; 0 = only before and after.
+    pub eval_every: usize,
+    /// Roll back when held-out accuracy drops this far below the best (absolute).
+    pub collapse_drop: f64,
+    pub out: PathBuf,
+    /// Registered adapter id the engine decodes with.
+    pub adapter_id: String,
+}
+
+/// One line of `metrics.jsonl` (the step number is the trainer's, `train.step`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepMetrics {
+    pub reward: f64,
+    /// Fraction of rollouts whose answer matches the true reference (known labels only).
+    pub sample_accuracy: f64,
+    /// TTRL: fraction of groups whose pseudo-label is right.
+    pub label_accuracy: Option<f64>,
+    pub entropy: f64,
+    pub tokens_per_second: f64,
+    pub rollout_seconds: f64,
+    pub train_seconds: f64,
+    pub handoff_microseconds: f64,
+    pub heldout_accuracy: Option<f64>,
+    pub rolled_back: bool,
+    #[serde(flatten)]
+    pub train: StepReport,
+}
+
+fn mean(x: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// Held-out greedy accuracy with the adapter.
+pub fn heldout_accuracy(
+    engine: &Engine,
+    items: &[EvalItem],
+    max_tokens: usize,
+    adapter: Option<&str>,
+) -> Result<f64> {
+    let config = EvalConfig {
+        n: 1,
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        rules: vec![SelectionRule::Greedy],
+        online: None,
+        adapter: adapter.map(str::to_string),
+    };
+    let results = eval::run(engine, items, &config, |_, _| {}, None)?;
+    Ok(results.first().map(|r| r.accuracy()).unwrap_or(0.0))
+}
+
+/// Copies the tensors of a saved adapter version into the live adapter (a rollback).
+fn restore(trainer: &Trainer, engine: &Engine, dir: &Path) -> Result<()> {
+    let model = engine.model();
+    let saved = load_peft(dir, model.config(), DType::F32, model.transformer.device())?;
+    let values: Vec<_> = saved
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().to_dtype(model.transformer.dtype()))
+        .collect::<candle_core::Result<_>>()?;
+    trainer.adapter.update(|vars: &[Var]| {
+        if vars.len() != values.len() {
+            return Err(Error::InvalidArgument(
+                "the checkpoint does not match the live adapter".into(),
+            ));
+        }
+        for (var, value) in vars.iter().zip(&values) {
+            var.set(value)?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Runs the loop; `progress(step, metrics)` is called after every step.
+pub fn learn(
+    engine: &Engine,
+    trainer: &mut Trainer,
+    train: &[EvalItem],
+    heldout: &[EvalItem],
+    config: &LearnConfig,
+    mut progress: impl FnMut(&StepMetrics),
+) -> Result<Vec<StepMetrics>> {
+    if train.is_empty() || config.group < 2 || config.prompts_per_step == 0 {
+        return Err(Error::InvalidArgument(
+            "need training items, a group of at least 2 and at least one prompt per step".into(),
+        ));
+    }
+    std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
+    let metrics_path = config.out.join("metrics.jsonl");
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let model = engine.model().clone();
+    let eval_config = EvalConfig {
+        n: config.group,
+        max_tokens: config.max_tokens,
+        temperature: config.temperature,
+        top_p: 1.0,
+        seed: config.seed,
+        rules: Vec::new(),
+        online: None,
+        adapter: Some(config.adapter_id.clone()),
+    };
+    let checkpoints = config.out.join("checkpoints");
+    let mut best: Option<(f64, PathBuf)> = None;
+    let mut first_entropy: Option<f64> = None;
+    let mut rollbacks = 0;
+    if !heldout.is_empty() {
+        let acc = heldout_accuracy(engine, heldout, config.max_tokens, Some(&config.adapter_id))?;
+        let dir = save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
+        best = Some((acc, dir));
+    }
+    let mut all = Vec::new();
+    let mut cursor = 0usize;
+    for step in 1..=config.steps {
+        let rollout_start = Instant::now();
+        let items: Vec<&EvalItem> = (0..config.prompts_per_step)
+            .map(|k| &train[(cursor + k) % train.len()])
+            .collect();
+        cursor += config.prompts_per_step;
+        let handles: Vec<_> = items
+            .iter()
+            .enumerate()
+            .map(|(k, item)| {
+                let seed = config
+                    .seed
+                    .wrapping_add((step as u64) << 16)
+                    .wrapping_add(k as u64 * 1000);
+                engine.submit(eval::request(
+                    &item.question,
+                    config.group,
+                    &eval_config,
+                    config.temperature,
+                    seed,
+                ))
+            })
+            .collect();
+        let mut groups: Vec<(Vec<u32>, Vec<Trace>, &EvalItem)> = Vec::new();
+        for (handle, item) in handles.into_iter().zip(&items) {
+            let completion = handle.blocking_completion()?;
+            // The prompt ids as the engine saw them.
+            let text = model.tokenizer.apply_chat_template(
+                &[crate::chat::ChatMessage::user(format!(
+                    "{}{}",
+                    item.question,
+                    eval::BOXED_INSTRUCTION
+                ))],
+                true,
+            )?;
+            let prompt = model.tokenizer.encode(&text, true)?;
+            groups.push((prompt, completion.traces, item));
+        }
+        let rollout_seconds = rollout_start.elapsed().as_secs_f64();
+        let generated: usize = groups
+            .iter()
+            .flat_map(|(_, t, _)| t.iter().map(|t| t.tokens.len()))
+            .sum();
+
+        let mut rollouts = Vec::new();
+        let (mut correct, mut total, mut label_right, mut labels) =
+            (0usize, 0usize, 0usize, 0usize);
+        for (g, (prompt, traces, item)) in groups.iter().enumerate() {
+            let texts: Vec<&str> = traces.iter().map(|t| t.text.as_str()).collect();
+            let truth = reference_answer(&item.answer);
+            let rewards = match config.reward {
+                RewardKind::Verifier => verifier_rewards(&MathVerifier, &texts, &item.answer),
+                RewardKind::Intuitor => intuitor_rewards(
+                    &traces
+                        .iter()
+                        .map(|t| t.stats.as_slice())
+                        .collect::<Vec<_>>(),
+                ),
+                RewardKind::Ttrl => {
+                    let (r, label) = ttrl_rewards(&texts);
+                    if let (Some(l), Some(t)) = (&label, &truth) {
+                        labels += 1;
+                        label_right += equivalent(l, t) as usize;
+                    }
+                    r
+                }
+            };
+            let true_rewards = verifier_rewards(&MathVerifier, &texts, &item.answer);
+            correct += true_rewards.iter().filter(|&&r| r >= 1.0).count();
+            total += texts.len();
+            for (t, reward) in traces.iter().zip(rewards) {
+                if t.tokens.is_empty() {
+                    continue;
+                }
+                rollouts.push(Rollout {
+                    group: g,
+                    prompt: prompt.clone(),
+                    completion: t.tokens.clone(),
+                    decode_logprobs: t.stats.iter().map(|s| s.logprob).collect(),
+                    adapter_version: t.adapter_version,
+                    reward,
+                });
+            }
+        }
+        let entropy = mean(groups.iter().flat_map(|(_, t, _)| {
+            t.iter()
+                .flat_map(|t| t.stats.iter().map(|s| s.entropy as f64))
+        }));
+        let report = trainer.step(&model.transformer, &rollouts)?;
+        let mut m = StepMetrics {
+            reward: mean(rollouts.iter().map(|r| r.reward)),
+            sample_accuracy: correct as f64 / total.max(1) as f64,
+            label_accuracy: (labels > 0).then(|| label_right as f64 / labels as f64),
+            entropy,
+            tokens_per_second: generated as f64 / rollout_seconds.max(1e-9),
+            rollout_seconds,
+            train_seconds: report.train_time.as_secs_f64(),
+            handoff_microseconds: report.handoff_time.as_secs_f64() * 1e6,
+            heldout_accuracy: None,
+            rolled_back: false,
+            train: report,
+        };
+        // Collapse guard.
+        let first = *first_entropy.get_or_insert(entropy);
+        let evaluate = !heldout.is_empty()
+            && (step == config.steps || (config.eval_every > 0 && step % config.eval_every == 0));
+        if evaluate {
+            let acc =
+                heldout_accuracy(engine, heldout, config.max_tokens, Some(&config.adapter_id))?;
+            m.heldout_accuracy = Some(acc);
+            match &best {
+                Some((b, dir)) if acc < b - config.collapse_drop => {
+                    restore(trainer, engine, dir)?;
+                    trainer.scale_lr(0.5);
+                    rollbacks += 1;
+                    m.rolled_back = true;
+                }
+                Some((b, _)) if acc <= *b => {}
+                _ => {
+                    let dir =
+                        save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
+                    best = Some((acc, dir));
+                }
+            }
+        } else if heldout.is_empty() && entropy < 0.1 * first {
+            // No labels: an entropy collapse to a tenth of where it started is a collapse.
+            if let Some((_, dir)) = &best {
+                restore(trainer, engine, dir)?;
+            }
+            trainer.scale_lr(0.5);
+            rollbacks += 1;
+            m.rolled_back = true;
+        }
+        if heldout.is_empty() && step % config.eval_every.max(1) == 0 && !m.rolled_back {
+            let dir = save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
+            best = Some((0.0, dir));
+        }
+        let line = serde_json::to_string(&m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
+        progress(&m);
+        all.push(m);
+        if rollbacks >= 3 {
+            break;
+        }
+    }
+    Ok(all)
+}
