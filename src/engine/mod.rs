@@ -119,28 +119,33 @@ impl RequestHandle {
     /// Waits for the final traces, skipping token events.
     pub async fn completion(mut self) -> Result<Completion> {
         while let Some(event) = self.next().await {
-            match event {
-                Event::Done(c) => return Ok(c),
-                Event::Error(e) => return Err(Error::InvalidArgument(e)),
-                Event::Token { .. } => {}
+            if let Some(done) = final_result(event) {
+                return done;
             }
         }
-        Err(Error::InvalidArgument(
-            "the engine stopped before the request finished".into(),
-        ))
+        Err(engine_gone())
     }
     pub fn blocking_completion(mut self) -> Result<Completion> {
         while let Some(event) = self.blocking_next() {
-            match event {
-                Event::Done(c) => return Ok(c),
-                Event::Error(e) => return Err(Error::InvalidArgument(e)),
-                Event::Token { .. } => {}
+            if let Some(done) = final_result(event) {
+                return done;
             }
         }
-        Err(Error::InvalidArgument(
-            "the engine stopped before the request finished".into(),
-        ))
+        Err(engine_gone())
     }
+}
+
+/// The outcome a request's last event carries; None for token events.
+fn final_result(event: Event) -> Option<Result<Completion>> {
+    match event {
+        Event::Done(c) => Some(Ok(c)),
+        Event::Error(e) => Some(Err(Error::InvalidArgument(e))),
+        Event::Token { .. } => None,
+    }
+}
+
+fn engine_gone() -> Error {
+    Error::InvalidArgument("the engine stopped before the request finished".into())
 }
 
 impl Engine {

@@ -160,25 +160,15 @@ fn hf_name(gguf: &str) -> Option<String> {
 /// HF row `h·d + j·d/2 + i` to GGUF row `h·d + 2i + j` (pairs for interleaved RoPE); rows are
 /// whole quantized blocks, so this moves bytes and never touches values.
 pub fn unpermute_rows(raw: &[u8], n_rows: usize, n_head: usize) -> Vec<u8> {
-    let row_bytes = raw.len() / n_rows;
-    let head_dim = n_rows / n_head;
-    let half = head_dim / 2;
-    let mut out = vec![0u8; raw.len()];
-    for h in 0..n_head {
-        for j in 0..2 {
-            for i in 0..half {
-                let hf_row = h * head_dim + j * half + i;
-                let gguf_row = h * head_dim + 2 * i + j;
-                out[hf_row * row_bytes..(hf_row + 1) * row_bytes]
-                    .copy_from_slice(&raw[gguf_row * row_bytes..(gguf_row + 1) * row_bytes]);
-            }
-        }
-    }
-    out
+    move_rows(raw, n_rows, n_head, true)
 }
 
 /// The inverse of [`unpermute_rows`]: HF row order to llama.cpp's (for writing GGUF files).
 pub fn permute_rows(raw: &[u8], n_rows: usize, n_head: usize) -> Vec<u8> {
+    move_rows(raw, n_rows, n_head, false)
+}
+
+fn move_rows(raw: &[u8], n_rows: usize, n_head: usize, to_hf: bool) -> Vec<u8> {
     let row_bytes = raw.len() / n_rows;
     let head_dim = n_rows / n_head;
     let half = head_dim / 2;
@@ -188,8 +178,13 @@ pub fn permute_rows(raw: &[u8], n_rows: usize, n_head: usize) -> Vec<u8> {
             for i in 0..half {
                 let hf_row = h * head_dim + j * half + i;
                 let gguf_row = h * head_dim + 2 * i + j;
-                out[gguf_row * row_bytes..(gguf_row + 1) * row_bytes]
-                    .copy_from_slice(&raw[hf_row * row_bytes..(hf_row + 1) * row_bytes]);
+                let (to, from) = if to_hf {
+                    (hf_row, gguf_row)
+                } else {
+                    (gguf_row, hf_row)
+                };
+                out[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&raw[from * row_bytes..(from + 1) * row_bytes]);
             }
         }
     }
