@@ -483,11 +483,8 @@ impl Transformer {
                 outs.push(out);
                 row += n;
             }
-            let attn = if outs.len() == 1 {
-                outs.pop().unwrap_or_else(|| unreachable!())
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
+            // (`cat` of a single tensor is a cheap clone.)
+            let attn = Tensor::cat(&outs, 0)?;
             x = (x + self.linear_step(block, l, LoraTarget::O, &attn, &groups)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
             let gate = self.linear_step(block, l, LoraTarget::Gate, &h, &groups)?;
@@ -560,11 +557,7 @@ impl Transformer {
             // (len, KV, d) → (KV, d, len)
             scores.push(q.matmul(&key.permute((1, 2, 0))?)?);
         }
-        let scores = if scores.len() == 1 {
-            scores.pop().unwrap_or_else(|| unreachable!())
-        } else {
-            Tensor::cat(&scores, 2)?
-        };
+        let scores = Tensor::cat(&scores, 2)?;
         let total_keys = scores.dim(2)?;
         let scores = match mask {
             Some(mask) => {
