@@ -291,7 +291,12 @@ pub(crate) fn choice_letter(s: &str) -> Option<char> {
     static LETTER: OnceLock<Regex> = OnceLock::new();
     let re =
         LETTER.get_or_init(|| compile(r"^(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])[.):]?)$"));
-    let caps = re.captures(s.trim())?;
+    captured_letter(&re.captures(s.trim())?)
+}
+
+/// The letter in the first of capture groups 1–3 that matched, upper-cased (the choice
+/// patterns spell "(B)", "[B]" and "B." as three alternatives).
+pub(crate) fn captured_letter(caps: &regex::Captures<'_>) -> Option<char> {
     let letter = caps
         .get(1)
         .or_else(|| caps.get(2))

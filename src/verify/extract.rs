@@ -2,7 +2,9 @@
 //! `#### x` line, else "the answer is x", else a clear multiple-choice letter, else the
 //! last number in the text.
 
-use super::answer::{brace_pairs, choice_letter, closing_brace, compile, normalize, Answer};
+use super::answer::{
+    brace_pairs, captured_letter, choice_letter, closing_brace, compile, normalize, Answer,
+};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -239,15 +241,7 @@ pub fn extract_choice(text: &str) -> Option<char> {
         }
     }
     let caps = choice_regex().captures_iter(text).last()?;
-    let letter = caps
-        .get(1)
-        .or_else(|| caps.get(2))
-        .or_else(|| caps.get(3))?;
-    letter
-        .as_str()
-        .chars()
-        .next()
-        .map(|c| c.to_ascii_uppercase())
+    captured_letter(&caps)
 }
 
 /// "(B) 42" → B, "C. blue" → C.
@@ -255,16 +249,7 @@ fn leading_choice_letter(raw: &str) -> Option<char> {
     static LEADING: OnceLock<Regex> = OnceLock::new();
     let re = LEADING
         .get_or_init(|| compile(r"^\s*\$?(?:\(([A-Ja-j])\)|\[([A-Ja-j])\]|([A-J])(?:[.):]|\s|$))"));
-    let caps = re.captures(raw)?;
-    let letter = caps
-        .get(1)
-        .or_else(|| caps.get(2))
-        .or_else(|| caps.get(3))?;
-    letter
-        .as_str()
-        .chars()
-        .next()
-        .map(|c| c.to_ascii_uppercase())
+    captured_letter(&re.captures(raw)?)
 }
 
 // ---- last number ----
