@@ -9,17 +9,7 @@ use crate::model::{Model, StepInput};
 use crate::sampling::{sample, Rng, SamplingParams};
 use crate::stats::{token_stats, TokenStats, DEFAULT_TOP_K};
 
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// An end-of-generation token.
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-    /// The caller's callback asked to stop.
-    Aborted,
-}
+pub use crate::engine::FinishReason;
 
 #[derive(Debug, Clone)]
 pub struct Generation {

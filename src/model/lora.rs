@@ -106,6 +106,18 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    pub fn validate(&self) -> Result<()> {
+        if self.rank == 0 {
+            return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
+        }
+        if self.targets.is_empty() {
+            return Err(Error::InvalidArgument(
+                "LoRA needs at least one target module".into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.rank as f64).sqrt()
@@ -136,14 +148,7 @@ impl LoraAdapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if spec.rank == 0 {
-            return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
-        }
-        if spec.targets.is_empty() {
-            return Err(Error::InvalidArgument(
-                "LoRA needs at least one target module".into(),
-            ));
-        }
+        spec.validate()?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
@@ -161,13 +166,17 @@ impl LoraAdapter {
             }
             layers.push(slots);
         }
-        Ok(Self {
+        Ok(Self::assemble(spec, layers))
+    }
+
+    fn assemble(spec: LoraSpec, layers: Vec<[Option<LoraPair>; 7]>) -> Self {
+        Self {
             scale: spec.scale(),
             spec,
             layers,
             update_lock: parking_lot::RwLock::new(()),
             version: std::sync::atomic::AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn scale(&self) -> f64 {
@@ -204,14 +213,7 @@ impl LoraAdapter {
         spec: LoraSpec,
         pairs: impl IntoIterator<Item = (usize, LoraTarget, LoraPair)>,
     ) -> Result<Self> {
-        if spec.rank == 0 {
-            return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
-        }
-        if spec.targets.is_empty() {
-            return Err(Error::InvalidArgument(
-                "LoRA needs at least one target module".into(),
-            ));
-        }
+        spec.validate()?;
         let mut layers: Vec<[Option<LoraPair>; 7]> = vec![Default::default(); config.num_layers];
         for (layer, target, pair) in pairs {
             let name = target.module_name();
@@ -253,13 +255,7 @@ impl LoraAdapter {
             }
             *slot = Some(pair);
         }
-        Ok(Self {
-            scale: spec.scale(),
-            spec,
-            layers,
-            update_lock: parking_lot::RwLock::new(()),
-            version: std::sync::atomic::AtomicU64::new(0),
-        })
+        Ok(Self::assemble(spec, layers))
     }
 
     /// Every pair the adapter has, in (layer, target) order.
