@@ -27,6 +27,12 @@ pub enum Error {
     PromptTooLong { tokens: usize, context: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A trace, adapter or other object named by id does not exist (any more).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Too much work is queued; try again later.
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
 }

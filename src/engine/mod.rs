@@ -135,6 +135,19 @@ impl RequestHandle {
     }
 }
 
+/// The token ids the engine decodes from for `prompt`: text is encoded with special-token
+/// parsing, a conversation is rendered with the model's chat template first.
+pub fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>> {
+    Ok(match prompt {
+        Prompt::Text(t) => model.tokenizer.encode(t, true)?,
+        Prompt::Tokens(ids) => ids.clone(),
+        Prompt::Chat(messages) => {
+            let text = model.tokenizer.apply_chat_template(messages, true)?;
+            model.tokenizer.encode(&text, true)?
+        }
+    })
+}
+
 /// The outcome a request's last event carries; None for token events.
 fn final_result(event: Event) -> Option<Result<Completion>> {
     match event {
@@ -208,6 +221,10 @@ impl Engine {
     }
     pub fn remove_adapter(&self, id: &str) -> Option<Arc<LoraAdapter>> {
         self.shared.adapters.write().remove(id)
+    }
+    /// The ids of every registered adapter (unordered).
+    pub fn adapter_ids(&self) -> Vec<String> {
+        self.shared.adapters.read().keys().cloned().collect()
     }
     pub fn adapter(&self, id: &str) -> Option<Arc<LoraAdapter>> {
         self.shared.adapters.read().get(id).cloned()
@@ -370,14 +387,7 @@ impl Scheduler {
     fn prepare(&self, request: &Request) -> Result<(Vec<u32>, usize, usize)> {
         request.validate()?;
         let model = &self.shared.model;
-        let prompt = match &request.prompt {
-            Prompt::Text(t) => model.tokenizer.encode(t, true)?,
-            Prompt::Tokens(ids) => ids.clone(),
-            Prompt::Chat(messages) => {
-                let text = model.tokenizer.apply_chat_template(messages, true)?;
-                model.tokenizer.encode(&text, true)?
-            }
-        };
+        let prompt = prompt_tokens(model, &request.prompt)?;
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("the prompt has no tokens".into()));
         }

@@ -37,6 +37,7 @@ impl std::str::FromStr for LossAggregation {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ClipRange {
     pub eps_low: f64,
     pub eps_high: f64,

@@ -42,6 +42,7 @@ pub struct Rollout {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     pub optimizer: AdamWConfig,
     pub clip: ClipRange,

@@ -19,6 +19,7 @@ pub enum Schedule {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AdamWConfig {
     pub lr: f64,
     pub beta1: f64,
