@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod score;
 pub mod select;
+pub mod server;
 pub mod stats;
 pub mod tasks;
 pub mod tokenizer;

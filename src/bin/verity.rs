@@ -1,4 +1,5 @@
-//! The `verity` command line: `generate` streams a completion, `info` describes a model.
+//! The `verity` command line: `generate` streams a completion, `info` describes a model,
+//! `sample`/`eval`/`tasks`/`rl` run the reasoning and learning loops, `serve` the HTTP API.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -8,7 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use verity::engine::{Engine, EngineConfig, Prompt, Request};
 use verity::generate::generate;
+use verity::runtime::{Runtime, RuntimeConfig};
 use verity::sampling::SamplingParams;
+use verity::server::{Limits, ServerConfig};
 use verity::{ChatMessage, LoadOptions, Model, WeightFormat};
 
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -213,6 +216,37 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// Serve the OpenAI-compatible HTTP API (plus feedback, learning, adapters, metrics).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Runtime settings (JSON or TOML; see `RuntimeConfig`); --model and the other
+        /// flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` (or set VERITY_API_KEY).
+        #[arg(long, env = "VERITY_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Largest n a request may ask for.
+        #[arg(long, default_value_t = 64)]
+        max_n: usize,
+        /// Largest max_tokens a request may ask for.
+        #[arg(long, default_value_t = 4096)]
+        max_tokens: usize,
+        /// Requests in flight before new ones get 429.
+        #[arg(long)]
+        max_queued: Option<usize>,
+        /// Where adapters are saved.
+        #[arg(long)]
+        adapter_dir: Option<PathBuf>,
+        /// Start background learning from feedback at once.
+        #[arg(long)]
+        learn: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -228,6 +262,54 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         tokens: usize,
     },
+}
+
+/// Runs the HTTP server until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+fn serve_blocking(runtime: std::sync::Arc<Runtime>, server: ServerConfig) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let addr = server.addr;
+    let result = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        eprintln!(
+            "verity: serving {} on http://{bound} (Ctrl-C to stop)",
+            runtime.model_name()
+        );
+        verity::server::serve_on(listener, runtime.clone(), server, shutdown_signal())
+            .await
+            .map_err(|e| format!("server: {e}"))?;
+        eprintln!("verity: stopped");
+        runtime.shutdown();
+        Ok(())
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 fn main() -> ExitCode {
@@ -667,6 +749,48 @@ fn run(cli: Cli) -> Result<(), String> {
                 .collect::<Result<_, _>>()?;
             let model = std::sync::Arc::new(model.load()?);
             bench_decode(model, &batches, tokens)
+        }
+        Command::Serve {
+            model,
+            config,
+            host,
+            port,
+            api_key,
+            max_n,
+            max_tokens,
+            max_queued,
+            adapter_dir,
+            learn,
+        } => {
+            let mut rc = match &config {
+                Some(path) => RuntimeConfig::from_file(path).map_err(|e| e.to_string())?,
+                None => RuntimeConfig::default(),
+            };
+            rc.model = model.model.clone();
+            rc.dense |= model.dense;
+            rc.dense_rows = model.dense_rows.or(rc.dense_rows);
+            if let Some(q) = max_queued {
+                rc.max_queued_requests = q;
+            }
+            if adapter_dir.is_some() {
+                rc.adapter_dir = adapter_dir;
+            }
+            let loaded = std::sync::Arc::new(model.load()?);
+            let runtime =
+                std::sync::Arc::new(Runtime::with_model(loaded, rc).map_err(|e| e.to_string())?);
+            if learn {
+                runtime.start_learning(None).map_err(|e| e.to_string())?;
+            }
+            let server = ServerConfig {
+                addr: std::net::SocketAddr::new(host, port),
+                api_key,
+                limits: Limits {
+                    max_n,
+                    max_tokens,
+                    ..Limits::default()
+                },
+            };
+            serve_blocking(runtime, server)
         }
         Command::Info { model } => {
             let m = model.load()?;

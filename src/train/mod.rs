@@ -98,10 +98,26 @@ pub struct StepReport {
     pub groups_used: usize,
     pub groups_skipped: usize,
     pub tokens: usize,
+    #[serde(with = "seconds")]
     pub train_time: Duration,
     /// Time to publish the new weights to the decoder (the in-place write under the
     /// adapter's lock and the version bump).
+    #[serde(with = "seconds")]
     pub handoff_time: Duration,
+}
+
+/// Durations as seconds (f64) in JSON, e.g. `"train_time": 0.61`.
+mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
 }
 
 pub struct Trainer {
