@@ -18,6 +18,7 @@ use super::config::ModelConfig;
 use super::kv::{KvGeometry, SeqKv};
 use super::lora::{LoraAdapter, LoraTarget};
 use super::ops;
+use super::qmatmul;
 use super::weights::{Weight, WeightMap};
 use crate::error::{Error, Result};
 
@@ -80,6 +81,13 @@ impl Linear {
                 if dense_rows.is_some_and(|n| x.dim(0).unwrap_or(0) >= n) =>
             {
                 x.matmul(&self.dense_weight()?.t()?)?
+            }
+            // Our CPU kernels (batched, SIMD chosen at run time) where they cover the
+            // weight type; candle's QMatMul elsewhere, or when VERITY_CANDLE_QMATMUL=1.
+            LinearWeight::Quantized(q, _)
+                if !qmatmul::disabled_by_env() && qmatmul::supports(q) =>
+            {
+                qmatmul::forward(q, x)?
             }
             LinearWeight::Quantized(_, qm) => qm.forward(x)?,
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,

@@ -9,6 +9,7 @@ pub mod llama;
 pub mod loader;
 pub mod lora;
 pub mod ops;
+pub mod qmatmul;
 pub mod weights;
 
 pub use config::{Architecture, ModelConfig};

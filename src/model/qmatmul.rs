@@ -1,0 +1,1005 @@
+//! CPU matrix products with GGML-quantized weights: `y = x · Wᵀ` for a weight `W` of
+//! shape (out, in) stored in GGUF blocks and f32 activations `x` of shape (m, in).
+//!
+//! candle 0.11 runs these row by row, and for Q4_1 with a scalar dot product, so batch-1
+//! decode is far from the memory-bandwidth limit and batches barely scale. This module
+//! follows llama.cpp's ggml-cpu quants instead:
+//!
+//! 1. each activation row is quantized once to 8-bit blocks: [`Q8Block`] (32 values, scale
+//!    `d` and `s = d·Σq`, like ggml's Q8_1) for the 32-value weight types, [`Q8KBlock`]
+//!    (256 values with 16-value sums, ggml's Q8_K) for the K-quants;
+//! 2. each weight block is dotted with integer multiply-adds (AVX2 `maddubs`/`madd`) and
+//!    scaled in f32;
+//! 3. a weight row is decoded once and dotted against a tile of up to [`TILE`] activation
+//!    rows, so a batch reads the weights once; threads split the output columns.
+//!
+//! **Determinism.** Every output element is computed by the same sequence of floating-point
+//! operations whatever `m` is, whichever tile it falls in and however the columns are split
+//! among threads: integer parts are exact, and the f32 accumulation of one (row, column)
+//! pair never mixes with another pair's. So a sequence's logits do not depend on what else
+//! is in its batch.
+//!
+//! The scalar kernels are the reference and the path on non-x86 machines; the AVX2 kernels
+//! are chosen at run time (`is_x86_feature_detected!`). Weight types without a kernel here
+//! stay on candle's `QMatMul`.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Activation rows dotted against one decoded weight row at a time.
+pub const TILE: usize = 4;
+
+/// Below this many multiply-adds (m · out · in) a product runs on the calling thread.
+const MIN_PARALLEL_WORK: usize = 1 << 18;
+
+/// Values per K-quant super-block.
+const QK_K: usize = 256;
+
+/// Whether `VERITY_CANDLE_QMATMUL=1` asks for candle's quantized matmul instead (A/B runs).
+pub fn disabled_by_env() -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| {
+        std::env::var("VERITY_CANDLE_QMATMUL").is_ok_and(|v| !v.is_empty() && v != "0")
+    })
+}
+
+/// Whether [`forward`] handles this weight: a 2-D CPU tensor of a type with a kernel here.
+pub fn supports(w: &QTensor) -> bool {
+    let Ok((_, k)) = w.shape().dims2() else {
+        return false;
+    };
+    matches!(w.device(), Device::Cpu)
+        && WeightType::of(w.dtype()).is_some_and(|t| k > 0 && k % t.block_elems() == 0)
+}
+
+/// `x · Wᵀ` for `x` of shape (…, in) in any float dtype; the result has x's dtype and
+/// shape (…, out). Fails on a weight that [`supports`] rejects.
+pub fn forward(w: &QTensor, x: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.shape().dims2()?;
+    let ty = WeightType::of(w.dtype())
+        .filter(|_| supports(w))
+        .ok_or_else(|| Error::InvalidArgument(format!("no CPU kernel for {w:?}")))?;
+    let mut out_dims = x.dims().to_vec();
+    if out_dims.last() != Some(&k) {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: input {:?} does not end in {k} (weight {:?})",
+            x.dims(),
+            w.shape()
+        )));
+    }
+    let m = x.elem_count() / k;
+    if let Some(last) = out_dims.last_mut() {
+        *last = n;
+    }
+    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let data = w.data()?;
+    let y = matmul(ty, Isa::detect(), &data, n, k, &xs, m)?;
+    let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
+    Ok(if x.dtype() == DType::F32 {
+        y
+    } else {
+        y.to_dtype(x.dtype())?
+    })
+}
+
+/// The weight block formats with kernels here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WeightType {
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl WeightType {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    fn block_elems(self) -> usize {
+        match self {
+            Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => 32,
+            Self::Q4K | Self::Q6K => QK_K,
+        }
+    }
+}
+
+/// The instruction set the kernels use, detected once.
+#[derive(Debug, Clone, Copy)]
+enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(x86::Avx2),
+}
+
+impl Isa {
+    fn detect() -> Self {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(t) = x86::Avx2::detect() {
+                return Isa::Avx2(t);
+            }
+            Isa::Scalar
+        })
+    }
+}
+
+/// `y = x · Wᵀ` on raw GGUF blocks: `w` holds n rows of k values, `x` m rows of k values;
+/// returns y as m rows of n values.
+fn matmul(
+    ty: WeightType,
+    isa: Isa,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<f32>> {
+    match ty {
+        WeightType::Q4_1 => run::<Q4_1>(isa, w, n, k, x, m),
+        WeightType::Q5_0 => run::<Q5_0>(isa, w, n, k, x, m),
+        WeightType::Q8_0 => run::<Q8_0>(isa, w, n, k, x, m),
+        WeightType::Q4K => run::<Q4K>(isa, w, n, k, x, m),
+        WeightType::Q6K => run::<Q6K>(isa, w, n, k, x, m),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation quantization
+// ---------------------------------------------------------------------------------------
+
+/// 32 activations as i8 with scale `d`, and `s = d · Σ qs` (ggml's Q8_1, with f32 scales).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct Q8Block {
+    d: f32,
+    s: f32,
+    qs: [i8; 32],
+}
+
+/// 256 activations as i8 with scale `d` and the sums of each 16 (ggml's Q8_K).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct Q8KBlock {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i16; QK_K / 16],
+}
+
+fn quantize_q8(x: &[f32]) -> Q8Block {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = [0i8; 32];
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        sum += *q as i32;
+    }
+    Q8Block {
+        d,
+        s: d * sum as f32,
+        qs,
+    }
+}
+
+fn quantize_q8k(x: &[f32]) -> Q8KBlock {
+    // The value of largest magnitude maps to ∓127 (ggml uses -128; candle and we keep the
+    // range symmetric).
+    let mut amax = 0f32;
+    let mut max = 0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let mut b = Q8KBlock {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+    if amax == 0.0 {
+        return b;
+    }
+    let iscale = -127.0 / max;
+    for (q, v) in b.qs.iter_mut().zip(x) {
+        *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+    }
+    for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+        *s = q.iter().map(|&v| v as i16).sum();
+    }
+    b.d = 1.0 / iscale;
+    b
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernels: one implementation of this trait per weight type
+// ---------------------------------------------------------------------------------------
+
+trait Kernel {
+    /// The activation block this weight type is dotted with.
+    type Act: Copy + Send + Sync;
+    /// Values and bytes per weight block.
+    const ELEMS: usize;
+    const BYTES: usize;
+    fn quantize(x: &[f32]) -> Self::Act;
+    /// Reference dot product of one weight row (its blocks) with one activation row.
+    fn dot_scalar(w: &[u8], a: &[Self::Act]) -> f32;
+    /// One weight row against R activation rows, with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Self::Act]; R]) -> [f32; R];
+}
+
+struct Q4_1;
+struct Q5_0;
+struct Q8_0;
+struct Q4K;
+struct Q6K;
+
+impl Kernel for Q4_1 {
+    type Act = Q8Block;
+    const ELEMS: usize = 32;
+    const BYTES: usize = 20; // d: f16, m: f16, qs: [u8; 16] (value j | value j+16 << 4)
+    fn quantize(x: &[f32]) -> Q8Block {
+        quantize_q8(x)
+    }
+    fn dot_scalar(w: &[u8], a: &[Q8Block]) -> f32 {
+        let mut sum = 0f32;
+        for (wb, ab) in w.chunks_exact(Self::BYTES).zip(a) {
+            let (d, mn) = (f16_at(wb, 0), f16_at(wb, 2));
+            let mut sumi = 0i32;
+            for j in 0..16 {
+                let q = wb[4 + j];
+                sumi += (q & 0xF) as i32 * ab.qs[j] as i32 + (q >> 4) as i32 * ab.qs[j + 16] as i32;
+            }
+            sum += d * ab.d * sumi as f32 + mn * ab.s;
+        }
+        sum
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+        x86::q4_1(t, w, a)
+    }
+}
+
+impl Kernel for Q5_0 {
+    type Act = Q8Block;
+    const ELEMS: usize = 32;
+    const BYTES: usize = 22; // d: f16, qh: u32 (5th bits), qs: [u8; 16]
+    fn quantize(x: &[f32]) -> Q8Block {
+        quantize_q8(x)
+    }
+    fn dot_scalar(w: &[u8], a: &[Q8Block]) -> f32 {
+        let mut sum = 0f32;
+        for (wb, ab) in w.chunks_exact(Self::BYTES).zip(a) {
+            let d = f16_at(wb, 0);
+            let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+            let mut sumi = 0i32;
+            for j in 0..16 {
+                let q = wb[6 + j] as u32;
+                let lo = ((q & 0xF) | ((qh >> j) & 1) << 4) as i32 - 16;
+                let hi = ((q >> 4) | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
+                sumi += lo * ab.qs[j] as i32 + hi * ab.qs[j + 16] as i32;
+            }
+            sum += d * ab.d * sumi as f32;
+        }
+        sum
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+        x86::q5_0(t, w, a)
+    }
+}
+
+impl Kernel for Q8_0 {
+    type Act = Q8Block;
+    const ELEMS: usize = 32;
+    const BYTES: usize = 34; // d: f16, qs: [i8; 32]
+    fn quantize(x: &[f32]) -> Q8Block {
+        quantize_q8(x)
+    }
+    fn dot_scalar(w: &[u8], a: &[Q8Block]) -> f32 {
+        let mut sum = 0f32;
+        for (wb, ab) in w.chunks_exact(Self::BYTES).zip(a) {
+            let sumi: i32 = wb[2..]
+                .iter()
+                .zip(&ab.qs)
+                .map(|(&q, &v)| q as i8 as i32 * v as i32)
+                .sum();
+            sum += f16_at(wb, 0) * ab.d * sumi as f32;
+        }
+        sum
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+        x86::q8_0(t, w, a)
+    }
+}
+
+/// Q4_K's 6-bit scale and min of sub-block j (ggml's `get_scale_min_k4`).
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+impl Kernel for Q4K {
+    type Act = Q8KBlock;
+    const ELEMS: usize = QK_K;
+    // d: f16, dmin: f16, scales: [u8; 12] (8 scales and 8 mins of 6 bits), qs: [u8; 128]:
+    // in each 32 bytes, low nibbles are 32 values of sub-block 2c, high nibbles of 2c+1.
+    const BYTES: usize = 144;
+    fn quantize(x: &[f32]) -> Q8KBlock {
+        quantize_q8k(x)
+    }
+    fn dot_scalar(w: &[u8], a: &[Q8KBlock]) -> f32 {
+        let mut sum = 0f32;
+        for (wb, ab) in w.chunks_exact(Self::BYTES).zip(a) {
+            let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+            let scales = &wb[4..16];
+            let qs = &wb[16..];
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for sub in 0..8 {
+                let (sc, mn) = q4k_scale_min(sub, scales);
+                let bytes = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
+                let shift = 4 * (sub % 2);
+                let dot: i32 = bytes
+                    .iter()
+                    .zip(&ab.qs[32 * sub..32 * sub + 32])
+                    .map(|(&q, &v)| ((q >> shift) & 0xF) as i32 * v as i32)
+                    .sum();
+                sumi += sc as i32 * dot;
+                summ += mn as i32 * (ab.bsums[2 * sub] as i32 + ab.bsums[2 * sub + 1] as i32);
+            }
+            sum += d * ab.d * sumi as f32 - dmin * ab.d * summ as f32;
+        }
+        sum
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
+        x86::q4k(t, w, a)
+    }
+}
+
+impl Kernel for Q6K {
+    type Act = Q8KBlock;
+    const ELEMS: usize = QK_K;
+    // ql: [u8; 128] low 4 bits, qh: [u8; 64] high 2 bits, scales: [i8; 16], d: f16.
+    // Value = (ql | qh << 4) - 32; see `q6k_value` for where each one lives.
+    const BYTES: usize = 210;
+    fn quantize(x: &[f32]) -> Q8KBlock {
+        quantize_q8k(x)
+    }
+    fn dot_scalar(w: &[u8], a: &[Q8KBlock]) -> f32 {
+        let mut sum = 0f32;
+        for (wb, ab) in w.chunks_exact(Self::BYTES).zip(a) {
+            let d = f16_at(wb, 208);
+            let mut sumi = 0i32;
+            for sub in 0..16 {
+                let dot: i32 = (16 * sub..16 * sub + 16)
+                    .map(|i| q6k_value(wb, i) * ab.qs[i] as i32)
+                    .sum();
+                sumi += wb[192 + sub] as i8 as i32 * dot;
+            }
+            sum += d * ab.d * sumi as f32;
+        }
+        sum
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
+        x86::q6k(t, w, a)
+    }
+}
+
+/// Value i (0..256) of a Q6_K block, in -32..32. Each half of 128 values uses 64 bytes of
+/// ql and 32 of qh: value 32c + l (c < 4, l < 32) has its low bits in ql[l + 32(c % 2)]
+/// (low nibble for c < 2, high for c ≥ 2) and its high bits at bit 2c of qh[l].
+fn q6k_value(wb: &[u8], i: usize) -> i32 {
+    let (half, r) = (i / 128, i % 128);
+    let (c, l) = (r / 32, r % 32);
+    let ql = wb[64 * half + l + 32 * (c % 2)];
+    let qh = wb[128 + 32 * half + l];
+    let lo = if c < 2 { ql & 0xF } else { ql >> 4 };
+    let hi = (qh >> (2 * c)) & 3;
+    (lo | hi << 4) as i32 - 32
+}
+
+// ---------------------------------------------------------------------------------------
+// The driver: quantize activations, split output columns among threads, tile rows
+// ---------------------------------------------------------------------------------------
+
+fn run<K: Kernel>(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    if k == 0 || k % K::ELEMS != 0 || x.len() != m * k {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: k = {k} with {} inputs for m = {m}",
+            x.len()
+        )));
+    }
+    let nb = k / K::ELEMS;
+    let row_bytes = nb * K::BYTES;
+    if w.len() != n * row_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: {} weight bytes for {n} rows of {row_bytes}",
+            w.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let acts: Vec<K::Act> = x.chunks_exact(K::ELEMS).map(K::quantize).collect();
+    let acts: Vec<&[K::Act]> = acts.chunks_exact(nb).collect();
+
+    // yt holds y transposed (n × m): each weight row's m outputs are contiguous, so
+    // threads own disjoint column ranges of y.
+    let mut yt = vec![0f32; n * m];
+    let columns = |j0: usize, out: &mut [f32]| {
+        for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
+            let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+            dot_row::<K>(isa, wr, &acts, o);
+        }
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || n * k * m < MIN_PARALLEL_WORK {
+        columns(0, &mut yt);
+    } else {
+        // A few chunks per thread for balance; never under 16 columns each.
+        let per_chunk = n.div_ceil(4 * threads).max(16);
+        yt.par_chunks_mut(per_chunk * m)
+            .enumerate()
+            .for_each(|(c, out)| columns(c * per_chunk, out));
+    }
+    if m == 1 {
+        return Ok(yt);
+    }
+    let mut y = vec![0f32; m * n];
+    for (j, row) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            y[i * n + j] = *v;
+        }
+    }
+    Ok(y)
+}
+
+/// Output column of one weight row for all m activation rows, `TILE` rows at a time.
+fn dot_row<K: Kernel>(isa: Isa, wr: &[u8], acts: &[&[K::Act]], out: &mut [f32]) {
+    match isa {
+        Isa::Scalar => {
+            for (o, a) in out.iter_mut().zip(acts) {
+                *o = K::dot_scalar(wr, a);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(t) => {
+            let mut a = acts.chunks_exact(TILE);
+            let mut o = out.chunks_exact_mut(TILE);
+            for (a, o) in (&mut a).zip(&mut o) {
+                let tile: [&[K::Act]; TILE] = std::array::from_fn(|i| a[i]);
+                o.copy_from_slice(&K::dot_avx2::<TILE>(t, wr, tile));
+            }
+            match (a.remainder(), o.into_remainder()) {
+                ([a0], o) => o.copy_from_slice(&K::dot_avx2::<1>(t, wr, [*a0])),
+                ([a0, a1], o) => o.copy_from_slice(&K::dot_avx2::<2>(t, wr, [*a0, *a1])),
+                ([a0, a1, a2], o) => o.copy_from_slice(&K::dot_avx2::<3>(t, wr, [*a0, *a1, *a2])),
+                _ => {}
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX2 kernels
+// ---------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 + FMA + F16C versions of the dot products, after ggml-cpu's `quants.c`. Each
+    //! takes one weight row and R activation rows; the weight block is decoded once and
+    //! each activation row has its own accumulators, updated by the same operations in the
+    //! same order whatever R is.
+
+    use std::arch::x86_64::*;
+
+    use super::{Q8Block, Q8KBlock};
+
+    /// Proof that the CPU has AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Avx2(());
+
+    impl Avx2 {
+        pub fn detect() -> Option<Self> {
+            (is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c"))
+            .then_some(Avx2(()))
+        }
+    }
+
+    /// Panics unless the weight row has as many blocks (of `bytes` each) as every
+    /// activation row; after it, the kernels' pointer reads stay in bounds.
+    fn check<A, const R: usize>(w: &[u8], bytes: usize, a: &[&[A]; R]) -> usize {
+        let nb = w.len() / bytes;
+        assert!(w.len() == nb * bytes && a.iter().all(|a| a.len() == nb));
+        nb
+    }
+
+    pub fn q4_1<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+        let nb = check(w, 20, &a);
+        // SAFETY: the token proves the features; `check` bounds the reads.
+        unsafe { q4_1_impl(w.as_ptr(), nb, a) }
+    }
+
+    pub fn q5_0<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+        let nb = check(w, 22, &a);
+        // SAFETY: as in `q4_1`.
+        unsafe { q5_0_impl(w.as_ptr(), nb, a) }
+    }
+
+    pub fn q8_0<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
+        let nb = check(w, 34, &a);
+        // SAFETY: as in `q4_1`.
+        unsafe { q8_0_impl(w.as_ptr(), nb, a) }
+    }
+
+    pub fn q4k<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
+        let nb = check(w, 144, &a);
+        // SAFETY: as in `q4_1`.
+        unsafe { q4k_impl(w.as_ptr(), nb, a) }
+    }
+
+    pub fn q6k<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
+        let nb = check(w, 210, &a);
+        // SAFETY: as in `q4_1`.
+        unsafe { q6k_impl(w.as_ptr(), nb, a) }
+    }
+
+    /// f16 at p as f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_f16(p: *const u8) -> f32 {
+        let bits = unsafe { p.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Sum of the 8 lanes, in a fixed order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// u8 × i8 products summed in fours into 8 i32 lanes (operand ranges here never
+    /// saturate maddubs' i16 pairs).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    /// 16 bytes of nibbles at p as 32 bytes: low nibbles first, then high nibbles.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles_32(p: *const u8) -> __m256i {
+        let lo = unsafe { _mm_loadu_si128(p.cast()) };
+        let both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
+        _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+    }
+
+    /// The 32 bits at p as 32 bytes: 0xFF where the bit is set, 0 elsewhere.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bits_32(p: *const u8) -> __m256i {
+        let bits = unsafe { p.cast::<i32>().read_unaligned() };
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits),
+            _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0,
+            ),
+        );
+        let with_others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+        _mm256_cmpeq_epi8(with_others, _mm256_set1_epi64x(-1))
+    }
+
+    /// The 32 quants of activation block b; the caller guarantees b < a.len().
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn qs(a: &[Q8Block], b: usize) -> __m256i {
+        unsafe { _mm256_loadu_si256(a.get_unchecked(b).qs.as_ptr().cast()) }
+    }
+
+    /// Horizontal sums of R accumulators (no closures: they would lose the features).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsums<const R: usize>(acc: [__m256; R]) -> [f32; R] {
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8Block]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for b in 0..nb {
+            let wb = unsafe { w.add(20 * b) };
+            let (d, mn) = unsafe { (load_f16(wb), load_f16(wb.add(2))) };
+            let q = unsafe { nibbles_32(wb.add(4)) };
+            for r in 0..R {
+                let ab = unsafe { a[r].get_unchecked(b) };
+                mins[r] += mn * ab.s;
+                let xy = _mm256_cvtepi32_ps(dot_u8_i8(q, unsafe { qs(a[r], b) }));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), xy, acc[r]);
+            }
+        }
+        let mut out = hsums(acc);
+        for r in 0..R {
+            out[r] += mins[r];
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8Block]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let wb = unsafe { w.add(22 * b) };
+            let d = unsafe { load_f16(wb) };
+            // Nibble | 0xF0 where the fifth bit is clear: the signed value q - 16.
+            let high = _mm256_andnot_si256(unsafe { bits_32(wb.add(2)) }, _mm256_set1_epi8(-16));
+            let q = _mm256_or_si256(unsafe { nibbles_32(wb.add(6)) }, high);
+            // |q| and the sign moved onto the activations, once per weight block.
+            let uq = _mm256_sign_epi8(q, q);
+            for r in 0..R {
+                let ab = unsafe { a[r].get_unchecked(b) };
+                let sy = _mm256_sign_epi8(unsafe { qs(a[r], b) }, q);
+                let xy = _mm256_cvtepi32_ps(dot_u8_i8(uq, sy));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), xy, acc[r]);
+            }
+        }
+        hsums(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8Block]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let wb = unsafe { w.add(34 * b) };
+            let d = unsafe { load_f16(wb) };
+            let q = unsafe { _mm256_loadu_si256(wb.add(2).cast()) };
+            // |q| and the sign moved onto the activations, once per weight block.
+            let uq = _mm256_sign_epi8(q, q);
+            for r in 0..R {
+                let ab = unsafe { a[r].get_unchecked(b) };
+                let sy = _mm256_sign_epi8(unsafe { qs(a[r], b) }, q);
+                let xy = _mm256_cvtepi32_ps(dot_u8_i8(uq, sy));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), xy, acc[r]);
+            }
+        }
+        hsums(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4k_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8KBlock]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let low4 = _mm256_set1_epi8(0xF);
+        for b in 0..nb {
+            let wb = unsafe { w.add(144 * b) };
+            let (d, dmin) = unsafe { (load_f16(wb), load_f16(wb.add(2))) };
+            let mut raw = [0u8; 12];
+            unsafe { std::ptr::copy_nonoverlapping(wb.add(4), raw.as_mut_ptr(), 12) };
+            let mut sc = [0i16; 8];
+            // Each min twice, to pair with the 16 sums of 16 activations.
+            let mut mins = [0i16; 16];
+            for j in 0..8 {
+                let (s, m) = super::q4k_scale_min(j, &raw);
+                sc[j] = s as i16;
+                mins[2 * j] = m as i16;
+                mins[2 * j + 1] = m as i16;
+            }
+            let mins = unsafe { _mm256_loadu_si256(mins.as_ptr().cast()) };
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for c in 0..4 {
+                let bytes = unsafe { _mm256_loadu_si256(wb.add(16 + 32 * c).cast()) };
+                let lo = _mm256_and_si256(bytes, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                let (sl, sh) = (
+                    _mm256_set1_epi16(sc[2 * c]),
+                    _mm256_set1_epi16(sc[2 * c + 1]),
+                );
+                for r in 0..R {
+                    let ab = unsafe { a[r].get_unchecked(b) };
+                    let q8 = ab.qs.as_ptr();
+                    let yl = unsafe { _mm256_loadu_si256(q8.add(64 * c).cast()) };
+                    let yh = unsafe { _mm256_loadu_si256(q8.add(64 * c + 32).cast()) };
+                    let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, yl));
+                    let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, yh));
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                }
+            }
+            for r in 0..R {
+                let ab = unsafe { a[r].get_unchecked(b) };
+                let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
+                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
+                let sums = _mm256_cvtepi32_ps(sumi[r]);
+                // d·Σ scale·dot − dmin·Σ min·bsum, in f32, then times the activation scale.
+                let v = _mm256_fmsub_ps(
+                    _mm256_set1_ps(d),
+                    sums,
+                    _mm256_mul_ps(_mm256_set1_ps(dmin), summ),
+                );
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ab.d), v, acc[r]);
+            }
+        }
+        hsums(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6k_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8KBlock]; R]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let low4 = _mm256_set1_epi8(0xF);
+        let low2 = _mm256_set1_epi8(3);
+        for b in 0..nb {
+            let wb = unsafe { w.add(210 * b) };
+            let d = unsafe { load_f16(wb.add(208)) };
+            let scales = unsafe { _mm_loadu_si128(wb.add(192).cast()) };
+            let mut sc = [0i16; 16];
+            for (s, p) in sc.iter_mut().zip(0..16) {
+                *s = unsafe { *wb.add(192 + p) } as i8 as i16;
+            }
+            let mut sumi = [_mm256_setzero_si256(); R];
+            for half in 0..2 {
+                let ql = unsafe { wb.add(64 * half) };
+                let qh = unsafe { _mm256_loadu_si256(wb.add(128 + 32 * half).cast()) };
+                let ql0 = unsafe { _mm256_loadu_si256(ql.cast()) };
+                let ql1 = unsafe { _mm256_loadu_si256(ql.add(32).cast()) };
+                // The four chunks of 32 values, unsigned (value + 32): 0..64.
+                let h = [
+                    qh,
+                    _mm256_srli_epi16(qh, 2),
+                    _mm256_srli_epi16(qh, 4),
+                    _mm256_srli_epi16(qh, 6),
+                ];
+                let l = [
+                    ql0,
+                    ql1,
+                    _mm256_srli_epi16(ql0, 4),
+                    _mm256_srli_epi16(ql1, 4),
+                ];
+                let mut q = [_mm256_setzero_si256(); 4];
+                // Chunk c covers sub-blocks 2c and 2c+1 (16 values each) of this half.
+                let mut s = [_mm256_setzero_si256(); 4];
+                for c in 0..4 {
+                    let hi = _mm256_slli_epi16(_mm256_and_si256(h[c], low2), 4);
+                    q[c] = _mm256_or_si256(_mm256_and_si256(l[c], low4), hi);
+                    let i = 8 * half + 2 * c;
+                    s[c] = _mm256_set_m128i(_mm_set1_epi16(sc[i + 1]), _mm_set1_epi16(sc[i]));
+                }
+                for r in 0..R {
+                    let q8 = unsafe { a[r].get_unchecked(b) }.qs.as_ptr();
+                    for c in 0..4 {
+                        let y = unsafe { _mm256_loadu_si256(q8.add(128 * half + 32 * c).cast()) };
+                        let p = _mm256_madd_epi16(s[c], _mm256_maddubs_epi16(q[c], y));
+                        sumi[r] = _mm256_add_epi32(sumi[r], p);
+                    }
+                }
+            }
+            let scales = _mm256_cvtepi8_epi16(scales);
+            for r in 0..R {
+                let ab = unsafe { a[r].get_unchecked(b) };
+                // Remove the +32 offset: 32 · Σ scale · (sum of the sub-block's activations).
+                let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
+                let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
+                let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[r], offset));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), sums, acc[r]);
+            }
+        }
+        hsums(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::QMatMul;
+    use candle_core::Module;
+
+    use super::*;
+
+    const TYPES: [GgmlDType; 5] = [
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
+
+    /// Deterministic values in (-1, 1), with some larger outliers as real activations have.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+                if i % 97 == 0 {
+                    4.0 * v
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    fn weight(ty: GgmlDType, n: usize, k: usize, seed: u64) -> QTensor {
+        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, ty).unwrap()
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(t) = x86::Avx2::detect() {
+            v.push(Isa::Avx2(t));
+        }
+        v
+    }
+
+    fn ours(isa: Isa, w: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = w.shape().dims2().unwrap();
+        let ty = WeightType::of(w.dtype()).unwrap();
+        matmul(ty, isa, &w.data().unwrap(), n, k, x, m).unwrap()
+    }
+
+    /// ‖a − b‖ / ‖b‖.
+    fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let norm: f32 = b.iter().map(|y| y * y).sum();
+        (diff / norm).sqrt()
+    }
+
+    /// Largest |a − b| relative to the largest |b|.
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |s, v| s.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |e, (x, y)| e.max((x - y).abs())) / scale
+    }
+
+    fn shapes(ty: GgmlDType) -> (usize, usize) {
+        match ty {
+            GgmlDType::Q4K | GgmlDType::Q6K => (48, 768),
+            _ => (40, 160),
+        }
+    }
+
+    #[test]
+    fn simd_matches_scalar() {
+        for ty in TYPES {
+            let (n, k) = shapes(ty);
+            let w = weight(ty, n, k, 1);
+            for m in [1, 3, 8, 17] {
+                let x = values(m * k, 100 + m as u64);
+                let reference = ours(Isa::Scalar, &w, &x, m);
+                for isa in isas() {
+                    let y = ours(isa, &w, &x, m);
+                    let e = max_err(&y, &reference);
+                    assert!(e < 1e-4, "{ty:?} {isa:?} m={m}: max error {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn close_to_candle_and_to_dense() {
+        for ty in TYPES {
+            let (n, k) = shapes(ty);
+            let w = weight(ty, n, k, 2);
+            let dense = w.dequantize(&Device::Cpu).unwrap();
+            let candle = QMatMul::from_qtensor(weight(ty, n, k, 2)).unwrap();
+            for m in [1, 3, 8, 17] {
+                let x = values(m * k, 200 + m as u64);
+                let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+                let exact: Vec<f32> = xt
+                    .matmul(&dense.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let theirs: Vec<f32> = candle
+                    .forward(&xt)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                for isa in isas() {
+                    let y = ours(isa, &w, &x, m);
+                    // Both quantize activations to 8 bits in the same way, but candle keeps
+                    // f16 scales for the 32-value types. The f32 product has no activation
+                    // rounding at all, and 256-value blocks round coarser.
+                    let k_quant = matches!(ty, GgmlDType::Q4K | GgmlDType::Q6K);
+                    let (tc, td) = if k_quant { (1e-5, 2e-2) } else { (2e-3, 1e-2) };
+                    let (ec, ed) = (rel_err(&y, &theirs), rel_err(&y, &exact));
+                    assert!(ec < tc, "{ty:?} {isa:?} m={m}: {ec} from candle");
+                    assert!(ed < td, "{ty:?} {isa:?} m={m}: {ed} from the f32 product");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_its_batch() {
+        for ty in TYPES {
+            // Big enough that m = 17 runs on several threads.
+            let (n, k) = (272, 512);
+            let w = weight(ty, n, k, 3);
+            let m = 17;
+            let x = values(m * k, 300);
+            for isa in isas() {
+                let batch = ours(isa, &w, &x, m);
+                for i in 0..m {
+                    let alone = ours(isa, &w, &x[i * k..(i + 1) * k], 1);
+                    let row = &batch[i * n..(i + 1) * n];
+                    assert!(
+                        row.iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{ty:?} {isa:?}: row {i} differs in a batch of {m}"
+                    );
+                }
+                // And in a batch of 3 that starts at another offset of the tile.
+                let three = ours(isa, &w, &x[5 * k..8 * k], 3);
+                assert!(three
+                    .iter()
+                    .zip(&batch[5 * n..8 * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn forward_keeps_shape_and_dtype_and_rejects_what_it_cannot_do() {
+        let w = weight(GgmlDType::Q4_1, 8, 64, 4);
+        let x = Tensor::from_vec(values(2 * 3 * 64, 5), (2, 3, 64), &Device::Cpu).unwrap();
+        let y = forward(&w, &x).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 8]);
+        let flat = forward(&w, &x.reshape((6, 64)).unwrap()).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            y.flatten_all().unwrap().to_vec1().unwrap(),
+            flat.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, b);
+        let half = forward(&w, &x.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+        // Wrong inner size; a type without a kernel here.
+        let bad = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+        assert!(forward(&w, &bad).is_err());
+        let q4_0 = weight(GgmlDType::Q4_0, 8, 64, 6);
+        assert!(!supports(&q4_0));
+        assert!(forward(&q4_0, &x).is_err());
+        assert!(supports(&w));
+    }
+}
