@@ -377,3 +377,87 @@ fn a_nan_gradient_skips_the_step_and_leaves_the_adapter_unchanged() {
         .collect();
     assert_eq!(now, snapshot);
 }
+
+/// Mean probability of `answer` after `prefix`, through the inference path (one decode
+/// step over the whole sequence, softmax in f64): independent of the training forward
+/// that `rlpr_rewards` uses.
+fn decode_mean_probability(model: &verity::Model, prefix: &[u32], answer: &[u32]) -> f64 {
+    let mut tokens = prefix.to_vec();
+    tokens.extend_from_slice(answer);
+    let mut kv = model.transformer.new_kv();
+    let logits = model
+        .transformer
+        .forward_step(&mut [verity::model::StepInput {
+            tokens: &tokens,
+            kv: &mut kv,
+            adapter: None,
+            all_logits: true,
+        }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let mut sum = 0.0;
+    for (k, &next) in answer.iter().enumerate() {
+        let row = &logits[prefix.len() + k - 1];
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let z: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        sum += (row[next as usize] as f64 - max).exp() / z;
+    }
+    sum / answer.len() as f64
+}
+
+#[test]
+fn rlpr_reward_is_the_debiased_answer_probability() {
+    let model = verity::Model::load(
+        common::real_model(common::SMOLLM2),
+        &verity::LoadOptions {
+            format: verity::WeightFormat::Dense,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let tok = &model.tokenizer;
+    let text = tok
+        .apply_chat_template(&[verity::ChatMessage::user("What is 2 + 3?")], true)
+        .unwrap();
+    let prompt = tok.encode(&text, true).unwrap();
+    let completions = [
+        "Two plus three makes \\boxed{5}.",
+        "Adding them gives 7, so the answer is 7.",
+        "I am not sure",
+        "2 + 3 = 5 5 5 5 5. The answer is \\boxed{5}",
+    ];
+    let rewards =
+        verity::train::rewards::rlpr_rewards(&model, None, &prompt, &completions, "5").unwrap();
+    let answer = tok.encode("5", false).unwrap();
+    let with = |reasoning: &str| {
+        let mut prefix = prompt.clone();
+        prefix.extend(tok.encode(reasoning, false).unwrap());
+        decode_mean_probability(&model, &prefix, &answer)
+    };
+    let baseline = with("\\boxed{");
+    let expected = [
+        with("Two plus three makes \\boxed{"),
+        with("Adding them gives 7, so the answer is \\boxed{"),
+        with("I am not sure \\boxed{"),
+        with("2 + 3 = 5 5 5 5 5. The answer is \\boxed{"),
+    ]
+    .map(|p| (p - baseline).clamp(0.0, 1.0));
+    // The unclipped probabilities agree too.
+    for reasoning in ["\\boxed{", "Two plus three makes \\boxed{"] {
+        let p = verity::train::rewards::mean_answer_probability(
+            &model, None, &prompt, reasoning, &answer,
+        )
+        .unwrap();
+        assert!(
+            (p - with(reasoning)).abs() < 1e-3,
+            "{p} vs {}",
+            with(reasoning)
+        );
+    }
+    for (got, want) in rewards.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-3, "{rewards:?} vs {expected:?}");
+    }
+    // Reasoning that repeats the answer makes it more likely than no reasoning at all.
+    assert!(rewards[3] > 0.0, "{rewards:?}");
+}

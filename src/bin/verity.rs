@@ -186,7 +186,7 @@ enum Command {
         eval_limit: usize,
         #[arg(long, default_value_t = 10)]
         eval_every: usize,
-        /// verifier, ttrl (labels hidden) or intuitor (labels hidden).
+        /// verifier, ttrl (labels hidden), intuitor (labels hidden) or rlpr (references, no verifier).
         #[arg(long, default_value = "verifier")]
         reward: String,
         #[arg(long, default_value_t = 20)]

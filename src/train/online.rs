@@ -18,7 +18,7 @@ use crate::engine::{Engine, Trace};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalConfig, EvalItem};
 use crate::select::SelectionRule;
-use crate::train::rewards::{intuitor_rewards, ttrl_rewards, verifier_rewards};
+use crate::train::rewards::{intuitor_rewards, rlpr_rewards, ttrl_rewards, verifier_rewards};
 use crate::train::{Rollout, StepReport, Trainer};
 use crate::verify::{equivalent, reference_answer, MathVerifier};
 
@@ -32,6 +32,9 @@ pub enum RewardKind {
     Ttrl,
     /// The sample's self-certainty, normalised in its group (labels hidden).
     Intuitor,
+    /// The policy's probability of the reference answer after the sample's reasoning,
+    /// debiased (reference answers, no verifier).
+    Rlpr,
 }
 
 impl std::str::FromStr for RewardKind {
@@ -41,8 +44,9 @@ impl std::str::FromStr for RewardKind {
             "verifier" => Ok(Self::Verifier),
             "ttrl" => Ok(Self::Ttrl),
             "intuitor" => Ok(Self::Intuitor),
+            "rlpr" => Ok(Self::Rlpr),
             other => Err(format!(
-                "unknown reward '{other}' (verifier, ttrl, intuitor)"
+                "unknown reward '{other}' (verifier, ttrl, intuitor, rlpr)"
             )),
         }
     }
@@ -237,6 +241,9 @@ pub fn learn(
                         .map(|t| t.stats.as_slice())
                         .collect::<Vec<_>>(),
                 ),
+                RewardKind::Rlpr => {
+                    rlpr_rewards(&model, Some(&trainer.adapter), prompt, &texts, &item.answer)?
+                }
                 RewardKind::Ttrl => {
                     let (r, label) = ttrl_rewards(&texts);
                     if let (Some(l), Some(t)) = (&label, &truth) {

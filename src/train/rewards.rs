@@ -1,11 +1,16 @@
 //! Rewards for a group of rollouts of one prompt: from a verifier, or without one —
-//! INTUITOR (the sample's self-certainty, normalised within its group) and TTRL (agreement
-//! with the group's majority answer as a pseudo-label) — combined with weights, with an
+//! INTUITOR (the sample's self-certainty, normalised within its group), TTRL (agreement
+//! with the group's majority answer as a pseudo-label) and RLPR (the policy's probability
+//! of the reference answer after the sample's reasoning) — combined with weights, with an
 //! optional length penalty.
 
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{LoraAdapter, Model};
 use crate::score::{mean_self_certainty, TokenStats};
 use crate::select::{select, Candidate, SelectionRule};
-use crate::verify::{equivalent, extract_answer, Answer, Verifier};
+use crate::verify::{equivalent, extract_answer, Answer, AnswerSource, Verifier};
 
 /// Verifier reward of each completion against the reference.
 pub fn verifier_rewards(
@@ -78,4 +83,66 @@ pub fn length_penalty(rewards: &mut [f64], lengths: &[usize], target: usize, coe
     for (r, &len) in rewards.iter_mut().zip(lengths) {
         *r -= coef * len.saturating_sub(target) as f64 / target as f64;
     }
+}
+
+/// RLPR (Yu et al., 2025): the policy's own probability of the reference answer after each
+/// completion's reasoning, with no verifier. A completion's reasoning is its text up to the
+/// extracted final answer (inside `\boxed{` when it boxed one; the whole text followed by
+/// `\boxed{` when it gave none); the reference is appended and the reward is the mean
+/// per-token probability of the reference's tokens, debiased by the same
+/// probability without any reasoning (`prompt` + `\boxed{` + reference) and clipped to
+/// [0, 1]: r = clip(p̄(y* | x, z) − p̄(y* | x), 0, 1).
+pub fn rlpr_rewards(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    prompt: &[u32],
+    completions: &[&str],
+    reference: &str,
+) -> Result<Vec<f64>> {
+    let tokenizer = &model.tokenizer;
+    let answer = tokenizer.encode(reference.trim(), false)?;
+    if answer.is_empty() || prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "RLPR needs a prompt and a non-empty reference".into(),
+        ));
+    }
+    let baseline = mean_answer_probability(model, adapter, prompt, "\\boxed{", &answer)?;
+    completions
+        .iter()
+        .map(|text| {
+            let reasoning = match extract_answer(text) {
+                Some(found) if matches!(found.source, AnswerSource::Boxed) => {
+                    text[..found.span.start].to_string()
+                }
+                Some(found) => format!("{}\\boxed{{", &text[..found.span.start]),
+                None => format!("{text} \\boxed{{"),
+            };
+            let p = mean_answer_probability(model, adapter, prompt, &reasoning, &answer)?;
+            Ok((p - baseline).clamp(0.0, 1.0))
+        })
+        .collect()
+}
+
+/// Mean probability of the `answer` tokens after `prompt` + the tokens of `reasoning`.
+pub fn mean_answer_probability(
+    model: &Model,
+    adapter: Option<&LoraAdapter>,
+    prompt: &[u32],
+    reasoning: &str,
+    answer: &[u32],
+) -> Result<f64> {
+    let mut tokens = prompt.to_vec();
+    tokens.extend(model.tokenizer.encode(reasoning, false)?);
+    let start = tokens.len();
+    tokens.extend_from_slice(answer);
+    let t = &model.transformer;
+    let input = Tensor::new(tokens.as_slice(), t.device())?.unsqueeze(0)?;
+    // token_logprobs[i] is log p(tokens[i + 1] | tokens[..=i]).
+    let logp: Vec<f32> = t
+        .token_logprobs(&input, adapter)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    let probs = &logp[start - 1..];
+    Ok(probs.iter().map(|&l| f64::from(l).exp()).sum::<f64>() / probs.len() as f64)
 }
