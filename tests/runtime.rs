@@ -1,0 +1,138 @@
+//! The `Runtime` on SmolLM2: verifier rewards recorded as feedback, background learning
+//! that steps once enough rewarded traces are pending, adapter save → load → select, and
+//! the errors a host gets for unknown ids and bad values.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use verity::engine::Request;
+use verity::runtime::{GenerateRequest, Runtime, RuntimeConfig};
+use verity::select::SelectionRule;
+use verity::verify::FnVerifier;
+use verity::{ChatMessage, Error};
+
+fn runtime() -> Runtime {
+    let config = RuntimeConfig {
+        model: common::real_model(common::SMOLLM2),
+        learn_min_traces: 4,
+        ..RuntimeConfig::default()
+    };
+    Runtime::new(config).unwrap()
+}
+
+fn request(n: usize, seed: u64) -> GenerateRequest {
+    let mut r = Request::chat(vec![ChatMessage::user(
+        "What is 3 + 4? Answer in \\boxed{}.",
+    )]);
+    r.n = n;
+    r.max_tokens = 12;
+    r.sampling.temperature = 0.9;
+    r.sampling.seed = seed;
+    GenerateRequest::new(r)
+}
+
+#[test]
+fn verifier_rewards_drive_background_learning() {
+    let rt = runtime();
+    // A host verifier: reward 1 for traces whose text has an even length.
+    rt.register_verifier(
+        "even",
+        Arc::new(FnVerifier::new(|text, _| {
+            (text.len() % 2 == 0) as u8 as f64
+        })),
+    )
+    .unwrap();
+    let mut req = request(4, 3);
+    req.selection = Some(SelectionRule::Majority);
+    req.verify = Some(("even".into(), String::new()));
+    let result = rt.generate(req).unwrap();
+    assert_eq!(result.traces.len(), 4);
+    for t in &result.traces {
+        let want = (t.trace.text.len() % 2 == 0) as u8 as f64;
+        assert_eq!(t.reward, Some(want), "{:?}", t.trace.text);
+    }
+    assert_eq!(rt.feedback_pending(), 4);
+    let ids: Vec<u64> = result.traces.iter().map(|t| t.id).collect();
+    assert_eq!(ids.windows(2).filter(|w| w[1] == w[0] + 1).count(), 3);
+
+    // Background learning steps once 4 rewarded traces are pending (they already are).
+    let before = rt.adapter_version("learned").unwrap();
+    rt.start_learning(None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rt.learning_status().steps == 0 {
+        assert!(Instant::now() < deadline, "no background step");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    rt.stop_learning();
+    let status = rt.learning_status();
+    assert!(!status.running);
+    assert_eq!(status.pending, 0, "trained traces leave the store");
+    let rewards: Vec<f64> = result.traces.iter().filter_map(|t| t.reward).collect();
+    let varied = rewards.iter().any(|&r| r != rewards[0]);
+    let after = rt.adapter_version("learned").unwrap();
+    // A group whose rewards are all equal carries no signal and is skipped (dynamic
+    // sampling); otherwise the step changes the adapter.
+    assert_eq!(after, before + varied as u64, "{status:?}");
+    // The traces were consumed: feedback on them now is an error.
+    assert!(matches!(rt.feedback(ids[0], 1.0), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn adapters_round_trip_and_errors_are_typed() {
+    let rt = runtime();
+    let dir = common::temp_dir("runtime-adapters");
+    let saved = rt.adapter_save("learned", Some(&dir)).unwrap();
+    assert!(saved.join("adapter_config.json").is_file());
+    rt.adapter_load("copy", &saved).unwrap();
+    let ids: Vec<String> = rt.adapters().into_iter().map(|a| a.id).collect();
+    assert_eq!(ids, vec!["copy", "learned"]);
+    // A fresh adapter (B = 0) changes nothing: the same greedy text on base and copy.
+    let greedy = |adapter: &str| {
+        let mut r = request(1, 0);
+        r.request.sampling.temperature = 0.0;
+        r.request.adapter = Some(adapter.into());
+        rt.generate(r).unwrap().traces.remove(0).trace.text
+    };
+    assert_eq!(greedy("copy"), greedy("base"));
+    rt.adapter_select(Some("copy")).unwrap();
+    assert_eq!(rt.default_adapter().as_deref(), Some("copy"));
+    assert_eq!(
+        rt.generate(request(1, 0)).unwrap().adapter.as_deref(),
+        Some("copy")
+    );
+    rt.adapter_remove("copy").unwrap();
+    assert_eq!(
+        rt.default_adapter(),
+        None,
+        "removing the default falls back to base"
+    );
+
+    assert!(matches!(
+        rt.feedback(u64::MAX, 1.0),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        rt.feedback(1, f64::NAN),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        rt.adapter_select(Some("missing")),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        rt.adapter_remove("learned"),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        rt.adapter_load("../evil", &saved),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut unknown = request(1, 0);
+    unknown.verify = Some(("nope".into(), "7".into()));
+    assert!(matches!(rt.generate(unknown), Err(Error::NotFound(_))));
+    let report = rt.learn_step().unwrap();
+    assert!(!report.applied && report.skipped.is_some());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
