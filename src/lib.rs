@@ -11,6 +11,7 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod ffi;
 pub mod generate;
 pub mod model;
 pub mod runtime;

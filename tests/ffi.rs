@@ -1,0 +1,190 @@
+//! The C ABI end to end: compiles `bindings/c/examples/borda.c` and
+//! `bindings/c/tests/abuse.c` with the system C compiler against the cdylib this
+//! `cargo test --release` built, runs them, and checks
+//! - the example's traces, selection and answer equal what the Rust [`Runtime`] API gives
+//!   for the same request and seed (this process computes them and compares the lines);
+//! - the abuse test (every entry point with NULL and invalid arguments) passes, natively
+//!   with SmolLM2 and, when valgrind is installed, under valgrind without a model;
+//! - the Python bindings' test (`bindings/python/test_verity.py`) passes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use verity::chat::ChatMessage;
+use verity::engine::Request;
+use verity::runtime::{GenerateRequest, Runtime, RuntimeConfig};
+
+/// The cdylib cargo built for this test run: it sits beside the test executable
+/// (`target/<profile>/deps/`). Copied into `dir`, so that a concurrent cargo build
+/// replacing it cannot change it under the test.
+fn cdylib(dir: &Path) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps folder");
+    let name = format!(
+        "{}verity{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    let candidates = [deps.join(&name), deps.parent().unwrap().join(&name)];
+    let found = candidates.iter().find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "no {name} beside the test executable ({}); the lib's `cdylib` crate type must be built",
+            deps.display()
+        )
+    });
+    let lib_dir = dir.join("lib");
+    std::fs::create_dir_all(&lib_dir).unwrap();
+    std::fs::copy(found, lib_dir.join(&name)).expect("copy the cdylib");
+    lib_dir
+}
+
+fn c_compiler() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".into())
+}
+
+/// Compiles one C file of `bindings/c` against the cdylib in `lib_dir`.
+fn compile(source: &str, lib_dir: &Path, out: &Path) {
+    let c_dir = common::repo().join("bindings/c");
+    let output = Command::new(c_compiler())
+        .args(["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-std=c11"])
+        .arg("-I")
+        .arg(&c_dir)
+        .arg(c_dir.join(source))
+        .arg("-o")
+        .arg(out)
+        .arg(format!("-L{}", lib_dir.display()))
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lverity")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler '{}': {e}", c_compiler()));
+    assert!(
+        output.status.success(),
+        "compiling {source} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn run(command: &mut Command) -> (String, Output) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    println!(
+        "$ {command:?}\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (stdout, output)
+}
+
+// The request borda.c makes.
+const PROMPT: &str = "What is 17 * 23? Put the answer in \\boxed{}.";
+
+#[test]
+fn c_example_gives_what_the_rust_api_gives() {
+    let model = common::real_model(common::SMOLLM2);
+    let dir = common::temp_dir("ffi-example");
+    let lib = cdylib(&dir);
+    let exe = dir.join("borda");
+    compile("examples/borda.c", &lib, &exe);
+    let (stdout, _) = run(Command::new(&exe).arg(&model));
+
+    // The same request through the Rust API.
+    let runtime = Runtime::new(RuntimeConfig {
+        model: model.clone(),
+        ..RuntimeConfig::default()
+    })
+    .expect("runtime");
+    let mut request = Request::chat(vec![ChatMessage::new("user", PROMPT)]);
+    request.n = 8;
+    request.max_tokens = 128;
+    request.sampling.temperature = 0.8;
+    request.sampling.top_p = 0.95;
+    request.sampling.seed = 42;
+    let result = runtime
+        .generate(GenerateRequest {
+            request,
+            selection: Some("borda:0.5".parse().unwrap()),
+            verify: None,
+        })
+        .expect("generate");
+    let mut expected: Vec<String> = result
+        .traces
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "trace {i}: tokens={} self_certainty={:.4} answer={}",
+                t.trace.tokens.len(),
+                t.scores["self_certainty"],
+                t.answer.as_deref().unwrap_or("(none)")
+            )
+        })
+        .collect();
+    expected.push(match result.selected {
+        Some(i) => format!("selected: {i}"),
+        None => "selected: (none)".into(),
+    });
+    expected.push(format!(
+        "answer: {}",
+        result.answer.as_deref().unwrap_or("(none)")
+    ));
+    let printed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("trace ") || l.starts_with("selected: ") || l.starts_with("answer: ")
+        })
+        .collect();
+    assert_eq!(printed, expected, "the C example and the Rust API disagree");
+
+    // Feedback went in and the learning step moved the adapter iff it applied.
+    let learn = stdout
+        .lines()
+        .find(|l| l.starts_with("learn: "))
+        .expect("a learn line");
+    let versions = stdout
+        .lines()
+        .find(|l| l.starts_with("adapter learned: version "))
+        .expect("an adapter version line");
+    let applied = learn.starts_with("learn: applied=1");
+    let expected_versions = if applied {
+        "adapter learned: version 0 -> 1"
+    } else {
+        "adapter learned: version 0 -> 0"
+    };
+    assert_eq!(versions, expected_versions, "{learn}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn c_abuse_test_passes() {
+    let model = common::real_model(common::SMOLLM2);
+    let dir = common::temp_dir("ffi-abuse");
+    let lib = cdylib(&dir);
+    let exe = dir.join("abuse");
+    compile("tests/abuse.c", &lib, &exe);
+    let (stdout, _) = run(Command::new(&exe).arg(&model));
+    assert!(stdout.contains(", 0 failures"), "{stdout}");
+
+    // valgrind 3.19 stops at the model's AVX-512 kernels (this crate builds with
+    // target-cpu=native), so under valgrind the abuse test runs the checks that need no
+    // model: every entry point with NULL, made-up and freed handles.
+    let valgrind = Command::new("valgrind").arg("--version").output();
+    match valgrind {
+        Ok(v) if v.status.success() => {
+            let (stdout, _) = run(Command::new("valgrind")
+                .args(["-q", "--error-exitcode=99", "--track-origins=yes"])
+                .arg(&exe));
+            assert!(stdout.contains(", 0 failures"), "{stdout}");
+        }
+        _ => println!("valgrind is not installed: the abuse test ran natively only"),
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
