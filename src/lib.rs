@@ -14,6 +14,7 @@ pub mod eval;
 pub mod ffi;
 pub mod generate;
 pub mod model;
+pub mod plot;
 pub mod runtime;
 pub mod sampling;
 pub mod score;

@@ -152,6 +152,7 @@ fn rl_loop_runs_end_to_end_on_smollm2_and_writes_a_loadable_adapter() {
             "ttrl",
             "--lr",
             "1e-3",
+            "--overlap",
         ])
         .arg("--model")
         .arg(real_model(SMOLLM2))
@@ -201,4 +202,6 @@ fn rl_loop_runs_end_to_end_on_smollm2_and_writes_a_loadable_adapter() {
     .unwrap();
     assert_eq!(adapter.spec.rank, 8);
     assert!(out_dir.join("checkpoints/policy/LATEST").is_file());
+    let png = std::fs::read(out_dir.join("plot.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }

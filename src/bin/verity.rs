@@ -207,7 +207,10 @@ enum Command {
         temperature: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Output folder: metrics.jsonl, checkpoints/, adapter/ (PEFT files).
+        /// Generate the next step's rollouts while a step trains (one step stale).
+        #[arg(long)]
+        overlap: bool,
+        /// Output folder: metrics.jsonl, plot.png, checkpoints/, adapter/ (PEFT files).
         #[arg(long)]
         out: PathBuf,
     },
@@ -597,6 +600,7 @@ fn run(cli: Cli) -> Result<(), String> {
             eval,
             eval_limit,
             eval_every,
+            overlap,
             reward,
             steps,
             group,
@@ -669,6 +673,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 collapse_drop: 0.1,
                 out: out.clone(),
                 adapter_id: "policy".into(),
+                overlap,
             };
             let start = std::time::Instant::now();
             let metrics = learn(&engine, &mut trainer, &train, &heldout, &config, |m| {

@@ -14,7 +14,7 @@ use candle_core::{DType, Var};
 use serde::Serialize;
 
 use crate::adapter::{load_peft, save_versioned};
-use crate::engine::{Engine, Trace};
+use crate::engine::{Engine, RequestHandle, Trace};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalConfig, EvalItem};
 use crate::select::SelectionRule;
@@ -69,6 +69,8 @@ pub struct LearnConfig {
     pub out: PathBuf,
     /// Registered adapter id the engine decodes with.
     pub adapter_id: String,
+    /// Generate the rollouts of step t + 1 while step t trains (one step stale).
+    pub overlap: bool,
 }
 
 /// One line of `metrics.jsonl` (the step number is the trainer's, `train.step`).
@@ -182,32 +184,37 @@ pub fn learn(
         best = Some((acc, dir));
     }
     let mut all = Vec::new();
-    let mut cursor = 0usize;
-    for step in 1..=config.steps {
-        let rollout_start = Instant::now();
-        let items: Vec<&EvalItem> = (0..config.prompts_per_step)
-            .map(|k| &train[(cursor + k) % train.len()])
-            .collect();
-        cursor += config.prompts_per_step;
-        let handles: Vec<_> = items
-            .iter()
-            .enumerate()
-            .map(|(k, item)| {
+    // The rollouts of one step: its prompts, submitted to the engine (which decodes them on
+    // its own thread while this one trains, when `overlap` is on).
+    let submit = |step: usize| -> Vec<(RequestHandle, &EvalItem)> {
+        (0..config.prompts_per_step)
+            .map(|k| {
+                let item = &train[((step - 1) * config.prompts_per_step + k) % train.len()];
                 let seed = config
                     .seed
                     .wrapping_add((step as u64) << 16)
                     .wrapping_add(k as u64 * 1000);
-                engine.submit(eval::request(
+                let handle = engine.submit(eval::request(
                     &item.question,
                     config.group,
                     &eval_config,
                     config.temperature,
                     seed,
-                ))
+                ));
+                (handle, item)
             })
-            .collect();
+            .collect()
+    };
+    let mut next = Some(submit(1));
+    let mut heldout_curve: Vec<(usize, f64)> = best.iter().map(|(acc, _)| (0, *acc)).collect();
+    for step in 1..=config.steps {
+        let rollout_start = Instant::now();
+        let submitted = match next.take() {
+            Some(s) => s,
+            None => submit(step),
+        };
         let mut groups: Vec<(Vec<u32>, Vec<Trace>, &EvalItem)> = Vec::new();
-        for (handle, item) in handles.into_iter().zip(&items) {
+        for (handle, item) in submitted {
             let completion = handle.blocking_completion()?;
             // The prompt ids as the engine saw them.
             let text = model.tokenizer.apply_chat_template(
@@ -274,6 +281,11 @@ pub fn learn(
             t.iter()
                 .flat_map(|t| t.stats.iter().map(|s| s.entropy as f64))
         }));
+        if config.overlap && step < config.steps {
+            // Bounded staleness of one step: the next rollouts decode with this step's
+            // adapter version while it trains; each trace records the version it used.
+            next = Some(submit(step + 1));
+        }
         let report = trainer.step(&model.transformer, &rollouts)?;
         let mut m = StepMetrics {
             reward: mean(rollouts.iter().map(|r| r.reward)),
@@ -296,6 +308,7 @@ pub fn learn(
             let acc =
                 heldout_accuracy(engine, heldout, config.max_tokens, Some(&config.adapter_id))?;
             m.heldout_accuracy = Some(acc);
+            heldout_curve.push((step, acc));
             match &best {
                 Some((b, dir)) if acc < b - config.collapse_drop => {
                     restore(trainer, engine, dir)?;
@@ -327,6 +340,12 @@ pub fn learn(
         writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
         progress(&m);
         all.push(m);
+        let rewards: Vec<(usize, f64)> = all
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i + 1, m.reward))
+            .collect();
+        crate::plot::learning_curve(&config.out.join("plot.png"), &rewards, &heldout_curve)?;
         if rollbacks >= 3 {
             break;
         }
