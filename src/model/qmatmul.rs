@@ -121,7 +121,7 @@ impl WeightType {
 enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
-    Avx2(x86::Avx2),
+    X86(x86::Simd),
 }
 
 impl Isa {
@@ -129,8 +129,8 @@ impl Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
-            if let Some(t) = x86::Avx2::detect() {
-                return Isa::Avx2(t);
+            if let Some(s) = x86::Simd::detect() {
+                return Isa::X86(s);
             }
             Isa::Scalar
         })
@@ -179,16 +179,34 @@ pub struct Q8KBlock {
     bsums: [i16; QK_K / 16],
 }
 
+/// Largest |v|, in a shape the compiler vectorizes.
+fn abs_max(x: &[f32]) -> f32 {
+    let mut m = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (m, v) in m.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    m.iter().fold(0f32, |a, &v| a.max(v))
+}
+
+/// v rounded to the nearest integer, ties to even, for |v| < 2²²: adding and removing
+/// 1.5 · 2²³ drops the fraction in the f32 rounding itself. Unlike `f32::round`, it is
+/// no library call, so the quantization loops vectorize on any x86-64.
+fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
+}
+
 fn quantize_q8(x: &[f32]) -> Q8Block {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
+    let d = abs_max(x) / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut qs = [0i8; 32];
-    let mut sum = 0i32;
     for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round().clamp(-127.0, 127.0) as i8;
-        sum += *q as i32;
+        // |v · id| ≤ 127 up to rounding; the cast saturates (and maps NaN to 0).
+        *q = round_small(v * id) as i8;
     }
+    let sum: i32 = qs.iter().map(|&q| q as i32).sum();
     Q8Block {
         d,
         s: d * sum as f32,
@@ -199,25 +217,18 @@ fn quantize_q8(x: &[f32]) -> Q8Block {
 fn quantize_q8k(x: &[f32]) -> Q8KBlock {
     // The value of largest magnitude maps to ∓127 (ggml uses -128; candle and we keep the
     // range symmetric).
-    let mut amax = 0f32;
-    let mut max = 0f32;
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let amax = abs_max(x);
     let mut b = Q8KBlock {
         d: 0.0,
         qs: [0; QK_K],
         bsums: [0; QK_K / 16],
     };
-    if amax == 0.0 {
+    let Some(&max) = x.iter().find(|v| v.abs() == amax).filter(|_| amax != 0.0) else {
         return b;
-    }
+    };
     let iscale = -127.0 / max;
     for (q, v) in b.qs.iter_mut().zip(x) {
-        *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+        *q = round_small(iscale * v) as i8;
     }
     for (s, q) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
         *s = q.iter().map(|&v| v as i16).sum();
@@ -243,9 +254,13 @@ trait Kernel {
     fn quantize(x: &[f32]) -> Self::Act;
     /// Reference dot product of one weight row (its blocks) with one activation row.
     fn dot_scalar(w: &[u8], a: &[Self::Act]) -> f32;
-    /// One weight row against R activation rows, with AVX2.
+    /// W weight rows against R activation rows, with AVX2.
     #[cfg(target_arch = "x86_64")]
-    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Self::Act]; R]) -> [f32; R];
+    fn dot_x86<const W: usize, const R: usize>(
+        s: x86::Simd,
+        w: [&[u8]; W],
+        a: [&[Self::Act]; R],
+    ) -> [[f32; R]; W];
 }
 
 struct Q4_1;
@@ -275,8 +290,12 @@ impl Kernel for Q4_1 {
         sum
     }
     #[cfg(target_arch = "x86_64")]
-    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
-        x86::q4_1(t, w, a)
+    fn dot_x86<const W: usize, const R: usize>(
+        s: x86::Simd,
+        w: [&[u8]; W],
+        a: [&[Q8Block]; R],
+    ) -> [[f32; R]; W] {
+        x86::q4_1(s, w, a)
     }
 }
 
@@ -304,8 +323,12 @@ impl Kernel for Q5_0 {
         sum
     }
     #[cfg(target_arch = "x86_64")]
-    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
-        x86::q5_0(t, w, a)
+    fn dot_x86<const W: usize, const R: usize>(
+        s: x86::Simd,
+        w: [&[u8]; W],
+        a: [&[Q8Block]; R],
+    ) -> [[f32; R]; W] {
+        x86::q5_0(s, w, a)
     }
 }
 
@@ -329,8 +352,12 @@ impl Kernel for Q8_0 {
         sum
     }
     #[cfg(target_arch = "x86_64")]
-    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
-        x86::q8_0(t, w, a)
+    fn dot_x86<const W: usize, const R: usize>(
+        s: x86::Simd,
+        w: [&[u8]; W],
+        a: [&[Q8Block]; R],
+    ) -> [[f32; R]; W] {
+        x86::q8_0(s, w, a)
     }
 }
 
@@ -379,8 +406,12 @@ impl Kernel for Q4K {
         sum
     }
     #[cfg(target_arch = "x86_64")]
-    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
-        x86::q4k(t, w, a)
+    fn dot_x86<const W: usize, const R: usize>(
+        s: x86::Simd,
+        w: [&[u8]; W],
+        a: [&[Q8KBlock]; R],
+    ) -> [[f32; R]; W] {
+        x86::q4k(s, w, a)
     }
 }
 
@@ -409,8 +440,12 @@ impl Kernel for Q6K {
         sum
     }
     #[cfg(target_arch = "x86_64")]
-    fn dot_avx2<const R: usize>(t: x86::Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
-        x86::q6k(t, w, a)
+    fn dot_x86<const W: usize, const R: usize>(
+        s: x86::Simd,
+        w: [&[u8]; W],
+        a: [&[Q8KBlock]; R],
+    ) -> [[f32; R]; W] {
+        x86::q6k(s, w, a)
     }
 }
 
@@ -455,14 +490,9 @@ fn run<K: Kernel>(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     // yt holds y transposed (n × m): each weight row's m outputs are contiguous, so
     // threads own disjoint column ranges of y.
     let mut yt = vec![0f32; n * m];
-    let columns = |j0: usize, out: &mut [f32]| {
-        for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
-            let wr = &w[j * row_bytes..(j + 1) * row_bytes];
-            dot_row::<K>(isa, wr, &acts, o);
-        }
-    };
+    let columns = |j0: usize, out: &mut [f32]| dot_rows::<K>(isa, w, row_bytes, j0, &acts, out);
     let threads = rayon::current_num_threads();
-    if threads <= 1 || n * k * m < MIN_PARALLEL_WORK {
+    if threads <= 1 || n * k * m < min_parallel_work() {
         columns(0, &mut yt);
     } else {
         // A few chunks per thread for balance; never under 16 columns each.
@@ -474,349 +504,488 @@ fn run<K: Kernel>(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     if m == 1 {
         return Ok(yt);
     }
+    // Transpose in blocks of 64 columns, so that reads and writes stay in cache.
     let mut y = vec![0f32; m * n];
-    for (j, row) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            y[i * n + j] = *v;
+    for j0 in (0..n).step_by(64) {
+        let j1 = (j0 + 64).min(n);
+        for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
+            for (j, v) in (j0..j1).zip(&mut y_row[j0..j1]) {
+                *v = yt[j * m + i];
+            }
         }
     }
     Ok(y)
 }
 
-/// Output column of one weight row for all m activation rows, `TILE` rows at a time.
-fn dot_row<K: Kernel>(isa: Isa, wr: &[u8], acts: &[&[K::Act]], out: &mut [f32]) {
+fn min_parallel_work() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("VERITY_QMATMUL_MIN_PARALLEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MIN_PARALLEL_WORK)
+    })
+}
+
+/// Outputs of weight rows j0, j0 + 1, … for all m activation rows (`out` holds m values
+/// per weight row).
+fn dot_rows<K: Kernel>(
+    isa: Isa,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    acts: &[&[K::Act]],
+    out: &mut [f32],
+) {
+    let m = acts.len();
+    let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
     match isa {
         Isa::Scalar => {
-            for (o, a) in out.iter_mut().zip(acts) {
-                *o = K::dot_scalar(wr, a);
+            for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
+                for (o, a) in o.iter_mut().zip(acts) {
+                    *o = K::dot_scalar(row(j), a);
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2(t) => {
-            let mut a = acts.chunks_exact(TILE);
-            let mut o = out.chunks_exact_mut(TILE);
-            for (a, o) in (&mut a).zip(&mut o) {
-                let tile: [&[K::Act]; TILE] = std::array::from_fn(|i| a[i]);
-                o.copy_from_slice(&K::dot_avx2::<TILE>(t, wr, tile));
+        Isa::X86(s) if m == 1 => {
+            // One activation row: four weight rows at a time, four independent chains.
+            let a = [acts[0]];
+            let mut quads = out.chunks_exact_mut(4);
+            let mut j = j0;
+            for o in &mut quads {
+                let y = K::dot_x86::<4, 1>(s, [row(j), row(j + 1), row(j + 2), row(j + 3)], a);
+                for (o, y) in o.iter_mut().zip(y) {
+                    *o = y[0];
+                }
+                j += 4;
             }
-            match (a.remainder(), o.into_remainder()) {
-                ([a0], o) => o.copy_from_slice(&K::dot_avx2::<1>(t, wr, [*a0])),
-                ([a0, a1], o) => o.copy_from_slice(&K::dot_avx2::<2>(t, wr, [*a0, *a1])),
-                ([a0, a1, a2], o) => o.copy_from_slice(&K::dot_avx2::<3>(t, wr, [*a0, *a1, *a2])),
-                _ => {}
+            for o in quads.into_remainder() {
+                *o = K::dot_x86::<1, 1>(s, [row(j)], a)[0][0];
+                j += 1;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::X86(s) => {
+            // Several activation rows: each weight row against TILE of them at a time.
+            for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
+                let wr = [row(j)];
+                let mut a = acts.chunks_exact(TILE);
+                let mut o = o.chunks_exact_mut(TILE);
+                for (a, o) in (&mut a).zip(&mut o) {
+                    let tile: [&[K::Act]; TILE] = std::array::from_fn(|i| a[i]);
+                    o.copy_from_slice(&K::dot_x86::<1, TILE>(s, wr, tile)[0]);
+                }
+                let o = o.into_remainder();
+                match *a.remainder() {
+                    [a0] => o.copy_from_slice(&K::dot_x86::<1, 1>(s, wr, [a0])[0]),
+                    [a0, a1] => o.copy_from_slice(&K::dot_x86::<1, 2>(s, wr, [a0, a1])[0]),
+                    [a0, a1, a2] => o.copy_from_slice(&K::dot_x86::<1, 3>(s, wr, [a0, a1, a2])[0]),
+                    _ => {}
+                }
             }
         }
     }
 }
 
 // ---------------------------------------------------------------------------------------
-// AVX2 kernels
+// x86 kernels
 // ---------------------------------------------------------------------------------------
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 + FMA + F16C versions of the dot products, after ggml-cpu's `quants.c`. Each
-    //! takes one weight row and R activation rows; the weight block is decoded once and
-    //! each activation row has its own accumulators, updated by the same operations in the
-    //! same order whatever R is.
-
-    use std::arch::x86_64::*;
+    //! AVX2 versions of the dot products, after ggml-cpu's `quants.c`, built twice: with
+    //! AVX2 alone, and with AVX-VNNI, whose `vpdpbusd` does the u8 × i8 multiply-add of
+    //! the 32-value types in one instruction. Both give the same integers, so the same
+    //! results.
+    //!
+    //! Each kernel takes W weight rows and R activation rows and returns the W × R dot
+    //! products. Every (weight row, activation row) pair has its own accumulator, updated
+    //! by the same operations in the same order whatever W and R are: W > 1 gives a
+    //! single activation row independent chains to overlap, R > 1 reads a weight block
+    //! once for several activation rows.
 
     use super::{Q8Block, Q8KBlock};
 
-    /// Proof that the CPU has AVX2, FMA and F16C: only [`Avx2::detect`] makes one.
+    /// Proof that the CPU has AVX2, FMA and F16C, and whether it has AVX-VNNI: only
+    /// [`Simd::detect`] makes one.
     #[derive(Debug, Clone, Copy)]
-    pub struct Avx2(());
+    pub enum Simd {
+        Avx2(Private),
+        AvxVnni(Private),
+    }
 
-    impl Avx2 {
+    #[derive(Debug, Clone, Copy)]
+    pub struct Private(());
+
+    impl Simd {
         pub fn detect() -> Option<Self> {
-            (is_x86_feature_detected!("avx2")
+            if !(is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c"))
-            .then_some(Avx2(()))
+            {
+                return None;
+            }
+            let vnni = is_x86_feature_detected!("avxvnni")
+                && std::env::var("VERITY_QMATMUL_NO_VNNI").is_err();
+            Some(if vnni {
+                Simd::AvxVnni(Private(()))
+            } else {
+                Simd::Avx2(Private(()))
+            })
+        }
+
+        /// AVX2 without VNNI (for tests on a VNNI machine).
+        #[cfg(test)]
+        pub fn without_vnni(self) -> Self {
+            Simd::Avx2(Private(()))
         }
     }
 
-    /// Panics unless the weight row has as many blocks (of `bytes` each) as every
-    /// activation row; after it, the kernels' pointer reads stay in bounds.
-    fn check<A, const R: usize>(w: &[u8], bytes: usize, a: &[&[A]; R]) -> usize {
-        let nb = w.len() / bytes;
-        assert!(w.len() == nb * bytes && a.iter().all(|a| a.len() == nb));
+    /// Panics unless every weight row has as many blocks (of `bytes` each) as every
+    /// activation row; after it, the kernels' reads stay in bounds.
+    fn check<A, const W: usize, const R: usize>(
+        w: &[&[u8]; W],
+        bytes: usize,
+        a: &[&[A]; R],
+    ) -> usize {
+        let nb = a.first().map_or(0, |a| a.len());
+        assert!(w.iter().all(|w| w.len() == nb * bytes) && a.iter().all(|a| a.len() == nb));
         nb
     }
 
-    pub fn q4_1<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
-        let nb = check(w, 20, &a);
-        // SAFETY: the token proves the features; `check` bounds the reads.
-        unsafe { q4_1_impl(w.as_ptr(), nb, a) }
-    }
-
-    pub fn q5_0<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
-        let nb = check(w, 22, &a);
-        // SAFETY: as in `q4_1`.
-        unsafe { q5_0_impl(w.as_ptr(), nb, a) }
-    }
-
-    pub fn q8_0<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8Block]; R]) -> [f32; R] {
-        let nb = check(w, 34, &a);
-        // SAFETY: as in `q4_1`.
-        unsafe { q8_0_impl(w.as_ptr(), nb, a) }
-    }
-
-    pub fn q4k<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
-        let nb = check(w, 144, &a);
-        // SAFETY: as in `q4_1`.
-        unsafe { q4k_impl(w.as_ptr(), nb, a) }
-    }
-
-    pub fn q6k<const R: usize>(_: Avx2, w: &[u8], a: [&[Q8KBlock]; R]) -> [f32; R] {
-        let nb = check(w, 210, &a);
-        // SAFETY: as in `q4_1`.
-        unsafe { q6k_impl(w.as_ptr(), nb, a) }
-    }
-
-    /// f16 at p as f32.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load_f16(p: *const u8) -> f32 {
-        let bits = unsafe { p.cast::<u16>().read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    /// Sum of the 8 lanes, in a fixed order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(x: __m256) -> f32 {
-        let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
-    }
-
-    /// u8 × i8 products summed in fours into 8 i32 lanes (operand ranges here never
-    /// saturate maddubs' i16 pairs).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-    }
-
-    /// 16 bytes of nibbles at p as 32 bytes: low nibbles first, then high nibbles.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn nibbles_32(p: *const u8) -> __m256i {
-        let lo = unsafe { _mm_loadu_si128(p.cast()) };
-        let both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
-        _mm256_and_si256(both, _mm256_set1_epi8(0xF))
-    }
-
-    /// The 32 bits at p as 32 bytes: 0xFF where the bit is set, 0 elsewhere.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn bits_32(p: *const u8) -> __m256i {
-        let bits = unsafe { p.cast::<i32>().read_unaligned() };
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(bits),
-            _mm256_set_epi64x(
-                0x0303030303030303,
-                0x0202020202020202,
-                0x0101010101010101,
-                0,
-            ),
-        );
-        let with_others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-        _mm256_cmpeq_epi8(with_others, _mm256_set1_epi64x(-1))
-    }
-
-    /// The 32 quants of activation block b; the caller guarantees b < a.len().
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn qs(a: &[Q8Block], b: usize) -> __m256i {
-        unsafe { _mm256_loadu_si256(a.get_unchecked(b).qs.as_ptr().cast()) }
-    }
-
-    /// Horizontal sums of R accumulators (no closures: they would lose the features).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsums<const R: usize>(acc: [__m256; R]) -> [f32; R] {
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = hsum(acc[r]);
-        }
-        out
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_1_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8Block]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut mins = [0f32; R];
-        for b in 0..nb {
-            let wb = unsafe { w.add(20 * b) };
-            let (d, mn) = unsafe { (load_f16(wb), load_f16(wb.add(2))) };
-            let q = unsafe { nibbles_32(wb.add(4)) };
-            for r in 0..R {
-                let ab = unsafe { a[r].get_unchecked(b) };
-                mins[r] += mn * ab.s;
-                let xy = _mm256_cvtepi32_ps(dot_u8_i8(q, unsafe { qs(a[r], b) }));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), xy, acc[r]);
-            }
-        }
-        let mut out = hsums(acc);
-        for r in 0..R {
-            out[r] += mins[r];
-        }
-        out
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q5_0_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8Block]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            let wb = unsafe { w.add(22 * b) };
-            let d = unsafe { load_f16(wb) };
-            // Nibble | 0xF0 where the fifth bit is clear: the signed value q - 16.
-            let high = _mm256_andnot_si256(unsafe { bits_32(wb.add(2)) }, _mm256_set1_epi8(-16));
-            let q = _mm256_or_si256(unsafe { nibbles_32(wb.add(6)) }, high);
-            // |q| and the sign moved onto the activations, once per weight block.
-            let uq = _mm256_sign_epi8(q, q);
-            for r in 0..R {
-                let ab = unsafe { a[r].get_unchecked(b) };
-                let sy = _mm256_sign_epi8(unsafe { qs(a[r], b) }, q);
-                let xy = _mm256_cvtepi32_ps(dot_u8_i8(uq, sy));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), xy, acc[r]);
-            }
-        }
-        hsums(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_0_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8Block]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            let wb = unsafe { w.add(34 * b) };
-            let d = unsafe { load_f16(wb) };
-            let q = unsafe { _mm256_loadu_si256(wb.add(2).cast()) };
-            // |q| and the sign moved onto the activations, once per weight block.
-            let uq = _mm256_sign_epi8(q, q);
-            for r in 0..R {
-                let ab = unsafe { a[r].get_unchecked(b) };
-                let sy = _mm256_sign_epi8(unsafe { qs(a[r], b) }, q);
-                let xy = _mm256_cvtepi32_ps(dot_u8_i8(uq, sy));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), xy, acc[r]);
-            }
-        }
-        hsums(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4k_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8KBlock]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let low4 = _mm256_set1_epi8(0xF);
-        for b in 0..nb {
-            let wb = unsafe { w.add(144 * b) };
-            let (d, dmin) = unsafe { (load_f16(wb), load_f16(wb.add(2))) };
-            let mut raw = [0u8; 12];
-            unsafe { std::ptr::copy_nonoverlapping(wb.add(4), raw.as_mut_ptr(), 12) };
-            let mut sc = [0i16; 8];
-            // Each min twice, to pair with the 16 sums of 16 activations.
-            let mut mins = [0i16; 16];
-            for j in 0..8 {
-                let (s, m) = super::q4k_scale_min(j, &raw);
-                sc[j] = s as i16;
-                mins[2 * j] = m as i16;
-                mins[2 * j + 1] = m as i16;
-            }
-            let mins = unsafe { _mm256_loadu_si256(mins.as_ptr().cast()) };
-            let mut sumi = [_mm256_setzero_si256(); R];
-            for c in 0..4 {
-                let bytes = unsafe { _mm256_loadu_si256(wb.add(16 + 32 * c).cast()) };
-                let lo = _mm256_and_si256(bytes, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-                let (sl, sh) = (
-                    _mm256_set1_epi16(sc[2 * c]),
-                    _mm256_set1_epi16(sc[2 * c + 1]),
-                );
-                for r in 0..R {
-                    let ab = unsafe { a[r].get_unchecked(b) };
-                    let q8 = ab.qs.as_ptr();
-                    let yl = unsafe { _mm256_loadu_si256(q8.add(64 * c).cast()) };
-                    let yh = unsafe { _mm256_loadu_si256(q8.add(64 * c + 32).cast()) };
-                    let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, yl));
-                    let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, yh));
-                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-                }
-            }
-            for r in 0..R {
-                let ab = unsafe { a[r].get_unchecked(b) };
-                let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
-                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
-                let sums = _mm256_cvtepi32_ps(sumi[r]);
-                // d·Σ scale·dot − dmin·Σ min·bsum, in f32, then times the activation scale.
-                let v = _mm256_fmsub_ps(
-                    _mm256_set1_ps(d),
-                    sums,
-                    _mm256_mul_ps(_mm256_set1_ps(dmin), summ),
-                );
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(ab.d), v, acc[r]);
-            }
-        }
-        hsums(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q6k_impl<const R: usize>(w: *const u8, nb: usize, a: [&[Q8KBlock]; R]) -> [f32; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let low4 = _mm256_set1_epi8(0xF);
-        let low2 = _mm256_set1_epi8(3);
-        for b in 0..nb {
-            let wb = unsafe { w.add(210 * b) };
-            let d = unsafe { load_f16(wb.add(208)) };
-            let scales = unsafe { _mm_loadu_si128(wb.add(192).cast()) };
-            let mut sc = [0i16; 16];
-            for (s, p) in sc.iter_mut().zip(0..16) {
-                *s = unsafe { *wb.add(192 + p) } as i8 as i16;
-            }
-            let mut sumi = [_mm256_setzero_si256(); R];
-            for half in 0..2 {
-                let ql = unsafe { wb.add(64 * half) };
-                let qh = unsafe { _mm256_loadu_si256(wb.add(128 + 32 * half).cast()) };
-                let ql0 = unsafe { _mm256_loadu_si256(ql.cast()) };
-                let ql1 = unsafe { _mm256_loadu_si256(ql.add(32).cast()) };
-                // The four chunks of 32 values, unsigned (value + 32): 0..64.
-                let h = [
-                    qh,
-                    _mm256_srli_epi16(qh, 2),
-                    _mm256_srli_epi16(qh, 4),
-                    _mm256_srli_epi16(qh, 6),
-                ];
-                let l = [
-                    ql0,
-                    ql1,
-                    _mm256_srli_epi16(ql0, 4),
-                    _mm256_srli_epi16(ql1, 4),
-                ];
-                let mut q = [_mm256_setzero_si256(); 4];
-                // Chunk c covers sub-blocks 2c and 2c+1 (16 values each) of this half.
-                let mut s = [_mm256_setzero_si256(); 4];
-                for c in 0..4 {
-                    let hi = _mm256_slli_epi16(_mm256_and_si256(h[c], low2), 4);
-                    q[c] = _mm256_or_si256(_mm256_and_si256(l[c], low4), hi);
-                    let i = 8 * half + 2 * c;
-                    s[c] = _mm256_set_m128i(_mm_set1_epi16(sc[i + 1]), _mm_set1_epi16(sc[i]));
-                }
-                for r in 0..R {
-                    let q8 = unsafe { a[r].get_unchecked(b) }.qs.as_ptr();
-                    for c in 0..4 {
-                        let y = unsafe { _mm256_loadu_si256(q8.add(128 * half + 32 * c).cast()) };
-                        let p = _mm256_madd_epi16(s[c], _mm256_maddubs_epi16(q[c], y));
-                        sumi[r] = _mm256_add_epi32(sumi[r], p);
+    /// The safe entry points: check the sizes, then run the kernel the token allows.
+    macro_rules! entry {
+        ($name:ident, $act:ty, $bytes:expr) => {
+            pub fn $name<const W: usize, const R: usize>(
+                simd: Simd,
+                w: [&[u8]; W],
+                a: [&[$act]; R],
+            ) -> [[f32; R]; W] {
+                let nb = check(&w, $bytes, &a);
+                let w = w.map(|w| w.as_ptr());
+                // SAFETY: the token proves the CPU features; `check` bounds the reads.
+                unsafe {
+                    match simd {
+                        Simd::Avx2(_) => avx2::$name(w, nb, a),
+                        Simd::AvxVnni(_) => avx_vnni::$name(w, nb, a),
                     }
                 }
             }
-            let scales = _mm256_cvtepi8_epi16(scales);
-            for r in 0..R {
-                let ab = unsafe { a[r].get_unchecked(b) };
-                // Remove the +32 offset: 32 · Σ scale · (sum of the sub-block's activations).
-                let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
-                let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
-                let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[r], offset));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), sums, acc[r]);
+        };
+    }
+    entry!(q4_1, Q8Block, 20);
+    entry!(q5_0, Q8Block, 22);
+    entry!(q8_0, Q8Block, 34);
+    entry!(q4k, Q8KBlock, 144);
+    entry!(q6k, Q8KBlock, 210);
+
+    /// The kernels, for the target features given. Each `unsafe fn` reads `nb` blocks
+    /// from each weight row pointer and each activation row: the caller checks that they
+    /// exist and that the CPU has the features.
+    macro_rules! kernels {
+        ($features:literal) => {
+            use super::super::{q4k_scale_min, Q8Block, Q8KBlock};
+
+            /// f16 at p as f32.
+            #[target_feature(enable = $features)]
+            unsafe fn load_f16(p: *const u8) -> f32 {
+                let bits = unsafe { p.cast::<u16>().read_unaligned() };
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
             }
+
+            /// Horizontal sums of the accumulators, each in a fixed order.
+            #[target_feature(enable = $features)]
+            fn hsums<const W: usize, const R: usize>(acc: [[__m256; R]; W]) -> [[f32; R]; W] {
+                let mut out = [[0f32; R]; W];
+                for i in 0..W {
+                    for r in 0..R {
+                        let x = acc[i][r];
+                        let s = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+                        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                        out[i][r] = _mm_cvtss_f32(s);
+                    }
+                }
+                out
+            }
+
+            /// 16 bytes of nibbles at p as 32 bytes: low nibbles first, then high nibbles.
+            #[target_feature(enable = $features)]
+            unsafe fn nibbles_32(p: *const u8) -> __m256i {
+                let lo = unsafe { _mm_loadu_si128(p.cast()) };
+                let both = _mm256_set_m128i(_mm_srli_epi16(lo, 4), lo);
+                _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+            }
+
+            /// The 32 bits at p as 32 bytes: 0xFF where the bit is set, 0 elsewhere.
+            #[target_feature(enable = $features)]
+            unsafe fn bits_32(p: *const u8) -> __m256i {
+                let bits = unsafe { p.cast::<i32>().read_unaligned() };
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(bits),
+                    _mm256_set_epi64x(
+                        0x0303030303030303,
+                        0x0202020202020202,
+                        0x0101010101010101,
+                        0,
+                    ),
+                );
+                let with_others = _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+                _mm256_cmpeq_epi8(with_others, _mm256_set1_epi64x(-1))
+            }
+
+            /// Block b of an activation row: its quants and its scale broadcast.
+            #[target_feature(enable = $features)]
+            unsafe fn act(a: &[Q8Block], b: usize) -> (__m256i, __m256) {
+                let ab = unsafe { a.get_unchecked(b) };
+                (
+                    unsafe { _mm256_loadu_si256(ab.qs.as_ptr().cast()) },
+                    _mm256_set1_ps(ab.d),
+                )
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4_1<const W: usize, const R: usize>(
+                w: [*const u8; W],
+                nb: usize,
+                a: [&[Q8Block]; R],
+            ) -> [[f32; R]; W] {
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let mut mins = [[0f32; R]; W];
+                for b in 0..nb {
+                    for i in 0..W {
+                        let wb = unsafe { w[i].add(20 * b) };
+                        let d = _mm256_set1_ps(unsafe { load_f16(wb) });
+                        let mn = unsafe { load_f16(wb.add(2)) };
+                        let q = unsafe { nibbles_32(wb.add(4)) };
+                        for r in 0..R {
+                            let (y, yd) = unsafe { act(a[r], b) };
+                            mins[i][r] += mn * unsafe { a[r].get_unchecked(b) }.s;
+                            let xy = _mm256_cvtepi32_ps(dot_u8_i8(q, y));
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), xy, acc[i][r]);
+                        }
+                    }
+                }
+                let mut out = hsums(acc);
+                for i in 0..W {
+                    for r in 0..R {
+                        out[i][r] += mins[i][r];
+                    }
+                }
+                out
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q5_0<const W: usize, const R: usize>(
+                w: [*const u8; W],
+                nb: usize,
+                a: [&[Q8Block]; R],
+            ) -> [[f32; R]; W] {
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                for b in 0..nb {
+                    for i in 0..W {
+                        let wb = unsafe { w[i].add(22 * b) };
+                        let d = _mm256_set1_ps(unsafe { load_f16(wb) });
+                        // Nibble | 0xF0 where the fifth bit is clear: the signed value q - 16.
+                        let high = _mm256_andnot_si256(
+                            unsafe { bits_32(wb.add(2)) },
+                            _mm256_set1_epi8(-16),
+                        );
+                        let q = _mm256_or_si256(unsafe { nibbles_32(wb.add(6)) }, high);
+                        // |q|, with the sign moved onto the activations.
+                        let uq = _mm256_sign_epi8(q, q);
+                        for r in 0..R {
+                            let (y, yd) = unsafe { act(a[r], b) };
+                            let xy = _mm256_cvtepi32_ps(dot_u8_i8(uq, _mm256_sign_epi8(y, q)));
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), xy, acc[i][r]);
+                        }
+                    }
+                }
+                hsums(acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q8_0<const W: usize, const R: usize>(
+                w: [*const u8; W],
+                nb: usize,
+                a: [&[Q8Block]; R],
+            ) -> [[f32; R]; W] {
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                for b in 0..nb {
+                    for i in 0..W {
+                        let wb = unsafe { w[i].add(34 * b) };
+                        let d = _mm256_set1_ps(unsafe { load_f16(wb) });
+                        let q = unsafe { _mm256_loadu_si256(wb.add(2).cast()) };
+                        let uq = _mm256_sign_epi8(q, q);
+                        for r in 0..R {
+                            let (y, yd) = unsafe { act(a[r], b) };
+                            let xy = _mm256_cvtepi32_ps(dot_u8_i8(uq, _mm256_sign_epi8(y, q)));
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), xy, acc[i][r]);
+                        }
+                    }
+                }
+                hsums(acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q4k<const W: usize, const R: usize>(
+                w: [*const u8; W],
+                nb: usize,
+                a: [&[Q8KBlock]; R],
+            ) -> [[f32; R]; W] {
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let low4 = _mm256_set1_epi8(0xF);
+                for b in 0..nb {
+                    for i in 0..W {
+                        let wb = unsafe { w[i].add(144 * b) };
+                        let d = _mm256_set1_ps(unsafe { load_f16(wb) });
+                        let dmin = _mm256_set1_ps(unsafe { load_f16(wb.add(2)) });
+                        let mut raw = [0u8; 12];
+                        unsafe { std::ptr::copy_nonoverlapping(wb.add(4), raw.as_mut_ptr(), 12) };
+                        let mut sc = [0i16; 8];
+                        // Each min twice, to pair with the 16 sums of 16 activations.
+                        let mut mins = [0i16; 16];
+                        for j in 0..8 {
+                            let (s, m) = q4k_scale_min(j, &raw);
+                            sc[j] = s as i16;
+                            mins[2 * j] = m as i16;
+                            mins[2 * j + 1] = m as i16;
+                        }
+                        let mins = unsafe { _mm256_loadu_si256(mins.as_ptr().cast()) };
+                        let mut sumi = [_mm256_setzero_si256(); R];
+                        for c in 0..4 {
+                            let bytes = unsafe { _mm256_loadu_si256(wb.add(16 + 32 * c).cast()) };
+                            let lo = _mm256_and_si256(bytes, low4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                            let sl = _mm256_set1_epi16(sc[2 * c]);
+                            let sh = _mm256_set1_epi16(sc[2 * c + 1]);
+                            for r in 0..R {
+                                let q8 = unsafe { a[r].get_unchecked(b) }.qs.as_ptr();
+                                let yl = unsafe { _mm256_loadu_si256(q8.add(64 * c).cast()) };
+                                let yh = unsafe { _mm256_loadu_si256(q8.add(64 * c + 32).cast()) };
+                                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, yl));
+                                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, yh));
+                                sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
+                            }
+                        }
+                        for r in 0..R {
+                            let ab = unsafe { a[r].get_unchecked(b) };
+                            let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
+                            let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bsums));
+                            let sums = _mm256_cvtepi32_ps(sumi[r]);
+                            // d·Σ scale·dot − dmin·Σ min·bsum, then times the activation scale.
+                            let v = _mm256_fmsub_ps(d, sums, _mm256_mul_ps(dmin, summ));
+                            acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(ab.d), v, acc[i][r]);
+                        }
+                    }
+                }
+                hsums(acc)
+            }
+
+            #[target_feature(enable = $features)]
+            pub unsafe fn q6k<const W: usize, const R: usize>(
+                w: [*const u8; W],
+                nb: usize,
+                a: [&[Q8KBlock]; R],
+            ) -> [[f32; R]; W] {
+                let mut acc = [[_mm256_setzero_ps(); R]; W];
+                let low4 = _mm256_set1_epi8(0xF);
+                let low2 = _mm256_set1_epi8(3);
+                for b in 0..nb {
+                    for i in 0..W {
+                        let wb = unsafe { w[i].add(210 * b) };
+                        let d = _mm256_set1_ps(unsafe { load_f16(wb.add(208)) });
+                        let mut sc = [0i16; 16];
+                        for (s, p) in sc.iter_mut().zip(0..16) {
+                            *s = unsafe { *wb.add(192 + p) } as i8 as i16;
+                        }
+                        let mut sumi = [_mm256_setzero_si256(); R];
+                        for half in 0..2 {
+                            let ql = unsafe { wb.add(64 * half) };
+                            let qh = unsafe { _mm256_loadu_si256(wb.add(128 + 32 * half).cast()) };
+                            let ql0 = unsafe { _mm256_loadu_si256(ql.cast()) };
+                            let ql1 = unsafe { _mm256_loadu_si256(ql.add(32).cast()) };
+                            // The four chunks of 32 values, unsigned (value + 32): 0..64.
+                            let h = [
+                                qh,
+                                _mm256_srli_epi16(qh, 2),
+                                _mm256_srli_epi16(qh, 4),
+                                _mm256_srli_epi16(qh, 6),
+                            ];
+                            let l = [
+                                ql0,
+                                ql1,
+                                _mm256_srli_epi16(ql0, 4),
+                                _mm256_srli_epi16(ql1, 4),
+                            ];
+                            let mut q = [_mm256_setzero_si256(); 4];
+                            // Chunk c covers sub-blocks 2c and 2c+1 (16 values each).
+                            let mut s = [_mm256_setzero_si256(); 4];
+                            for c in 0..4 {
+                                let hi = _mm256_slli_epi16(_mm256_and_si256(h[c], low2), 4);
+                                q[c] = _mm256_or_si256(_mm256_and_si256(l[c], low4), hi);
+                                let j = 8 * half + 2 * c;
+                                s[c] = _mm256_set_m128i(
+                                    _mm_set1_epi16(sc[j + 1]),
+                                    _mm_set1_epi16(sc[j]),
+                                );
+                            }
+                            for r in 0..R {
+                                let q8 = unsafe { a[r].get_unchecked(b) }.qs.as_ptr();
+                                for c in 0..4 {
+                                    let y = unsafe {
+                                        _mm256_loadu_si256(q8.add(128 * half + 32 * c).cast())
+                                    };
+                                    let p = _mm256_madd_epi16(s[c], _mm256_maddubs_epi16(q[c], y));
+                                    sumi[r] = _mm256_add_epi32(sumi[r], p);
+                                }
+                            }
+                        }
+                        let scales =
+                            _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(wb.add(192).cast()) });
+                        for r in 0..R {
+                            let ab = unsafe { a[r].get_unchecked(b) };
+                            // Remove the +32: 32 · Σ scale · (sum of the sub-block's activations).
+                            let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
+                            let offset = _mm256_slli_epi32(_mm256_madd_epi16(scales, bsums), 5);
+                            let sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[r], offset));
+                            let scale = _mm256_mul_ps(d, _mm256_set1_ps(ab.d));
+                            acc[i][r] = _mm256_fmadd_ps(scale, sums, acc[i][r]);
+                        }
+                    }
+                }
+                hsums(acc)
+            }
+        };
+    }
+
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        /// u8 × i8 products summed in fours into 8 i32 lanes (the operand ranges here
+        /// never saturate maddubs' i16 pairs).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
         }
-        hsums(acc)
+
+        kernels!("avx2,fma,f16c");
+    }
+
+    mod avx_vnni {
+        use std::arch::x86_64::*;
+
+        /// u8 × i8 products summed in fours into 8 i32 lanes, in one instruction.
+        // AVX-VNNI intrinsics are stable since Rust 1.89; candle 0.11 itself already
+        // needs more than the 1.85 in Cargo.toml (it uses 1.87's `is_multiple_of`).
+        #[allow(clippy::incompatible_msrv)]
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s)
+        }
+
+        kernels!("avx2,fma,f16c,avxvnni");
     }
 }
 
@@ -861,8 +1030,9 @@ mod tests {
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
-        if let Some(t) = x86::Avx2::detect() {
-            v.push(Isa::Avx2(t));
+        if let Some(s) = x86::Simd::detect() {
+            v.push(Isa::X86(s.without_vnni()));
+            v.push(Isa::X86(s));
         }
         v
     }
@@ -902,10 +1072,20 @@ mod tests {
             for m in [1, 3, 8, 17] {
                 let x = values(m * k, 100 + m as u64);
                 let reference = ours(Isa::Scalar, &w, &x, m);
-                for isa in isas() {
-                    let y = ours(isa, &w, &x, m);
-                    let e = max_err(&y, &reference);
-                    assert!(e < 1e-4, "{ty:?} {isa:?} m={m}: max error {e}");
+                let simd: Vec<Vec<f32>> = isas()[1..]
+                    .iter()
+                    .map(|&isa| ours(isa, &w, &x, m))
+                    .collect();
+                for y in &simd {
+                    let e = max_err(y, &reference);
+                    assert!(e < 1e-4, "{ty:?} m={m}: max error {e}");
+                }
+                // AVX-VNNI computes the same integers as AVX2, so the same floats.
+                if let [avx2, vnni] = &simd[..] {
+                    assert!(avx2
+                        .iter()
+                        .zip(vnni)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()));
                 }
             }
         }
@@ -1001,5 +1181,71 @@ mod tests {
         assert!(!supports(&q4_0));
         assert!(forward(&q4_0, &x).is_err());
         assert!(supports(&w));
+    }
+}
+
+/// Kernel timings on the shapes of the models in models/ (not a test: run with
+/// `cargo test --release --lib qmatmul::timing -- --ignored --nocapture`).
+#[cfg(test)]
+mod timing {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// CPU time of this thread in ns (Linux), 0 elsewhere.
+    fn thread_cpu_ns() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    #[ignore]
+    fn timing() {
+        let shapes = [
+            (GgmlDType::Q4_1, 576, 576),
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q4_1, 576, 1536),
+            (GgmlDType::Q8_0, 49152, 576),
+            (GgmlDType::Q5_0, 4864, 896),
+            (GgmlDType::Q4K, 4864, 896 * 2),
+            (GgmlDType::Q6K, 896, 4864),
+        ];
+        let filter = std::env::var("QMATMUL_TIMING").unwrap_or_default();
+        for (ty, n, k) in shapes {
+            if !filter.is_empty() && !format!("{ty:?}").contains(&filter) {
+                continue;
+            }
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
+            let w =
+                QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), ty).unwrap();
+            for m in [1, 16, 64] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0)
+                    .collect();
+                let x = Tensor::from_vec(x, (m, k), &Device::Cpu).unwrap();
+                let iters = (1e9 / (n * k * m) as f64).clamp(3.0, 2000.0) as usize;
+                let (mut wall, mut cpu) = (f64::MAX, f64::MAX);
+                for _ in 0..3 {
+                    let (start, start_cpu) = (Instant::now(), thread_cpu_ns());
+                    for _ in 0..iters {
+                        std::hint::black_box(forward(&w, &x).unwrap());
+                    }
+                    wall = wall.min(start.elapsed().as_secs_f64() / iters as f64);
+                    cpu = cpu.min((thread_cpu_ns() - start_cpu) as f64 * 1e-9 / iters as f64);
+                }
+                // With RAYON_NUM_THREADS=1 all work runs on this thread, and its CPU
+                // time is what the kernels cost even when other processes share the cores.
+                println!(
+                    "{ty:?} {n}x{k} m={m}: {:.1} us wall, {:.1} us this thread; {:.1} GMAC/s per thread CPU",
+                    wall * 1e6,
+                    cpu * 1e6,
+                    (n * k * m) as f64 / cpu / 1e9
+                );
+            }
+        }
     }
 }
