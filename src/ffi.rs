@@ -906,6 +906,8 @@ struct TraceData {
     top_start: Vec<usize>,
     top_ids: Vec<i32>,
     top_logprobs: Vec<f32>,
+    /// `GeneratedTrace::scores` in its (alphabetical) order, names as C strings.
+    scores: Vec<(CText, f64)>,
 }
 
 /// A result with everything C callers read laid out as C arrays and strings.
@@ -947,6 +949,7 @@ impl ResultData {
                     top_start,
                     top_ids,
                     top_logprobs,
+                    scores: t.scores.iter().map(|(k, v)| (CText::new(k), *v)).collect(),
                 }
             })
             .collect();
@@ -1204,6 +1207,47 @@ pub unsafe extern "C" fn verity_result_trace_answer(
         let answer = out(answer, "answer")?;
         let (_, t) = r.trace(i)?;
         *answer = opt_ptr(&t.answer);
+        Ok(())
+    })
+}
+
+/// The number of scores trace `i` has (see `verity_result_trace_score_at`).
+///
+/// Thread safety: any thread (results are immutable).
+#[no_mangle]
+pub unsafe extern "C" fn verity_result_trace_n_scores(
+    res: *const verity_result,
+    i: usize,
+    n: *mut usize,
+) -> verity_status {
+    ffi_call(|| {
+        let r = result_of(res)?;
+        let n = out(n, "n")?;
+        let (_, t) = r.trace(i)?;
+        *n = t.scores.len();
+        Ok(())
+    })
+}
+
+/// Score `k` of trace `i` (by name, in alphabetical order): its name and value.
+///
+/// Thread safety: any thread (results are immutable).
+#[no_mangle]
+pub unsafe extern "C" fn verity_result_trace_score_at(
+    res: *const verity_result,
+    i: usize,
+    k: usize,
+    name: *mut *const c_char,
+    value: *mut f64,
+) -> verity_status {
+    ffi_call(|| {
+        let r = result_of(res)?;
+        let name = out(name, "name")?;
+        let value = out(value, "value")?;
+        let (_, t) = r.trace(i)?;
+        index_in(k, t.scores.len(), "score index")?;
+        *name = t.scores[k].0.ptr();
+        *value = t.scores[k].1;
         Ok(())
     })
 }

@@ -55,7 +55,12 @@ fn compile(source: &str, lib_dir: &Path, out: &Path) {
         .arg("-o")
         .arg(out)
         .arg(format!("-L{}", lib_dir.display()))
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        // RPATH rather than RUNPATH: it wins over LD_LIBRARY_PATH, which cargo points at
+        // target/<profile> (where an older libverity.so may lie).
+        .arg(format!(
+            "-Wl,--disable-new-dtags,-rpath,{}",
+            lib_dir.display()
+        ))
         .arg("-lverity")
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler '{}': {e}", c_compiler()));
@@ -68,6 +73,7 @@ fn compile(source: &str, lib_dir: &Path, out: &Path) {
 
 fn run(command: &mut Command) -> (String, Output) {
     let output = command
+        .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -186,5 +192,25 @@ fn c_abuse_test_passes() {
         }
         _ => println!("valgrind is not installed: the abuse test ran natively only"),
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn python_bindings_pass_their_tests() {
+    let model = common::real_model(common::SMOLLM2);
+    let dir = common::temp_dir("ffi-python");
+    let lib = cdylib(&dir);
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = common::repo().join("bindings/python/test_verity.py");
+    let (_, output) = run(Command::new(&python)
+        .arg(&script)
+        .arg(&model)
+        .env("VERITY_LIB", lib.join("libverity.so"))
+        .env("PYTHONDONTWRITEBYTECODE", "1"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\nOK"),
+        "unittest did not report OK:\n{stderr}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

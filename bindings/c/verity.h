@@ -389,6 +389,20 @@ verity_status verity_result_trace_id(const verity_result *res, size_t i, uint64_
 // Thread safety: any thread (results are immutable).
 verity_status verity_result_trace_answer(const verity_result *res, size_t i, const char **answer);
 
+// The number of scores trace `i` has (see `verity_result_trace_score_at`).
+//
+// Thread safety: any thread (results are immutable).
+verity_status verity_result_trace_n_scores(const verity_result *res, size_t i, size_t *n);
+
+// Score `k` of trace `i` (by name, in alphabetical order): its name and value.
+//
+// Thread safety: any thread (results are immutable).
+verity_status verity_result_trace_score_at(const verity_result *res,
+                                           size_t i,
+                                           size_t k,
+                                           const char **name,
+                                           double *value);
+
 // Trace `i`'s score `name` ("self_certainty", "logprob", "entropy",
 // "lowest_group:16", and whatever the selection rule used). `VERITY_ERR_NOT_FOUND` when
 // the trace has no such score (not computed, or undefined for it, e.g. an empty trace).

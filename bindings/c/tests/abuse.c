@@ -146,6 +146,8 @@ static void without_runtime(void) {
         EXPECT(verity_result_trace_id(r, 0, &u), want[h]);
         EXPECT(verity_result_trace_answer(r, 0, &s), want[h]);
         EXPECT(verity_result_trace_score(r, 0, "logprob", &d), want[h]);
+        EXPECT(verity_result_trace_n_scores(r, 0, &n), want[h]);
+        EXPECT(verity_result_trace_score_at(r, 0, 0, &s, &d), want[h]);
         EXPECT(verity_result_trace_reward(r, 0, &d), want[h]);
         EXPECT(verity_result_selected(r, &n), want[h]);
         EXPECT(verity_result_answer(r, &s), want[h]);
@@ -312,6 +314,23 @@ static void with_runtime(const char *model) {
     EXPECT(verity_result_trace_score(res, 3, "logprob", &d), VERITY_ERR_OUT_OF_RANGE);
     EXPECT(verity_result_trace_score(res, 0, "logprob", &d), VERITY_OK);
     CHECK(d <= 0.0);
+    {
+        size_t ns = 0;
+        const char *name = NULL;
+        EXPECT(verity_result_trace_n_scores(res, 2, &ns), VERITY_ERR_OUT_OF_RANGE);
+        EXPECT(verity_result_trace_n_scores(res, 0, NULL), VERITY_ERR_NULL_POINTER);
+        EXPECT(verity_result_trace_n_scores(res, 0, &ns), VERITY_OK);
+        CHECK(ns >= 3);
+        EXPECT(verity_result_trace_score_at(res, 0, ns, &name, &d), VERITY_ERR_OUT_OF_RANGE);
+        EXPECT(verity_result_trace_score_at(res, 0, 0, NULL, &d), VERITY_ERR_NULL_POINTER);
+        EXPECT(verity_result_trace_score_at(res, 0, 0, &name, NULL), VERITY_ERR_NULL_POINTER);
+        for (size_t k = 0; k < ns; k++) {
+            double by_name = 0;
+            EXPECT(verity_result_trace_score_at(res, 0, k, &name, &d), VERITY_OK);
+            EXPECT(verity_result_trace_score(res, 0, name, &by_name), VERITY_OK);
+            CHECK(by_name == d);
+        }
+    }
     EXPECT(verity_result_trace_reward(res, 2, &d), VERITY_ERR_OUT_OF_RANGE);
     EXPECT(verity_result_trace_reward(res, 0, NULL), VERITY_ERR_NULL_POINTER);
     EXPECT(verity_result_trace_reward(res, 1, &d), VERITY_OK);
