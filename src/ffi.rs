@@ -1697,7 +1697,7 @@ mod tests {
                 verity_result_n_traces(std::ptr::null(), &mut n),
                 VERITY_ERR_NULL_POINTER
             );
-            let bogus = 0x4240 as *const verity_result;
+            let bogus = 0x4241 as *const verity_result; // ids are multiples of 16
             assert_eq!(
                 verity_result_n_traces(bogus, &mut n),
                 VERITY_ERR_INVALID_HANDLE

@@ -159,6 +159,28 @@ class RuntimeTest(unittest.TestCase):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def test_concurrent_calls_from_threads(self):
+        import threading
+
+        results, errors = {}, []
+
+        def worker(k):
+            try:
+                results[k] = self.rt.generate("Count: 1, 2,", n=2, max_tokens=8, seed=k, temperature=0.7)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted(results), [0, 1, 2, 3])
+        ids = [t.id for r in results.values() for t in r.traces]
+        self.assertEqual(len(set(ids)), 8, "every trace has its own id")
+        self.assertTrue(all(1 <= len(t.tokens) <= 8 for r in results.values() for t in r.traces))
+
     def test_bad_arguments_raise(self):
         cases = [
             (dict(n=0), "VERITY_ERR_OUT_OF_RANGE"),
