@@ -35,6 +35,21 @@ fn measure_bandwidth() -> f64 {
     best
 }
 
+/// CPU time of all this process's threads, in seconds (Linux; 0 elsewhere). Unlike wall
+/// time it barely moves when other processes share the cores; run with
+/// RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 to leave out threads that spin while idle.
+fn process_cpu_seconds() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    ns as f64 * 1e-9
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -88,6 +103,7 @@ fn main() {
     // Decode: 128 single-token steps after a 16-token prompt, logits copied to the host
     // as a sampler would.
     let mut decode = Vec::new();
+    let mut decode_cpu = Vec::new();
     for _ in 0..3 {
         let mut kv = t.new_kv();
         kv.reserve(16 + 128).unwrap();
@@ -100,6 +116,7 @@ fn main() {
         .unwrap();
         let mut token = prompt[16];
         let start = Instant::now();
+        let start_cpu = process_cpu_seconds();
         for _ in 0..128 {
             let logits = t
                 .forward_step(&mut [StepInput {
@@ -113,6 +130,7 @@ fn main() {
             token = verity::sampling::argmax(&row);
         }
         decode.push(128.0 / start.elapsed().as_secs_f64());
+        decode_cpu.push((process_cpu_seconds() - start_cpu) / 128.0);
     }
 
     let bandwidth = measure_bandwidth();
@@ -125,6 +143,10 @@ fn main() {
         median(prefill)
     );
     println!("decode:       {decode:.1} tok/s (batch 1, 128 tokens, median of 3)");
+    println!(
+        "decode CPU:   {:.2} ms per token, all threads together",
+        1e3 * median(decode_cpu)
+    );
     println!(
         "bandwidth:    {:.1} GB/s measured ({} threads)",
         bandwidth / 1e9,

@@ -26,6 +26,7 @@
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
+use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -35,6 +36,9 @@ pub const TILE: usize = 4;
 
 /// Below this many multiply-adds (m · out · in) a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
+
+/// How far ahead (bytes) the kernels prefetch weights.
+const PREFETCH: usize = 4096;
 
 /// Values per K-quant super-block.
 const QK_K: usize = 256;
@@ -491,15 +495,30 @@ fn run<K: Kernel>(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
     // threads own disjoint column ranges of y.
     let mut yt = vec![0f32; n * m];
     let columns = |j0: usize, out: &mut [f32]| dot_rows::<K>(isa, w, row_bytes, j0, &acts, out);
-    let threads = rayon::current_num_threads();
+    let pool = Pool::get();
+    let threads = pool.threads();
     if threads <= 1 || n * k * m < min_parallel_work() {
         columns(0, &mut yt);
     } else {
         // A few chunks per thread for balance; never under 16 columns each.
         let per_chunk = n.div_ceil(4 * threads).max(16);
-        yt.par_chunks_mut(per_chunk * m)
-            .enumerate()
-            .for_each(|(c, out)| columns(c * per_chunk, out));
+        match pool {
+            Pool::Rayon => yt
+                .par_chunks_mut(per_chunk * m)
+                .enumerate()
+                .for_each(|(c, out)| columns(c * per_chunk, out)),
+            Pool::Candle => {
+                // Each chunk behind its own (uncontended) lock: the pool's closure is
+                // shared by its threads, which take chunks from a common cursor.
+                let chunks: Vec<Mutex<&mut [f32]>> =
+                    yt.chunks_mut(per_chunk * m).map(Mutex::new).collect();
+                candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| {
+                    for c in range {
+                        columns(c * per_chunk, &mut chunks[c].lock());
+                    }
+                });
+            }
+        }
     }
     if m == 1 {
         return Ok(yt);
@@ -515,6 +534,36 @@ fn run<K: Kernel>(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -
         }
     }
     Ok(y)
+}
+
+/// The threads that share out a product's columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// rayon's global pool: work-stealing, so a thread that the OS has not scheduled
+    /// holds nobody up. The default.
+    Rayon,
+    /// candle's persistent pool (`VERITY_QMATMUL_POOL=candle`; the one its CPU ops use):
+    /// the calling thread works too and the others spin briefly between calls, so there
+    /// are no wake-ups, but a call waits for every thread at its barrier, which stalls
+    /// when another process holds a core.
+    Candle,
+}
+
+impl Pool {
+    fn get() -> Self {
+        static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+        *POOL.get_or_init(|| match std::env::var("VERITY_QMATMUL_POOL").as_deref() {
+            Ok("candle") => Pool::Candle,
+            _ => Pool::Rayon,
+        })
+    }
+
+    fn threads(self) -> usize {
+        match self {
+            Pool::Rayon => rayon::current_num_threads(),
+            Pool::Candle => candle_core::utils::barrier_pool().n_workers() + 1,
+        }
+    }
 }
 
 fn min_parallel_work() -> usize {
@@ -687,6 +736,17 @@ mod x86 {
         ($features:literal) => {
             use super::super::{q4k_scale_min, Q8Block, Q8KBlock};
 
+            /// Asks for the weight bytes `PREFETCH` ahead of `p` (blocks of the rows that
+            /// come next), `lines` cache lines of them, so that memory keeps streaming
+            /// while the kernel computes. A prefetch never faults, wherever it points.
+            #[target_feature(enable = $features)]
+            fn prefetch(p: *const u8, lines: usize) {
+                for l in 0..lines {
+                    let q = p.wrapping_add(super::super::PREFETCH + 64 * l);
+                    _mm_prefetch::<_MM_HINT_T0>(q.cast());
+                }
+            }
+
             /// f16 at p as f32.
             #[target_feature(enable = $features)]
             unsafe fn load_f16(p: *const u8) -> f32 {
@@ -756,6 +816,7 @@ mod x86 {
                 for b in 0..nb {
                     for i in 0..W {
                         let wb = unsafe { w[i].add(20 * b) };
+                        prefetch(wb, 1);
                         let d = _mm256_set1_ps(unsafe { load_f16(wb) });
                         let mn = unsafe { load_f16(wb.add(2)) };
                         let q = unsafe { nibbles_32(wb.add(4)) };
@@ -786,6 +847,7 @@ mod x86 {
                 for b in 0..nb {
                     for i in 0..W {
                         let wb = unsafe { w[i].add(22 * b) };
+                        prefetch(wb, 1);
                         let d = _mm256_set1_ps(unsafe { load_f16(wb) });
                         // Nibble | 0xF0 where the fifth bit is clear: the signed value q - 16.
                         let high = _mm256_andnot_si256(
@@ -815,6 +877,7 @@ mod x86 {
                 for b in 0..nb {
                     for i in 0..W {
                         let wb = unsafe { w[i].add(34 * b) };
+                        prefetch(wb, 1);
                         let d = _mm256_set1_ps(unsafe { load_f16(wb) });
                         let q = unsafe { _mm256_loadu_si256(wb.add(2).cast()) };
                         let uq = _mm256_sign_epi8(q, q);
@@ -839,6 +902,7 @@ mod x86 {
                 for b in 0..nb {
                     for i in 0..W {
                         let wb = unsafe { w[i].add(144 * b) };
+                        prefetch(wb, 3);
                         let d = _mm256_set1_ps(unsafe { load_f16(wb) });
                         let dmin = _mm256_set1_ps(unsafe { load_f16(wb.add(2)) });
                         let mut raw = [0u8; 12];
@@ -895,6 +959,7 @@ mod x86 {
                 for b in 0..nb {
                     for i in 0..W {
                         let wb = unsafe { w[i].add(210 * b) };
+                        prefetch(wb, 4);
                         let d = _mm256_set1_ps(unsafe { load_f16(wb.add(208)) });
                         let mut sc = [0i16; 16];
                         for (s, p) in sc.iter_mut().zip(0..16) {
@@ -1198,6 +1263,41 @@ mod timing {
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Batch-1 products over ~100 MB of distinct weights, as a decode step streams them.
+    #[test]
+    #[ignore]
+    fn timing_streaming() {
+        let (n, k) = (1536, 576);
+        let ty = GgmlDType::Q4_1;
+        let count = 180; // 180 × 0.55 MB
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let w = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), ty).unwrap();
+        let data = w.data().unwrap().to_vec();
+        let ws: Vec<Vec<u8>> = (0..count).map(|_| data.clone()).collect();
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0)
+            .collect();
+        for _ in 0..3 {
+            let (start, start_cpu) = (Instant::now(), thread_cpu_ns());
+            for w in &ws {
+                std::hint::black_box(
+                    matmul(WeightType::Q4_1, Isa::detect(), w, n, k, &x, 1).unwrap(),
+                );
+            }
+            let wall = start.elapsed().as_secs_f64();
+            let cpu = (thread_cpu_ns() - start_cpu) as f64 * 1e-9;
+            let bytes = (count * data.len()) as f64;
+            println!(
+                "streaming {count} x Q4_1 {n}x{k}: {:.2} ms wall ({:.1} GB/s), {:.2} ms this thread",
+                wall * 1e3,
+                bytes / wall / 1e9,
+                cpu * 1e3
+            );
+        }
     }
 
     #[test]
