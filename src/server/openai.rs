@@ -85,7 +85,7 @@ pub struct VerityOptions {
 }
 
 /// Fields both endpoints share.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Common {
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
@@ -101,33 +101,75 @@ pub struct Common {
     pub verity: Option<VerityOptions>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionBody {
-    pub prompt: PromptField,
-    pub logprobs: Option<usize>,
-    pub echo: Option<bool>,
-    pub best_of: Option<usize>,
-    pub suffix: Option<String>,
-    // `flatten` and `deny_unknown_fields` do not mix in serde; the shared fields are
-    // listed again here and copied into `Common` by `common()`.
-    pub model: Option<String>,
-    pub max_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub n: Option<usize>,
-    pub stop: Option<StopField>,
-    pub seed: Option<i64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<Value>,
-    pub frequency_penalty: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    /// Accepted for compatibility (an end-user id); not used.
-    #[allow(dead_code)]
-    pub user: Option<String>,
-    pub verity: Option<VerityOptions>,
+/// Declares a request body: its own fields, then the ones both endpoints share, with
+/// `common()` copying the shared ones out. (serde's `flatten` cannot be combined with
+/// `deny_unknown_fields`, hence one macro instead of a flattened `Common`.)
+macro_rules! request_body {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            pub model: Option<String>,
+            pub max_tokens: Option<usize>,
+            pub temperature: Option<f32>,
+            pub top_p: Option<f32>,
+            pub n: Option<usize>,
+            pub stop: Option<StopField>,
+            pub seed: Option<i64>,
+            pub stream: Option<bool>,
+            pub stream_options: Option<Value>,
+            pub frequency_penalty: Option<f32>,
+            pub presence_penalty: Option<f32>,
+            pub logit_bias: Option<HashMap<String, f32>>,
+            /// Accepted for compatibility (an end-user id); not used.
+            #[allow(dead_code)]
+            pub user: Option<String>,
+            pub verity: Option<VerityOptions>,
+        }
+
+        impl $name {
+            pub fn common(&self) -> Common {
+                Common {
+                    max_tokens: self.max_tokens,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    n: self.n,
+                    stop: self.stop.clone(),
+                    seed: self.seed,
+                    stream: self.stream,
+                    stream_options: self.stream_options.clone(),
+                    frequency_penalty: self.frequency_penalty,
+                    presence_penalty: self.presence_penalty,
+                    logit_bias: self.logit_bias.clone(),
+                    verity: self.verity.clone(),
+                }
+            }
+        }
+    };
 }
+
+request_body!(
+    /// `POST /v1/completions`.
+    CompletionBody {
+        prompt: PromptField,
+        logprobs: Option<usize>,
+        echo: Option<bool>,
+        best_of: Option<usize>,
+        suffix: Option<String>,
+    }
+);
+
+request_body!(
+    /// `POST /v1/chat/completions`.
+    ChatBody {
+        messages: Vec<ChatMessageBody>,
+        logprobs: Option<bool>,
+        top_logprobs: Option<usize>,
+        max_completion_tokens: Option<usize>,
+    }
+);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,61 +179,6 @@ pub struct ChatMessageBody {
     /// Accepted for compatibility; chat templates have no place for it.
     #[allow(dead_code)]
     pub name: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChatBody {
-    pub messages: Vec<ChatMessageBody>,
-    pub logprobs: Option<bool>,
-    pub top_logprobs: Option<usize>,
-    pub max_completion_tokens: Option<usize>,
-    pub model: Option<String>,
-    pub max_tokens: Option<usize>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub n: Option<usize>,
-    pub stop: Option<StopField>,
-    pub seed: Option<i64>,
-    pub stream: Option<bool>,
-    pub stream_options: Option<Value>,
-    pub frequency_penalty: Option<f32>,
-    pub presence_penalty: Option<f32>,
-    pub logit_bias: Option<HashMap<String, f32>>,
-    /// Accepted for compatibility (an end-user id); not used.
-    #[allow(dead_code)]
-    pub user: Option<String>,
-    pub verity: Option<VerityOptions>,
-}
-
-macro_rules! common_of {
-    ($b:expr) => {
-        Common {
-            max_tokens: $b.max_tokens,
-            temperature: $b.temperature,
-            top_p: $b.top_p,
-            n: $b.n,
-            stop: $b.stop.clone(),
-            seed: $b.seed,
-            stream: $b.stream,
-            stream_options: $b.stream_options.clone(),
-            frequency_penalty: $b.frequency_penalty,
-            presence_penalty: $b.presence_penalty,
-            logit_bias: $b.logit_bias.clone(),
-            verity: $b.verity.clone(),
-        }
-    };
-}
-
-impl CompletionBody {
-    pub fn common(&self) -> Common {
-        common_of!(self)
-    }
-}
-impl ChatBody {
-    pub fn common(&self) -> Common {
-        common_of!(self)
-    }
 }
 
 /// A validated request, ready for the runtime.
