@@ -104,6 +104,9 @@ pub struct StepReport {
     /// adapter's lock and the version bump).
     #[serde(with = "seconds")]
     pub handoff_time: Duration,
+    /// Time the write waited for the lock: a decode step in flight finishes first.
+    #[serde(with = "seconds")]
+    pub handoff_wait_time: Duration,
 }
 
 /// Durations as seconds (f64) in JSON, e.g. `"train_time": 0.61`.
@@ -347,8 +350,10 @@ impl Trainer {
             report.train_time = start.elapsed();
             return Ok(report);
         }
-        let (version, lr, published) = self.optimizer.step(&self.adapter, &grads, grad_norm)?;
+        let (version, lr, published, waited) =
+            self.optimizer.step(&self.adapter, &grads, grad_norm)?;
         report.handoff_time = published;
+        report.handoff_wait_time = waited;
         report.version = version;
         report.lr = lr;
         report.applied = true;

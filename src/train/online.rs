@@ -186,8 +186,9 @@ pub fn learn(
     let mut all = Vec::new();
     // The rollouts of one step: its prompts, submitted to the engine (which decodes them on
     // its own thread while this one trains, when `overlap` is on).
-    let submit = |step: usize| -> Vec<(RequestHandle, &EvalItem)> {
-        (0..config.prompts_per_step)
+    let submit = |step: usize| -> (Instant, Vec<(RequestHandle, &EvalItem)>) {
+        let start = Instant::now();
+        let submitted = (0..config.prompts_per_step)
             .map(|k| {
                 let item = &train[((step - 1) * config.prompts_per_step + k) % train.len()];
                 let seed = config
@@ -203,13 +204,15 @@ pub fn learn(
                 ));
                 (handle, item)
             })
-            .collect()
+            .collect();
+        (start, submitted)
     };
     let mut next = Some(submit(1));
     let mut heldout_curve: Vec<(usize, f64)> = best.iter().map(|(acc, _)| (0, *acc)).collect();
     for step in 1..=config.steps {
-        let rollout_start = Instant::now();
-        let submitted = match next.take() {
+        // Rollout time runs from submission (with `overlap`, during the previous step's
+        // training) to the last completion.
+        let (rollout_start, submitted) = match next.take() {
             Some(s) => s,
             None => submit(step),
         };

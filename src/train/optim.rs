@@ -104,14 +104,15 @@ impl AdamW {
     }
 
     /// One update of `adapter` with `grads` (in `vars()` order, None = no gradient).
-    /// Returns the new adapter version, the learning rate used, and how long publishing
-    /// the new values took (the in-place write under the adapter's lock).
+    /// Returns the new adapter version, the learning rate used, how long publishing the
+    /// new values took (the in-place write under the adapter's lock), and how long the
+    /// write waited for the lock (a decode step in flight holds it).
     pub fn step(
         &mut self,
         adapter: &LoraAdapter,
         grads: &[Option<Tensor>],
         grad_norm: f64,
-    ) -> Result<(u64, f64, std::time::Duration)> {
+    ) -> Result<(u64, f64, std::time::Duration, std::time::Duration)> {
         let c = self.config.clone();
         let lr = c.lr_at(self.step);
         let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
@@ -142,15 +143,17 @@ impl AdamW {
             updates.push((i, (decayed - (step * lr)?)?));
             self.moments.insert(i, (m, v));
         }
-        let publish = std::time::Instant::now();
+        let asked = std::time::Instant::now();
+        let mut locked = asked;
         let version = adapter.update(|vars: &[Var]| {
+            locked = std::time::Instant::now();
             for (i, value) in &updates {
                 vars[*i].set(value)?;
             }
             Ok(())
         })?;
-        let published = publish.elapsed();
+        let published = locked.elapsed();
         self.step += 1;
-        Ok((version, lr, published))
+        Ok((version, lr, published, locked - asked))
     }
 }
