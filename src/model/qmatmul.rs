@@ -36,6 +36,9 @@ use crate::error::{Error, Result};
 /// Activation rows dotted against one decoded weight row at a time.
 pub const TILE: usize = 4;
 
+/// Weight rows that all tiles of a batch meet before the next ones (see `dot_rows`).
+const ROW_BLOCK: usize = 32;
+
 /// Below this many multiply-adds (m · out · in) a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
 
@@ -650,24 +653,55 @@ fn dot_rows<K: Kernel>(
         }
         #[cfg(target_arch = "x86_64")]
         Isa::X86(s) => {
-            // Several activation rows: each weight row against TILE of them at a time.
-            for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
-                let wr = [row(j)];
-                let mut a = acts.chunks_exact(TILE);
-                let mut o = o.chunks_exact_mut(TILE);
-                for (a, o) in (&mut a).zip(&mut o) {
-                    let tile: [&[K::Act]; TILE] = std::array::from_fn(|i| a[i]);
-                    o.copy_from_slice(&K::dot_x86::<1, TILE>(s, wr, tile)[0]);
-                }
-                let o = o.into_remainder();
-                match *a.remainder() {
-                    [a0] => o.copy_from_slice(&K::dot_x86::<1, 1>(s, wr, [a0])[0]),
-                    [a0, a1] => o.copy_from_slice(&K::dot_x86::<1, 2>(s, wr, [a0, a1])[0]),
-                    [a0, a1, a2] => o.copy_from_slice(&K::dot_x86::<1, 3>(s, wr, [a0, a1, a2])[0]),
-                    _ => {}
+            // Several activation rows: a tile of TILE of them against the weight rows (two
+            // at a time where registers allow), ROW_BLOCK weight rows at a time with the
+            // tiles in the outer loop: a tile's activations stay in L1 while it meets
+            // the block's weight rows, which stay in L2 after the first tile.
+            let rows = out.len() / m;
+            for first in (0..rows).step_by(ROW_BLOCK) {
+                let rows = rows.min(first + ROW_BLOCK);
+                for t0 in (0..m).step_by(TILE) {
+                    let tile = &acts[t0..m.min(t0 + TILE)];
+                    let mut j = first;
+                    while j < rows {
+                        let (two, one);
+                        let y: &[[f32; TILE]] =
+                            if j + 1 < rows && s.has_registers_for_two(K::ACT_ELEMS) {
+                                two = tile_dot::<K, 2>(s, [row(j0 + j), row(j0 + j + 1)], tile);
+                                &two
+                            } else {
+                                one = tile_dot::<K, 1>(s, [row(j0 + j)], tile);
+                                &one
+                            };
+                        for (jj, y) in (j..).zip(y) {
+                            out[jj * m + t0..jj * m + t0 + tile.len()]
+                                .copy_from_slice(&y[..tile.len()]);
+                        }
+                        j += y.len();
+                    }
                 }
             }
         }
+    }
+}
+
+/// W weight rows against a tile of 1 to TILE activation rows (the results past the tile's
+/// length are zeros).
+#[cfg(target_arch = "x86_64")]
+fn tile_dot<K: Kernel, const W: usize>(
+    s: x86::Simd,
+    w: [&[u8]; W],
+    tile: &[&[K::Act]],
+) -> [[f32; TILE]; W] {
+    fn widen<const R: usize, const W: usize>(y: [[f32; R]; W]) -> [[f32; TILE]; W] {
+        y.map(|y| std::array::from_fn(|r| y.get(r).copied().unwrap_or(0.0)))
+    }
+    match *tile {
+        [a0] => widen(K::dot_x86::<W, 1>(s, w, [a0])),
+        [a0, a1] => widen(K::dot_x86::<W, 2>(s, w, [a0, a1])),
+        [a0, a1, a2] => widen(K::dot_x86::<W, 3>(s, w, [a0, a1, a2])),
+        [a0, a1, a2, a3] => K::dot_x86::<W, 4>(s, w, [a0, a1, a2, a3]),
+        _ => unreachable!("tiles hold 1 to {TILE} rows"),
     }
 }
 
@@ -745,6 +779,15 @@ mod x86 {
                 v.push(best);
             }
             v
+        }
+    }
+
+    impl Simd {
+        /// Whether the kernels for activation blocks of `act_elems` values keep two
+        /// weight rows × TILE activation rows in registers: the 512-bit ones for the
+        /// 32-value types (32 vector registers); the 256-bit ones have 16.
+        pub fn has_registers_for_two(self, act_elems: usize) -> bool {
+            matches!(self, Simd::Avx512(_)) && act_elems == 64
         }
     }
 
