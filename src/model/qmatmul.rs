@@ -214,12 +214,14 @@ fn abs_max(x: &[f32]) -> f32 {
     m.iter().fold(0f32, |a, &v| a.max(v))
 }
 
-/// v rounded to the nearest integer, ties to even, for |v| < 2²²: adding and removing
-/// 1.5 · 2²³ drops the fraction in the f32 rounding itself. Unlike `f32::round`, it is
-/// no library call, so the quantization loops vectorize on any x86-64.
-fn round_small(v: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (v + MAGIC) - MAGIC
+/// v rounded to the nearest integer, ties to even, for |v| < 2²²: adding 1.5 · 2²³ drops
+/// the fraction in the f32 rounding itself and leaves the integer in the low mantissa
+/// bits. Unlike `f32::round` and `as` casts it is no library call and no saturating
+/// conversion, so the quantization loops vectorize on any x86-64. (A NaN gives some value;
+/// no panic, no UB.)
+fn round_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0; // 0x4B40_0000
+    (v + MAGIC).to_bits() as i32 - 0x4B40_0000
 }
 
 /// Up to 64 values as a [`Q8Pair`]; missing values are zeros.
@@ -232,12 +234,13 @@ fn quantize_q8(x: &[f32]) -> Q8Pair {
     for (h, x) in x.chunks(32).take(2).enumerate() {
         let d = abs_max(x) / 127.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let qs = &mut p.qs[32 * h..32 * h + 32];
-        for (q, v) in qs.iter_mut().zip(x) {
-            // |v · id| ≤ 127 up to rounding; the cast saturates (and maps NaN to 0).
-            *q = round_small(v * id) as i8;
+        let mut sum = 0i32;
+        for (q, v) in p.qs[32 * h..32 * h + 32].iter_mut().zip(x) {
+            // |v · id| ≤ 127 up to rounding, so i32 → i8 keeps the value.
+            let r = round_small(v * id);
+            *q = r as i8;
+            sum += r;
         }
-        let sum: i32 = qs.iter().map(|&q| q as i32).sum();
         p.d[8 * h..8 * h + 8].fill(d);
         p.s[8 * h] = d * sum as f32;
     }
