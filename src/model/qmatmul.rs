@@ -62,7 +62,7 @@ pub fn supports(w: &QTensor) -> bool {
         return false;
     };
     matches!(w.device(), Device::Cpu)
-        && WeightType::of(w.dtype()).is_some_and(|t| k > 0 && k % t.block_elems() == 0)
+        && WeightType::of(w.dtype()).is_some_and(|t| k > 0 && k.is_multiple_of(t.block_elems()))
 }
 
 /// `x · Wᵀ` for `x` of shape (…, in) in any float dtype; the result has x's dtype and
@@ -507,7 +507,7 @@ fn q6k_value(wb: &[u8], i: usize) -> i32 {
 // ---------------------------------------------------------------------------------------
 
 fn run<K: Kernel>(isa: Isa, w: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Result<Vec<f32>> {
-    if k == 0 || k % K::ELEMS != 0 || x.len() != m * k {
+    if k == 0 || !k.is_multiple_of(K::ELEMS) || x.len() != m * k {
         return Err(Error::InvalidArgument(format!(
             "qmatmul: k = {k} with {} inputs for m = {m}",
             x.len()
@@ -712,10 +712,8 @@ fn tile_dot<K: Kernel, const W: usize>(
 // x86 kernels
 // ---------------------------------------------------------------------------------------
 
-// The AVX-512 and AVX-VNNI intrinsics are stable since Rust 1.89. candle 0.11 itself
-// already needs more than the 1.85 in Cargo.toml (it uses 1.87's `is_multiple_of`).
+// The AVX-512 and AVX-VNNI intrinsics need Rust 1.89.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     //! AVX2 versions of the dot products, after ggml-cpu's `quants.c`, built twice: with
     //! AVX2 alone, and with AVX-VNNI, whose `vpdpbusd` does the u8 × i8 multiply-add of
@@ -1337,7 +1335,7 @@ mod tests {
                 s ^= s >> 7;
                 s ^= s << 17;
                 let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
-                if i % 97 == 0 {
+                if i.is_multiple_of(97) {
                     4.0 * v
                 } else {
                     v
