@@ -210,7 +210,7 @@ pub fn read_weights(
         let dims = info.shape.dims().to_vec();
         let elems: usize = dims.iter().product();
         let block = info.ggml_dtype.block_size();
-        if elems % block != 0 {
+        if !elems.is_multiple_of(block) {
             return Err(Error::bad_file(
                 path,
                 format!("tensor '{name}' has {elems} elements, not a multiple of the block size {block}"),

@@ -60,7 +60,7 @@ struct AppState {
     http_requests: AtomicU64,
     http_errors: AtomicU64,
     /// Time to first token of the last streamed requests, seconds (a bounded window).
-    ttft: Mutex<Vec<f64>>,
+    ttft: Mutex<std::collections::VecDeque<f64>>,
 }
 
 type Shared = Arc<AppState>;
@@ -148,7 +148,7 @@ pub fn router(runtime: Arc<Runtime>, config: ServerConfig) -> Router {
         last_scrape: Mutex::new((Instant::now(), generated)),
         http_requests: AtomicU64::new(0),
         http_errors: AtomicU64::new(0),
-        ttft: Mutex::new(Vec::new()),
+        ttft: Mutex::new(std::collections::VecDeque::new()),
     });
     Router::new()
         .route("/v1/completions", post(completions))
@@ -388,9 +388,9 @@ fn stream(
                         first_token = false;
                         let mut w = state.ttft.lock();
                         if w.len() >= 1024 {
-                            w.remove(0);
+                            w.pop_front();
                         }
-                        w.push(start.elapsed().as_secs_f64());
+                        w.push_back(start.elapsed().as_secs_f64());
                     }
                     if text.is_empty() && started.get(index).copied().unwrap_or(true) {
                         continue;
@@ -621,7 +621,7 @@ async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
         rate
     };
     let (p50, p99) = {
-        let mut w = state.ttft.lock().clone();
+        let mut w: Vec<f64> = state.ttft.lock().iter().copied().collect();
         w.sort_by(f64::total_cmp);
         let q = |p: f64| {
             if w.is_empty() {
