@@ -56,6 +56,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    verity::pin_thread_count();
     let path = std::env::args()
         .skip(1)
         .find(|a| a.ends_with(".gguf") || std::path::Path::new(a).is_dir())

@@ -31,3 +31,18 @@ pub use error::{Error, Result};
 pub use model::{LoadOptions, Model, ModelConfig, WeightFormat};
 pub use runtime::{GenerateRequest, GenerateResult, Runtime, RuntimeConfig};
 pub use tokenizer::Tokenizer;
+
+/// Fix the CPU thread count in the environment, once, at the start of a program.
+///
+/// Unless `RAYON_NUM_THREADS` is set, candle asks `/proc/cpuinfo` for the number of
+/// physical cores on every f32 matmul and every pool dispatch; on small models that read
+/// costs a fifth of decode time. This sets it to the count candle would have found. Call it
+/// from `main` before any other thread starts: changing the environment while other threads
+/// read it is a data race in C, which is why the library never does it by itself (a C or
+/// Python host sets `RAYON_NUM_THREADS` before loading verity instead).
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+}

@@ -316,6 +316,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    verity::pin_thread_count();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
