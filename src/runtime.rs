@@ -752,7 +752,7 @@ impl Runtime {
                     "no folder given to save into and no adapter_dir configured".into(),
                 )
             })?;
-        let _update_guard = adapter.read_guard();
+        let _vars_guard = adapter.vars_guard();
         save_versioned_for_base(
             &adapter,
             self.model().transformer.config(),

@@ -349,6 +349,112 @@ fn the_engine_uses_new_adapter_weights_on_its_next_step_and_base_requests_are_un
     assert_eq!(base_after.tokens, base_before.tokens);
 }
 
+/// `scale · x Aᵀ Bᵀ` computed by hand from A and B values (f64), for comparing the views.
+fn delta_by_hand(a: &Tensor, b: &Tensor, scale: f64, x: &[f64]) -> Vec<f64> {
+    let a: Vec<Vec<f32>> = a.to_vec2().unwrap();
+    let b: Vec<Vec<f32>> = b.to_vec2().unwrap();
+    let low: Vec<f64> = a
+        .iter()
+        .map(|row| row.iter().zip(x).map(|(w, x)| *w as f64 * x).sum())
+        .collect();
+    b.iter()
+        .map(|row| {
+            scale
+                * row
+                    .iter()
+                    .zip(&low)
+                    .map(|(w, l)| *w as f64 * l)
+                    .sum::<f64>()
+        })
+        .collect()
+}
+
+#[test]
+fn publishing_swaps_whole_snapshots_and_a_held_snapshot_keeps_its_values() {
+    let model = tiny(DType::F32, "train-publish");
+    let adapter = adapter(&model, DType::F32);
+    let (layer, target) = (1, LoraTarget::Up);
+    let (fan_in, _) = target.dims(model.config());
+    let x_values: Vec<f64> = (0..fan_in).map(|i| (i as f64 * 0.37).sin()).collect();
+    let x = Tensor::from_vec(
+        x_values.iter().map(|v| *v as f32).collect::<Vec<_>>(),
+        (1, fan_in),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let delta = |snap: &verity::model::LoraSnapshot| -> Vec<f64> {
+        let d = snap.delta(layer, target, &x).unwrap().unwrap();
+        d.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    // New values for every tensor: B gets non-zero entries so the delta changes.
+    let vars = adapter.vars();
+    let values: Vec<Tensor> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_tensor().affine(1.5, 0.01 * (i % 7) as f64 + 0.02)).unwrap())
+        .collect();
+    let pair_index = adapter
+        .pairs()
+        .position(|(l, t, _)| l == layer && t == target)
+        .unwrap();
+    let (new_a, new_b) = (&values[2 * pair_index], &values[2 * pair_index + 1]);
+
+    // A decode step in flight holds the old snapshot; publishing must not wait for it.
+    let held = adapter.snapshot();
+    assert_eq!(held.version, 0);
+    let before = delta(&held);
+    assert!(before.iter().all(|v| *v == 0.0), "B starts at zero");
+    let (version, _handoff) = adapter.publish(values.clone()).unwrap();
+    assert_eq!(version, 1);
+    assert_eq!(adapter.version(), 1);
+    assert_eq!(delta(&held), before, "a held snapshot never changes");
+
+    // The next step's snapshot has the new values, and so do the trainer's Vars.
+    let next = adapter.snapshot();
+    assert_eq!(next.version, 1);
+    let expected = delta_by_hand(new_a, new_b, adapter.scale(), &x_values);
+    for (got, want) in delta(&next).iter().zip(&expected) {
+        assert!(close(*got, *want, 1e-4), "{got} vs {want}");
+    }
+    let through_vars: Vec<f32> = adapter
+        .delta(layer, target, &x)
+        .unwrap()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (got, want) in through_vars.iter().zip(&expected) {
+        assert!(close(*got as f64, *want, 1e-4), "{got} vs {want}");
+    }
+
+    // Later in-place writes to the Vars do not leak into the published snapshot.
+    adapter.vars()[2 * pair_index + 1]
+        .set(&new_b.zeros_like().unwrap())
+        .unwrap();
+    for (got, want) in delta(&next).iter().zip(&expected) {
+        assert!(close(*got, *want, 1e-4), "{got} vs {want}");
+    }
+
+    // A wrong count or shape is refused and publishes nothing.
+    let err = adapter.publish(values[1..].to_vec()).unwrap_err();
+    assert!(
+        err.to_string().contains("tensors for an adapter of"),
+        "{err}"
+    );
+    let mut wrong = values.clone();
+    wrong[0] = wrong[0].t().unwrap();
+    assert!(adapter.publish(wrong).is_err());
+    assert_eq!(adapter.version(), 1);
+    assert_eq!(adapter.snapshot().version, 1);
+}
+
 #[test]
 fn a_nan_gradient_skips_the_step_and_leaves_the_adapter_unchanged() {
     let model = tiny(DType::F32, "train-nan");

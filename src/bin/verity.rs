@@ -679,8 +679,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let start = std::time::Instant::now();
             let metrics = learn(&engine, &mut trainer, &train, &heldout, &config, |m| {
                 eprintln!(
-                    "step {:>3}/{steps}  reward {:.3}  acc {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs (+{:.0}µs lock wait){}{}{}",
-                    m.train.step, m.reward, m.sample_accuracy, m.train.loss, m.train.clip_fraction, m.entropy, m.tokens_per_second, m.rollout_seconds, m.train_seconds, m.handoff_microseconds, m.train.handoff_wait_time.as_secs_f64() * 1e6,
+                    "step {:>3}/{steps}  reward {:.3}  acc {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}",
+                    m.train.step, m.reward, m.sample_accuracy, m.train.loss, m.train.clip_fraction, m.entropy, m.tokens_per_second, m.rollout_seconds, m.train_seconds, m.handoff_microseconds,
                     m.heldout_accuracy.map(|a| format!("  held-out {:.1}%", 100.0 * a)).unwrap_or_default(),
                     m.train.skipped.as_ref().map(|s| format!("  [skipped: {s}]")).unwrap_or_default(),
                     if m.rolled_back { "  [rolled back]" } else { "" },

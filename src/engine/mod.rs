@@ -548,17 +548,9 @@ impl Scheduler {
         if inputs.is_empty() {
             return Ok(());
         }
-        // No adapter update lands halfway through this step.
-        let mut guards = Vec::new();
-        for input in &inputs {
-            if let Some(a) = input.adapter {
-                if !guards.iter().any(|(p, _)| std::ptr::eq(*p, a)) {
-                    guards.push((a, a.read_guard()));
-                }
-            }
-        }
+        // Each adapter's weights are read from one snapshot for the whole step, so an update
+        // published meanwhile shows from the next step on, never halfway.
         let logits = self.shared.model.transformer.forward_step(&mut inputs)?;
-        drop(guards);
         drop(inputs);
         let (rows, vocab) = logits.dims2()?;
         let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::config::ModelConfig;
 use super::kv::{KvGeometry, SeqKv};
-use super::lora::{LoraAdapter, LoraTarget};
+use super::lora::{LoraAdapter, LoraSnapshot, LoraTarget};
 use super::ops;
 use super::qmatmul;
 use super::weights::{Weight, WeightMap};
@@ -175,8 +175,9 @@ pub struct StepInput<'a> {
 }
 
 /// Rows of the batch that use one adapter.
-struct LoraGroup<'a> {
-    adapter: &'a LoraAdapter,
+struct LoraGroup {
+    /// Taken once per step: a concurrent update shows from the next step on.
+    adapter: Arc<LoraSnapshot>,
     /// None when every row of the batch uses this adapter.
     rows: Option<Tensor>,
 }
@@ -606,8 +607,8 @@ impl Transformer {
             .reshape((n, nh * hd))?)
     }
 
-    fn lora_groups<'a>(&self, batch: &[StepInput<'a>]) -> Result<Vec<LoraGroup<'a>>> {
-        let mut by_adapter: Vec<(&'a LoraAdapter, Vec<u32>)> = Vec::new();
+    fn lora_groups(&self, batch: &[StepInput<'_>]) -> Result<Vec<LoraGroup>> {
+        let mut by_adapter: Vec<(&LoraAdapter, Vec<u32>)> = Vec::new();
         let mut row = 0u32;
         let mut total = 0usize;
         for s in batch {
@@ -629,7 +630,10 @@ impl Transformer {
                 } else {
                     Some(Tensor::from_vec(rows.clone(), rows.len(), &self.device)?)
                 };
-                Ok(LoraGroup { adapter, rows })
+                Ok(LoraGroup {
+                    adapter: adapter.snapshot(),
+                    rows,
+                })
             })
             .collect()
     }
@@ -640,7 +644,7 @@ impl Transformer {
         layer: usize,
         target: LoraTarget,
         x: &Tensor,
-        groups: &[LoraGroup<'_>],
+        groups: &[LoraGroup],
     ) -> Result<Tensor> {
         let mut y = block.linear(target).forward(x, self.dense_rows)?;
         for g in groups {

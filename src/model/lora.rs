@@ -1,7 +1,14 @@
 //! LoRA weights as the transformer reads them: per layer and target module a pair
-//! (A: r×in, B: out×r) of `Var`s and a scale α/r (or α/√r for rsLoRA). The forward passes
-//! read the Vars' storage at every call, so an optimizer step that writes them in place is
-//! seen by the very next decode step, with no copy and no rebuild of the model.
+//! (A: r×in, B: out×r) and a scale α/r (or α/√r for rsLoRA).
+//!
+//! An adapter keeps two views of its weights. The trainer differentiates through `Var`s;
+//! decode steps read an immutable [`LoraSnapshot`] behind an `Arc`. An update builds its new
+//! tensors off to the side and publishes them by swapping that `Arc` (a pointer store under
+//! a lock held for nanoseconds), so the hand-off to the decoder costs the same for any model
+//! size, copies nothing on the decoder's side, and never waits for a decode step in flight:
+//! a step keeps the snapshot it started with, and the very next step sees the new one.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -131,13 +138,44 @@ impl LoraSpec {
 pub struct LoraAdapter {
     pub spec: LoraSpec,
     scale: f64,
-    /// `layers[l][target as usize]`
+    /// `layers[l][target as usize]`: the trainer's Vars.
     layers: Vec<[Option<LoraPair>; 7]>,
-    /// Held for reading by a decode step and for writing by an optimizer update, so a step
-    /// never sees half an update.
-    update_lock: parking_lot::RwLock<()>,
-    /// Incremented by every update (0 = as created or loaded).
-    version: std::sync::atomic::AtomicU64,
+    /// Serializes writes to the Vars with readers of them that are not the trainer (saves).
+    vars_lock: parking_lot::RwLock<()>,
+    /// What decode steps read; replaced whole by [`Self::publish`].
+    published: parking_lot::RwLock<Arc<LoraSnapshot>>,
+    /// Incremented by every update (0 = as created or loaded); equals the published
+    /// snapshot's version.
+    version: AtomicU64,
+}
+
+/// The adapter's weights as of one version, immutable: what one decode step reads.
+pub struct LoraSnapshot {
+    pub version: u64,
+    scale: f64,
+    /// `layers[l][target as usize]` = (A, B)
+    layers: Vec<[Option<(Tensor, Tensor)>; 7]>,
+}
+
+impl LoraSnapshot {
+    /// `scale · x Aᵀ Bᵀ` for x of shape (rows, in), or None where the adapter has no pair.
+    pub fn delta(&self, layer: usize, target: LoraTarget, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self
+            .layers
+            .get(layer)
+            .and_then(|s| s[target.index()].as_ref())
+        else {
+            return Ok(None);
+        };
+        low_rank_delta(a, b, self.scale, x).map(Some)
+    }
+}
+
+/// The one LoRA formula, for both views: `scale · x Aᵀ Bᵀ`.
+fn low_rank_delta(a: &Tensor, b: &Tensor, scale: f64, x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(a.dtype())?;
+    let low = x.matmul(&a.t()?)?;
+    Ok((low.matmul(&b.t()?)? * scale)?)
 }
 
 impl LoraAdapter {
@@ -166,42 +204,113 @@ impl LoraAdapter {
             }
             layers.push(slots);
         }
-        Ok(Self::assemble(spec, layers))
+        Self::assemble(spec, layers)
     }
 
-    fn assemble(spec: LoraSpec, layers: Vec<[Option<LoraPair>; 7]>) -> Self {
-        Self {
-            scale: spec.scale(),
+    fn assemble(spec: LoraSpec, layers: Vec<[Option<LoraPair>; 7]>) -> Result<Self> {
+        let scale = spec.scale();
+        // The first snapshot copies the Vars: later in-place writes to them must not show.
+        let snapshot = LoraSnapshot {
+            version: 0,
+            scale,
+            layers: layers
+                .iter()
+                .map(|slots| {
+                    let mut out: [Option<(Tensor, Tensor)>; 7] = Default::default();
+                    for (o, pair) in out.iter_mut().zip(slots) {
+                        if let Some(p) = pair {
+                            *o = Some((p.a.as_tensor().copy()?, p.b.as_tensor().copy()?));
+                        }
+                    }
+                    Ok(out)
+                })
+                .collect::<Result<_>>()?,
+        };
+        Ok(Self {
+            scale,
             spec,
             layers,
-            update_lock: parking_lot::RwLock::new(()),
-            version: std::sync::atomic::AtomicU64::new(0),
-        }
+            vars_lock: parking_lot::RwLock::new(()),
+            published: parking_lot::RwLock::new(Arc::new(snapshot)),
+            version: AtomicU64::new(0),
+        })
     }
 
     pub fn scale(&self) -> f64 {
         self.scale
     }
 
-    /// Blocks updates while held (a decode step holds it across its forward pass).
-    pub fn read_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
-        self.update_lock.read()
+    /// Keeps the Vars from changing while held (a save reads them under it).
+    pub fn vars_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.vars_lock.read()
     }
 
-    /// Writes new values into the adapter's tensors in place, as one update that no decode
-    /// step sees half of, and bumps the version. `update` gets every Var in [`Self::vars`]
-    /// order. Returns the new version.
-    pub fn update(&self, update: impl FnOnce(&[Var]) -> Result<()>) -> Result<u64> {
-        let _guard = self.update_lock.write();
-        update(&self.vars())?;
-        Ok(self
-            .version
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
-            + 1)
+    /// The weights decode steps should use now. A step takes one snapshot and keeps it,
+    /// so it never sees half an update.
+    pub fn snapshot(&self) -> Arc<LoraSnapshot> {
+        self.published.read().clone()
+    }
+
+    /// Makes `values` (one tensor per Var, in [`Self::vars`] order, shapes as theirs) the
+    /// adapter's weights and returns the new version and the hand-off time: from the call
+    /// until decode steps see the new values. The tensors are moved into the new snapshot as they are (no copy), so
+    /// they must not share storage with anything written later, such as a Var; the Vars
+    /// get copies afterwards, on the caller's thread, off the decoder's path.
+    pub fn publish(&self, values: Vec<Tensor>) -> Result<(u64, std::time::Duration)> {
+        let start = std::time::Instant::now();
+        let vars = self.vars();
+        if values.len() != vars.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} tensors for an adapter of {} (a checkpoint of another adapter?)",
+                values.len(),
+                vars.len()
+            )));
+        }
+        for (v, var) in values.iter().zip(&vars) {
+            if v.dims() != var.dims() {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter tensor of shape {:?} where {:?} is expected",
+                    v.dims(),
+                    var.dims()
+                )));
+            }
+        }
+        let mut layers: Vec<[Option<(Tensor, Tensor)>; 7]> = Vec::with_capacity(self.layers.len());
+        let mut next = values.iter();
+        for slots in &self.layers {
+            let mut out: [Option<(Tensor, Tensor)>; 7] = Default::default();
+            for (o, pair) in out.iter_mut().zip(slots) {
+                if pair.is_some() {
+                    if let (Some(a), Some(b)) = (next.next(), next.next()) {
+                        *o = Some((a.clone(), b.clone()));
+                    }
+                }
+            }
+            layers.push(out);
+        }
+        let mut snapshot = LoraSnapshot {
+            version: 0,
+            scale: self.scale,
+            layers,
+        };
+        let version = {
+            let mut published = self.published.write();
+            let version = self.version.load(Ordering::Acquire) + 1;
+            snapshot.version = version;
+            *published = Arc::new(snapshot);
+            self.version.store(version, Ordering::Release);
+            version
+        };
+        let handoff = start.elapsed();
+        let _vars = self.vars_lock.write();
+        for (var, value) in vars.iter().zip(&values) {
+            var.set(value)?;
+        }
+        Ok((version, handoff))
     }
 
     pub fn version(&self) -> u64 {
-        self.version.load(std::sync::atomic::Ordering::Acquire)
+        self.version.load(Ordering::Acquire)
     }
 
     /// An adapter from existing weights (loaded from a file, say): `pairs` gives, for each
@@ -255,7 +364,7 @@ impl LoraAdapter {
             }
             *slot = Some(pair);
         }
-        Ok(Self::assemble(spec, layers))
+        Self::assemble(spec, layers)
     }
 
     /// Every pair the adapter has, in (layer, target) order.
@@ -287,15 +396,12 @@ impl LoraAdapter {
         vars
     }
 
-    /// `scale · x Aᵀ Bᵀ` for x of shape (rows, in).
+    /// `scale · x Aᵀ Bᵀ` for x of shape (rows, in), through the Vars (the training view,
+    /// differentiable); decode steps use [`Self::snapshot`].
     pub fn delta(&self, layer: usize, target: LoraTarget, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(pair) = self.get(layer, target) else {
             return Ok(None);
         };
-        let a = pair.a.as_tensor();
-        let b = pair.b.as_tensor();
-        let x = x.to_dtype(a.dtype())?;
-        let low = x.matmul(&a.t()?)?;
-        Ok(Some((low.matmul(&b.t()?)? * self.scale)?))
+        low_rank_delta(pair.a.as_tensor(), pair.b.as_tensor(), self.scale, x).map(Some)
     }
 }

@@ -16,4 +16,4 @@ pub use config::{Architecture, ModelConfig};
 pub use kv::SeqKv;
 pub use llama::{StepInput, Transformer, WeightFormat};
 pub use loader::{LoadOptions, Model, ModelFormat};
-pub use lora::{LoraAdapter, LoraSpec, LoraTarget};
+pub use lora::{LoraAdapter, LoraSnapshot, LoraSpec, LoraTarget};

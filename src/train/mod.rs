@@ -100,13 +100,10 @@ pub struct StepReport {
     pub tokens: usize,
     #[serde(with = "seconds")]
     pub train_time: Duration,
-    /// Time to publish the new weights to the decoder (the in-place write under the
-    /// adapter's lock and the version bump).
+    /// Time from the new weights' existence to the decoder's use of them: one snapshot
+    /// swap, which never waits for a decode step (see `LoraAdapter::publish`).
     #[serde(with = "seconds")]
     pub handoff_time: Duration,
-    /// Time the write waited for the lock: a decode step in flight finishes first.
-    #[serde(with = "seconds")]
-    pub handoff_wait_time: Duration,
 }
 
 /// Durations as seconds (f64) in JSON, e.g. `"train_time": 0.61`.
@@ -350,10 +347,8 @@ impl Trainer {
             report.train_time = start.elapsed();
             return Ok(report);
         }
-        let (version, lr, published, waited) =
-            self.optimizer.step(&self.adapter, &grads, grad_norm)?;
-        report.handoff_time = published;
-        report.handoff_wait_time = waited;
+        let (version, lr, handoff) = self.optimizer.step(&self.adapter, &grads, grad_norm)?;
+        report.handoff_time = handoff;
         report.version = version;
         report.lr = lr;
         report.applied = true;

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Var};
+use candle_core::DType;
 use serde::Serialize;
 
 use crate::adapter::{load_peft, save_versioned};
@@ -131,17 +131,7 @@ fn restore(trainer: &Trainer, engine: &Engine, dir: &Path) -> Result<()> {
         .iter()
         .map(|v| v.as_tensor().to_dtype(model.transformer.dtype()))
         .collect::<candle_core::Result<_>>()?;
-    trainer.adapter.update(|vars: &[Var]| {
-        if vars.len() != values.len() {
-            return Err(Error::InvalidArgument(
-                "the checkpoint does not match the live adapter".into(),
-            ));
-        }
-        for (var, value) in vars.iter().zip(&values) {
-            var.set(value)?;
-        }
-        Ok(())
-    })?;
+    trainer.adapter.publish(values)?;
     Ok(())
 }
 

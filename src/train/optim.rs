@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -104,15 +104,14 @@ impl AdamW {
     }
 
     /// One update of `adapter` with `grads` (in `vars()` order, None = no gradient).
-    /// Returns the new adapter version, the learning rate used, how long publishing the
-    /// new values took (the in-place write under the adapter's lock), and how long the
-    /// write waited for the lock (a decode step in flight holds it).
+    /// Returns the new adapter version, the learning rate used, and the hand-off time (see
+    /// [`LoraAdapter::publish`]).
     pub fn step(
         &mut self,
         adapter: &LoraAdapter,
         grads: &[Option<Tensor>],
         grad_norm: f64,
-    ) -> Result<(u64, f64, std::time::Duration, std::time::Duration)> {
+    ) -> Result<(u64, f64, std::time::Duration)> {
         let c = self.config.clone();
         let lr = c.lr_at(self.step);
         let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
@@ -122,11 +121,14 @@ impl AdamW {
         };
         let t = (self.step + 1) as i32;
         let (bc1, bc2) = (1.0 - c.beta1.powi(t), 1.0 - c.beta2.powi(t));
-        // Compute every new value first, then write them all under the adapter's lock.
+        // Every new value is a fresh tensor; publishing swaps them in at once.
         let vars = adapter.vars();
-        let mut updates: Vec<(usize, Tensor)> = Vec::new();
+        let mut updates: Vec<Tensor> = Vec::with_capacity(vars.len());
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
-            let Some(g) = grad else { continue };
+            let Some(g) = grad else {
+                updates.push(var.as_tensor().copy()?);
+                continue;
+            };
             let g = (g * clip)?;
             let (m, v) = match self.moments.get(&i) {
                 Some((m, v)) => (
@@ -140,20 +142,11 @@ impl AdamW {
             let theta = var.as_tensor();
             let step = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
             let decayed = (theta * (1.0 - lr * c.weight_decay))?;
-            updates.push((i, (decayed - (step * lr)?)?));
+            updates.push((decayed - (step * lr)?)?);
             self.moments.insert(i, (m, v));
         }
-        let asked = std::time::Instant::now();
-        let mut locked = asked;
-        let version = adapter.update(|vars: &[Var]| {
-            locked = std::time::Instant::now();
-            for (i, value) in &updates {
-                vars[*i].set(value)?;
-            }
-            Ok(())
-        })?;
-        let published = locked.elapsed();
+        let (version, published) = adapter.publish(updates)?;
         self.step += 1;
-        Ok((version, lr, published, locked - asked))
+        Ok((version, lr, published))
     }
 }
