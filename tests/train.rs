@@ -153,6 +153,47 @@ fn seq_logprob(model: &Model, adapter: &LoraAdapter, completion: &[u32]) -> f64 
         .unwrap()
 }
 
+/// The training forward computes the prompt once for a whole group; the log-probs must
+/// equal those of each prompt + completion run as one plain sequence.
+#[test]
+fn shared_prompt_logprobs_equal_whole_sequence_logprobs() {
+    let model = tiny(DType::F64, "train-shared-prompt");
+    let adapter = adapter(&model, DType::F64);
+    for (i, v) in adapter.vars().iter().enumerate() {
+        if i % 2 == 1 {
+            v.set(&Tensor::randn(0f64, 0.05, v.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    let prompt = [5u32, 6, 7, 8];
+    let groups: [&[&[u32]]; 2] = [&[&[10, 11, 12], &[20], &[30, 31, 32, 33]], &[&[40]]];
+    for completions in groups {
+        let shared: Vec<Vec<f64>> =
+            completion_logprobs(&model.transformer, &prompt, completions, Some(&adapter))
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+        for (row, completion) in shared.iter().zip(completions) {
+            let whole: Vec<u32> = prompt.iter().chain(completion.iter()).copied().collect();
+            let n = whole.len();
+            let tokens = Tensor::from_vec(whole, (1, n), &Device::Cpu).unwrap();
+            let plain: Vec<f64> = model
+                .transformer
+                .token_logprobs(&tokens, Some(&adapter))
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let plain = &plain[prompt.len() - 1..];
+            assert_eq!(plain.len(), completion.len());
+            for (a, b) in row.iter().zip(plain) {
+                assert!(close(*a, *b, 1e-10), "{a} vs {b}");
+            }
+        }
+    }
+}
+
 #[test]
 fn loss_gradients_match_finite_differences() {
     let model = tiny(DType::F64, "train-grad");

@@ -112,9 +112,9 @@ impl Linear {
         }
     }
 
-    /// Training forward: dense and differentiable w.r.t. x.
+    /// Training forward: dense and differentiable w.r.t. x (the weight is frozen).
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.dense_weight()?.t()?)?;
+        let y = ops::frozen_linear(x, &self.dense_weight()?)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
@@ -696,31 +696,79 @@ impl Transformer {
         tokens: &Tensor,
         adapter: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
+        Ok(self.forward_train_hidden_after(None, tokens, adapter)?.1)
+    }
+
+    /// [`Self::forward_train_hidden`] for B continuations of one shared `prefix` (1, P):
+    /// the prefix is computed once, not B times, and every continuation attends to its keys
+    /// and values (gradients from all B flow back into it). Returns the prefix's hidden
+    /// states (1, P, hidden) and the continuations' (B, T, hidden), the latter at positions
+    /// P.. as if each row were prefix + continuation.
+    pub fn forward_train_hidden_after(
+        &self,
+        prefix: Option<&Tensor>,
+        tokens: &Tensor,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<(Option<Tensor>, Tensor)> {
         let c = &self.config;
         let (b, t) = tokens.dims2()?;
-        if t > c.max_position_embeddings {
+        let p = match prefix {
+            Some(prefix) => prefix.dims2()?.1,
+            None => 0,
+        };
+        if p + t > c.max_position_embeddings {
             return Err(Error::PromptTooLong {
-                tokens: t,
+                tokens: p + t,
                 context: c.max_position_embeddings,
             });
         }
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let ids = tokens.flatten_all()?;
-        let mut x = self.embed_dense()?.index_select(&ids, 0)?; // (B·T, h)
-        let cos = self.rope_cos.narrow(0, 0, t)?;
-        let sin = self.rope_sin.narrow(0, 0, t)?;
+        // Rows: the prefix's P first (if any), then the B·T continuation tokens. Every
+        // position-wise layer runs on all rows at once; only attention tells them apart.
+        let ids = match prefix {
+            Some(prefix) => Tensor::cat(&[&prefix.flatten_all()?, &tokens.flatten_all()?], 0)?,
+            None => tokens.flatten_all()?,
+        };
+        let mut x = self.embed_dense()?.index_select(&ids, 0)?;
+        let heads = |y: &Tensor, n: usize, start: usize, batch: usize, len: usize| {
+            y.narrow(0, start, batch * len)?
+                .reshape((batch, len, n, hd))?
+                .transpose(1, 2)
+        };
+        let (cos_p, sin_p) = (
+            self.rope_cos.narrow(0, 0, p)?,
+            self.rope_sin.narrow(0, 0, p)?,
+        );
+        let (cos, sin) = (
+            self.rope_cos.narrow(0, p, t)?,
+            self.rope_sin.narrow(0, p, t)?,
+        );
         for (l, block) in self.layers.iter().enumerate() {
             let h = ops::rms_norm(&x, &block.input_norm, c.rms_norm_eps)?;
             let q = self.linear_train(block, l, LoraTarget::Q, &h, adapter)?;
             let k = self.linear_train(block, l, LoraTarget::K, &h, adapter)?;
             let v = self.linear_train(block, l, LoraTarget::V, &h, adapter)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-            let q = ops::rope(&q, &cos, &sin)?;
-            let k = ops::rope(&k, &cos, &sin)?;
-            let attn = ops::causal_attention(&q, &k, &v)?; // (B, H, T, d)
-            let attn = attn.transpose(1, 2)?.reshape((b * t, nh * hd))?;
+            let qc = ops::rope(&heads(&q, nh, p, b, t)?, &cos, &sin)?;
+            let kc = ops::rope(&heads(&k, nkv, p, b, t)?, &cos, &sin)?;
+            let vc = heads(&v, nkv, p, b, t)?;
+            let attn = if p > 0 {
+                let qp = ops::rope(&heads(&q, nh, 0, 1, p)?, &cos_p, &sin_p)?;
+                let kp = ops::rope(&heads(&k, nkv, 0, 1, p)?, &cos_p, &sin_p)?;
+                let vp = heads(&v, nkv, 0, 1, p)?;
+                let prefix_out = ops::causal_attention(&qp, &kp, &vp)?;
+                let out = ops::causal_attention_after(&qc, &kc, &vc, &kp, &vp)?;
+                Tensor::cat(
+                    &[
+                        &prefix_out.transpose(1, 2)?.reshape((p, nh * hd))?,
+                        &out.transpose(1, 2)?.reshape((b * t, nh * hd))?,
+                    ],
+                    0,
+                )?
+            } else {
+                ops::causal_attention(&qc, &kc, &vc)?
+                    .transpose(1, 2)?
+                    .reshape((b * t, nh * hd))?
+            };
             x = (x + self.linear_train(block, l, LoraTarget::O, &attn, adapter)?)?;
             let h = ops::rms_norm(&x, &block.post_norm, c.rms_norm_eps)?;
             let gate = self.linear_train(block, l, LoraTarget::Gate, &h, adapter)?;
@@ -729,7 +777,13 @@ impl Transformer {
             x = (x + self.linear_train(block, l, LoraTarget::Down, &mlp, adapter)?)?;
         }
         let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        Ok(x.reshape((b, t, c.hidden_size))?)
+        let prefix_hidden = if p > 0 {
+            Some(x.narrow(0, 0, p)?.reshape((1, p, c.hidden_size))?)
+        } else {
+            None
+        };
+        let hidden = x.narrow(0, p, b * t)?.reshape((b, t, c.hidden_size))?;
+        Ok((prefix_hidden, hidden))
     }
 
     /// Logits of hidden states (…, hidden) through the output head, differentiable.

@@ -293,15 +293,17 @@ impl LoraAdapter {
             scale: self.scale,
             layers,
         };
-        let version = {
+        let (version, previous) = {
             let mut published = self.published.write();
             let version = self.version.load(Ordering::Acquire) + 1;
             snapshot.version = version;
-            *published = Arc::new(snapshot);
+            let previous = std::mem::replace(&mut *published, Arc::new(snapshot));
             self.version.store(version, Ordering::Release);
-            version
+            (version, previous)
         };
         let handoff = start.elapsed();
+        // Freeing the old weights (when no step holds them) is not part of the hand-off.
+        drop(previous);
         let _vars = self.vars_lock.write();
         for (var, value) in vars.iter().zip(&values) {
             var.set(value)?;

@@ -3,7 +3,8 @@
 //! training pass composes these from primitive ops instead; the decode pass uses the fused
 //! kernels, and the tests hold the two to the same numbers.
 
-use candle_core::{Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor, D};
 
 use crate::error::Result;
 
@@ -41,6 +42,79 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// `x Wᵀ` for x (rows, in) and a frozen weight W (out, in): differentiable w.r.t. x only.
+///
+/// candle's matmul backward computes the gradient of both operands. For a base-model
+/// weight that is thrown away, yet it costs a weight-sized GEMM and a weight-sized buffer
+/// per layer: half the backward's work and most of its memory when only LoRA trains.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if weight.rank() != 2 || x.rank() != 2 || x.dim(1)? != weight.dim(1)? {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "frozen_linear: x {:?} does not fit a weight {:?}",
+            x.dims(),
+            weight.dims()
+        )));
+    }
+    let op = FrozenLinear {
+        weight: weight.contiguous()?,
+    };
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+struct FrozenLinear {
+    /// (out, in), contiguous.
+    weight: Tensor,
+}
+
+impl FrozenLinear {
+    /// (batch, m, n, k) of the product and the layout of Wᵀ as candle's matmul takes them.
+    fn geometry(&self, x: &Layout) -> candle_core::Result<((usize, usize, usize, usize), Layout)> {
+        let (m, k) = x.shape().dims2()?;
+        let n = self.weight.dim(0)?;
+        let transposed = self.weight.layout().transpose(0, 1)?;
+        Ok(((1, m, n, k), transposed))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (bmnk, w_t) = self.geometry(layout)?;
+        let (storage, _) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else {
+            candle_core::bail!("frozen_linear: the weight is not on the CPU")
+        };
+        Ok((
+            x.matmul(w, bmnk, layout, &w_t)?,
+            Shape::from((bmnk.1, bmnk.2)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (bmnk, w_t) = self.geometry(layout)?;
+        let (storage, _) = self.weight.storage_and_layout();
+        let Storage::Cuda(w) = &*storage else {
+            candle_core::bail!("frozen_linear: the weight is not on the GPU")
+        };
+        Ok((
+            x.matmul(w, bmnk, layout, &w_t)?,
+            Shape::from((bmnk.1, bmnk.2)),
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
 /// SwiGLU MLP body: silu(gate) · up.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
@@ -61,6 +135,38 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         .reshape((b, kv, groups * t, t))?;
     let weights = softmax(&scores)?;
     let out = weights.matmul(&v.contiguous()?)?; // (B, KV, G·T, d)
+    Ok(out.reshape((b, h, t, d))?)
+}
+
+/// Causal attention of B continuations after one shared prefix: each continuation's query
+/// sees all P prefix keys and its own keys up to itself. q: (B, H, T, d); k, v: (B, KV, T, d);
+/// prefix_k, prefix_v: (1, KV, P, d). Returns (B, H, T, d). Equals [`causal_attention`] over
+/// prefix + continuation, row by row.
+pub fn causal_attention_after(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    prefix_k: &Tensor,
+    prefix_v: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let p = prefix_k.dim(2)?;
+    let groups = h / kv;
+    let q = (q.contiguous()?.reshape((b, kv, groups * t, d))? / (d as f64).sqrt())?;
+    // The prefix's keys and values, the same for every row (gradients sum back over B).
+    let pk = prefix_k.broadcast_as((b, kv, p, d))?.contiguous()?;
+    let pv = prefix_v.broadcast_as((b, kv, p, d))?.contiguous()?;
+    let to_prefix = q.matmul(&pk.transpose(2, 3)?.contiguous()?)?; // (B, KV, G·T, P)
+    let mask = causal_mask(t, 0, t, q.dtype(), q.device())?;
+    let to_self = q
+        .matmul(&k.transpose(2, 3)?.contiguous()?)?
+        .reshape((b, kv, groups, t, t))?
+        .broadcast_add(&mask)?
+        .reshape((b, kv, groups * t, t))?;
+    let weights = softmax(&Tensor::cat(&[&to_prefix, &to_self], D::Minus1)?)?;
+    let out = (weights.narrow(D::Minus1, 0, p)?.matmul(&pv)?
+        + weights.narrow(D::Minus1, p, t)?.matmul(&v.contiguous()?)?)?;
     Ok(out.reshape((b, h, t, d))?)
 }
 
@@ -85,4 +191,46 @@ pub fn causal_mask(
         })
         .collect();
     Ok(Tensor::from_vec(mask, (n_queries, n_keys), device)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Forward and gradient equal candle's own matmul's; the weight gets no gradient.
+    #[test]
+    fn frozen_linear_matches_matmul_and_leaves_the_weight_without_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
+        let ours = frozen_linear(x.as_tensor(), &w).unwrap();
+        let theirs = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&ours, &theirs) < 1e-5);
+        let grad = |y: &Tensor| {
+            let store = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            (
+                store.get(x.as_tensor()).unwrap().clone(),
+                store.get(&w).is_some(),
+            )
+        };
+        let (g_ours, w_has_grad) = grad(&ours);
+        let (g_theirs, _) = grad(&theirs);
+        assert!(diff(&g_ours, &g_theirs) < 1e-5);
+        // By hand: dL/dx = probe · W.
+        assert!(diff(&g_ours, &probe.matmul(&w).unwrap()) < 1e-5);
+        assert!(!w_has_grad);
+        assert!(frozen_linear(x.as_tensor(), &w.t().unwrap()).is_err());
+    }
 }

@@ -130,6 +130,8 @@ pub struct Trainer {
 
 /// Per-token log-probs (B, T) of `completions` after a shared `prompt` (right-padded;
 /// entries past a completion's end are meaningless), differentiable w.r.t. the adapter.
+/// The prompt is computed once for all B completions (see
+/// [`Transformer::forward_train_hidden_after`]).
 pub fn completion_logprobs(
     model: &Transformer,
     prompt: &[u32],
@@ -138,28 +140,39 @@ pub fn completion_logprobs(
 ) -> Result<Tensor> {
     let t_max = completions.iter().map(|c| c.len()).max().unwrap_or(0);
     let p = prompt.len();
+    if p == 0 || t_max == 0 {
+        return Err(Error::InvalidArgument(
+            "log-probs of completions need a prompt and at least one completion token".into(),
+        ));
+    }
     let rows: Vec<u32> = completions
         .iter()
         .flat_map(|c| {
-            prompt
-                .iter()
-                .chain(c.iter())
+            c.iter()
                 .copied()
                 .chain(std::iter::repeat_n(0, t_max - c.len()))
         })
         .collect();
     let b = completions.len();
     let device = model.device();
-    let tokens = Tensor::from_vec(rows, (b, p + t_max), device)?;
-    let hidden = model.forward_train_hidden(&tokens, adapter)?;
-    // Row p-1+j predicts completion token j.
-    let hidden = hidden.narrow(1, p - 1, t_max)?;
-    let logp = ops::log_softmax(&model.lm_head_train(&hidden)?)?;
-    let targets = tokens
-        .narrow(1, p, t_max)?
-        .contiguous()?
-        .unsqueeze(D::Minus1)?;
-    Ok(logp.gather(&targets, D::Minus1)?.squeeze(D::Minus1)?)
+    let prefix = Tensor::from_vec(prompt.to_vec(), (1, p), device)?;
+    let tokens = Tensor::from_vec(rows, (b, t_max), device)?;
+    let (prefix_hidden, hidden) =
+        model.forward_train_hidden_after(Some(&prefix), &tokens, adapter)?;
+    let prefix_hidden = prefix_hidden.ok_or_else(|| Error::InvalidArgument("no prompt".into()))?;
+    // The prompt's last row predicts completion token 0; completion row j predicts j + 1.
+    let last = prefix_hidden
+        .narrow(1, p - 1, 1)?
+        .broadcast_as((b, 1, hidden.dim(2)?))?;
+    let predicting = if t_max > 1 {
+        Tensor::cat(&[&last, &hidden.narrow(1, 0, t_max - 1)?], 1)?
+    } else {
+        last.contiguous()?
+    };
+    let logp = ops::log_softmax(&model.lm_head_train(&predicting)?)?;
+    Ok(logp
+        .gather(&tokens.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?)
 }
 
 impl Trainer {
