@@ -68,6 +68,9 @@ pub struct EvalConfig {
     pub online: Option<DeepConfOnline>,
     /// Registered adapter to decode with (None = base model).
     pub adapter: Option<String>,
+    /// Questions in flight at once (their requests share the engine's batches); 1 = one
+    /// after another. Results do not depend on it: every question has its own seeds.
+    pub concurrency: usize,
 }
 
 /// One rule's totals.
@@ -153,8 +156,100 @@ impl TraceMonitor for OnlineMonitor {
     }
 }
 
+/// What one question contributed: per rule (in `config.rules` order, then DeepConf-online)
+/// whether it was right, the tokens generated and the wall time; and its output lines.
+struct QuestionOutcome {
+    /// (rule index, correct, tokens, wall)
+    rules: Vec<(usize, bool, usize, Duration)>,
+    online: Option<(bool, usize, Duration)>,
+    lines: Vec<serde_json::Value>,
+}
+
+/// The scores every rule needs, plus the two the output always carries.
+fn needed_scores(rules: &[SelectionRule]) -> Vec<TraceScore> {
+    let mut scores: Vec<TraceScore> = rules
+        .iter()
+        .filter(|r| **r != SelectionRule::Greedy)
+        .flat_map(|r| r.required_scores())
+        .collect();
+    scores.extend([TraceScore::MeanSelfCertainty, TraceScore::MeanLogprob]);
+    scores.sort();
+    scores.dedup();
+    scores
+}
+
+/// Greedy, the sampled rules and DeepConf-online on one question.
+fn evaluate_question(
+    engine: &Engine,
+    qi: usize,
+    item: &EvalItem,
+    config: &EvalConfig,
+    scores: &[TraceScore],
+) -> Result<QuestionOutcome> {
+    let reference = reference_answer(&item.answer);
+    let seed = config.seed.wrapping_add((qi as u64) << 20);
+    let mut outcome = QuestionOutcome {
+        rules: Vec::new(),
+        online: None,
+        lines: Vec::new(),
+    };
+    if config.rules.contains(&SelectionRule::Greedy) {
+        let start = Instant::now();
+        let trace = engine
+            .generate(request(&item.question, 1, config, 0.0, seed))?
+            .traces
+            .remove(0);
+        let wall = start.elapsed();
+        let c = candidates(std::slice::from_ref(&trace), scores).remove(0);
+        let ok = is_correct(&c.answer, &reference);
+        for (ri, rule) in config.rules.iter().enumerate() {
+            if *rule == SelectionRule::Greedy {
+                outcome.rules.push((ri, ok, trace.tokens.len(), wall));
+            }
+        }
+        outcome.lines.push(serde_json::json!({"question": qi, "kind": "greedy", "text": trace.text, "tokens": trace.tokens.len(), "answer": c.answer.map(|a| a.to_string()), "correct": ok}));
+    }
+    if config.rules.iter().any(|r| *r != SelectionRule::Greedy) {
+        let start = Instant::now();
+        let traces = engine
+            .generate(request(
+                &item.question,
+                config.n,
+                config,
+                config.temperature,
+                seed,
+            ))?
+            .traces;
+        let wall = start.elapsed();
+        let cands = candidates(&traces, scores);
+        let tokens: usize = traces.iter().map(|t| t.tokens.len()).sum();
+        for (ri, rule) in config.rules.iter().enumerate() {
+            if *rule != SelectionRule::Greedy {
+                let selection = select(rule, &cands);
+                let ok = is_correct(&selection.answer, &reference);
+                outcome.rules.push((ri, ok, tokens, wall));
+            }
+        }
+        for (t, c) in traces.iter().zip(&cands) {
+            let s: serde_json::Map<String, serde_json::Value> = c
+                .scores
+                .iter()
+                .map(|(k, v)| (k.to_string(), (*v).into()))
+                .collect();
+            outcome.lines.push(serde_json::json!({"question": qi, "kind": "sample", "index": t.index, "text": t.text, "tokens": t.tokens.len(), "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "correct": is_correct(&c.answer, &reference), "scores": s}));
+        }
+    }
+    if let Some(online) = &config.online {
+        let start = Instant::now();
+        let (answer, tokens) = run_online(engine, item, config, online.clone(), seed)?;
+        outcome.online = Some((is_correct(&answer, &reference), tokens, start.elapsed()));
+    }
+    Ok(outcome)
+}
+
 /// Runs the evaluation; `progress(done, total)` is called after each question and every
-/// trace is written to `out` (JSONL) when given.
+/// trace is written to `out` (JSONL) when given. `config.concurrency` questions are in
+/// flight at once; a rule's wall time is the sum of its questions' latencies.
 pub fn run(
     engine: &Engine,
     items: &[EvalItem],
@@ -162,19 +257,7 @@ pub fn run(
     mut progress: impl FnMut(usize, usize),
     mut out: Option<&mut dyn Write>,
 ) -> Result<Vec<RuleResult>> {
-    let needs_greedy = config.rules.contains(&SelectionRule::Greedy);
-    let sampled_rules: Vec<&SelectionRule> = config
-        .rules
-        .iter()
-        .filter(|r| **r != SelectionRule::Greedy)
-        .collect();
-    let mut scores: Vec<TraceScore> = sampled_rules
-        .iter()
-        .flat_map(|r| r.required_scores())
-        .collect();
-    scores.extend([TraceScore::MeanSelfCertainty, TraceScore::MeanLogprob]);
-    scores.sort();
-    scores.dedup();
+    let scores = needed_scores(&config.rules);
     let mut results: Vec<RuleResult> = config
         .rules
         .iter()
@@ -198,76 +281,59 @@ pub fn run(
     });
     let write_err =
         |e: std::io::Error| Error::InvalidArgument(format!("cannot write the output: {e}"));
-    for (qi, item) in items.iter().enumerate() {
-        let reference = reference_answer(&item.answer);
-        let seed = config.seed.wrapping_add((qi as u64) << 20);
-        if needs_greedy {
-            let start = Instant::now();
-            let trace = engine
-                .generate(request(&item.question, 1, config, 0.0, seed))?
-                .traces
-                .remove(0);
-            let c = candidates(std::slice::from_ref(&trace), &scores).remove(0);
-            let ok = is_correct(&c.answer, &reference);
-            for (rule, res) in config.rules.iter().zip(results.iter_mut()) {
-                if *rule == SelectionRule::Greedy {
-                    res.total += 1;
-                    res.correct += ok as usize;
-                    res.mean_tokens += trace.tokens.len() as f64;
-                    res.wall += start.elapsed();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let workers = config.concurrency.clamp(1, items.len().max(1));
+    let (send, receive) = std::sync::mpsc::channel::<Result<QuestionOutcome>>();
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..workers {
+            let send = send.clone();
+            let (next, failed, scores) = (&next, &failed, &scores);
+            scope.spawn(move || loop {
+                let qi = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if qi >= items.len() || failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
                 }
-            }
-            if let Some(out) = out.as_deref_mut() {
-                let line = serde_json::json!({"question": qi, "kind": "greedy", "text": trace.text, "tokens": trace.tokens.len(), "answer": c.answer.map(|a| a.to_string()), "correct": ok});
-                writeln!(out, "{line}").map_err(write_err)?;
-            }
+                let outcome = evaluate_question(engine, qi, &items[qi], config, scores);
+                if send.send(outcome).is_err() {
+                    break;
+                }
+            });
         }
-        if !sampled_rules.is_empty() {
-            let start = Instant::now();
-            let traces = engine
-                .generate(request(
-                    &item.question,
-                    config.n,
-                    config,
-                    config.temperature,
-                    seed,
-                ))?
-                .traces;
-            let wall = start.elapsed();
-            let cands = candidates(&traces, &scores);
-            let tokens: usize = traces.iter().map(|t| t.tokens.len()).sum();
-            for (rule, res) in config.rules.iter().zip(results.iter_mut()) {
-                if *rule == SelectionRule::Greedy {
-                    continue;
+        drop(send);
+        for (done, outcome) in receive.iter().enumerate() {
+            // On an error the workers stop taking questions; the error is returned once
+            // the ones in flight have finished.
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
                 }
-                let selection = select(rule, &cands);
+            };
+            for (ri, ok, tokens, wall) in outcome.rules {
+                let res = &mut results[ri];
                 res.total += 1;
-                res.correct += is_correct(&selection.answer, &reference) as usize;
+                res.correct += ok as usize;
+                res.mean_tokens += tokens as f64;
+                res.wall += wall;
+            }
+            if let (Some((ok, tokens, wall)), Some(res)) = (outcome.online, online_result.as_mut())
+            {
+                res.total += 1;
+                res.correct += ok as usize;
                 res.mean_tokens += tokens as f64;
                 res.wall += wall;
             }
             if let Some(out) = out.as_deref_mut() {
-                for (t, c) in traces.iter().zip(&cands) {
-                    let s: serde_json::Map<String, serde_json::Value> = c
-                        .scores
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), (*v).into()))
-                        .collect();
-                    let line = serde_json::json!({"question": qi, "kind": "sample", "index": t.index, "text": t.text, "tokens": t.tokens.len(), "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "correct": is_correct(&c.answer, &reference), "scores": s});
+                for line in outcome.lines {
                     writeln!(out, "{line}").map_err(write_err)?;
                 }
             }
+            progress(done + 1, items.len());
         }
-        if let (Some(online), Some(res)) = (&config.online, online_result.as_mut()) {
-            let start = Instant::now();
-            let (answer, tokens) = run_online(engine, item, config, online.clone(), seed)?;
-            res.total += 1;
-            res.correct += is_correct(&answer, &reference) as usize;
-            res.mean_tokens += tokens as f64;
-            res.wall += start.elapsed();
-        }
-        progress(qi + 1, items.len());
-    }
+        Ok(())
+    })?;
     results.extend(online_result);
     for r in &mut results {
         if r.total > 0 {

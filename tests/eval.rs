@@ -91,6 +91,55 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         assert!(l["scores"]["self_certainty"].is_number(), "{l}");
         assert!(l["correct"].is_boolean());
     }
+    // Questions in flight at once (default 4) or one at a time: the same traces and the
+    // same table, since every question has its own seeds and a sample's tokens do not
+    // depend on what else is in the batch.
+    let sequential = dir.join("sequential.jsonl");
+    let out = std::process::Command::new(bin)
+        .args([
+            "eval",
+            "--n",
+            "4",
+            "--max-tokens",
+            "48",
+            "--select",
+            "greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:16:50",
+            "--online",
+            "2:50:16",
+            "--concurrency",
+            "1",
+        ])
+        .arg("--model")
+        .arg(real_model(SMOLLM2))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&sequential)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sorted_lines = |path: &std::path::Path| {
+        let mut v: Vec<String> = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted_lines(&traces), sorted_lines(&sequential));
+    // Each row up to its accuracy and interval: equal (wall time differs).
+    let accuracy_columns = |stdout: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .filter(|l| l.contains('%'))
+            .map(|l| l[..l.rfind('%').unwrap()].to_string())
+            .collect()
+    };
+    assert_eq!(
+        accuracy_columns(&stdout),
+        accuracy_columns(&String::from_utf8_lossy(&out.stdout))
+    );
     // Bad input: a missing data file and an unknown rule are clear errors.
     let out = std::process::Command::new(bin)
         .args(["eval", "--data", "/nonexistent.jsonl", "--model"])

@@ -117,6 +117,8 @@ pub fn heldout_accuracy(
         rules: vec![SelectionRule::Greedy],
         online: None,
         adapter: adapter.map(str::to_string),
+        // Greedy questions are short requests: many in flight fill the batch.
+        concurrency: 16,
     };
     let results = eval::run(engine, items, &config, |_, _| {}, None)?;
     Ok(results.first().map(|r| r.accuracy()).unwrap_or(0.0))
@@ -163,6 +165,7 @@ pub fn learn(
         rules: Vec::new(),
         online: None,
         adapter: Some(config.adapter_id.clone()),
+        concurrency: 1,
     };
     let checkpoints = config.out.join("checkpoints");
     let mut best: Option<(f64, PathBuf)> = None;
