@@ -1,6 +1,7 @@
 //! Speed and memory of one GRPO trainer step on a real model.
 //!
-//! `cargo bench --bench train [-- MODEL.gguf] [--group G] [--prompt P] [--completion T]`
+//! `cargo bench --bench train [-- MODEL.gguf] [--group G] [--prompt P] [--completion T]
+//! [--steps S]`
 //! (default: SmolLM2-135M Q4_1, one group of 8 completions of 96 tokens after an
 //! 80-token prompt, rank-8 LoRA on every module). It reports the step time split into the
 //! forward/backward and the optimizer with the hand-off, trained tokens per second, and the
@@ -39,10 +40,11 @@ fn main() {
         .skip(1)
         .find(|a| a.ends_with(".gguf") || std::path::Path::new(a).is_dir())
         .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let (group, prompt_len, completion_len) = (
+    let (group, prompt_len, completion_len, steps) = (
         arg("--group", 8),
         arg("--prompt", 80),
         arg("--completion", 96),
+        arg("--steps", 4).max(2),
     );
     let model = match Model::load(&path, &LoadOptions::default()) {
         Ok(m) => m,
@@ -90,7 +92,7 @@ fn main() {
     );
     let rss_loaded = peak_rss_mib();
     let mut times = Vec::new();
-    for step in 0..4 {
+    for step in 0..steps {
         let start = Instant::now();
         let report = trainer.step(t, &rollouts).expect("step");
         let total = start.elapsed().as_secs_f64();
