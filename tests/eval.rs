@@ -33,27 +33,32 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     );
     assert_eq!(std::fs::read_to_string(&data).unwrap().lines().count(), 3);
 
+    // Every rule and DeepConf-online on the same questions, with `extra` arguments.
+    let eval = |out_path: &std::path::Path, extra: &[&str]| {
+        std::process::Command::new(bin)
+            .args([
+                "eval",
+                "--n",
+                "4",
+                "--max-tokens",
+                "48",
+                "--select",
+                "greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:16:50",
+                "--online",
+                "2:50:16",
+            ])
+            .args(extra)
+            .arg("--model")
+            .arg(real_model(SMOLLM2))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out_path)
+            .output()
+            .unwrap()
+    };
     let traces = dir.join("run.jsonl");
-    let out = std::process::Command::new(bin)
-        .args([
-            "eval",
-            "--n",
-            "4",
-            "--max-tokens",
-            "48",
-            "--select",
-            "greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:16:50",
-            "--online",
-            "2:50:16",
-        ])
-        .arg("--model")
-        .arg(real_model(SMOLLM2))
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&traces)
-        .output()
-        .unwrap();
+    let out = eval(&traces, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -95,28 +100,7 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     // same table, since every question has its own seeds and a sample's tokens do not
     // depend on what else is in the batch.
     let sequential = dir.join("sequential.jsonl");
-    let out = std::process::Command::new(bin)
-        .args([
-            "eval",
-            "--n",
-            "4",
-            "--max-tokens",
-            "48",
-            "--select",
-            "greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:16:50",
-            "--online",
-            "2:50:16",
-            "--concurrency",
-            "1",
-        ])
-        .arg("--model")
-        .arg(real_model(SMOLLM2))
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&sequential)
-        .output()
-        .unwrap();
+    let out = eval(&sequential, &["--concurrency", "1"]);
     assert!(out.status.success());
     let sorted_lines = |path: &std::path::Path| {
         let mut v: Vec<String> = std::fs::read_to_string(path)
