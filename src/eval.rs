@@ -284,6 +284,8 @@ pub fn run(
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
     let workers = config.concurrency.clamp(1, items.len().max(1));
+    // The first question takes a while to finish: show the bar from the start.
+    progress(0, items.len());
     let (send, receive) = std::sync::mpsc::channel::<Result<QuestionOutcome>>();
     std::thread::scope(|scope| -> Result<()> {
         for _ in 0..workers {

@@ -570,12 +570,20 @@ fn run(cli: Cli) -> Result<(), String> {
                 &config,
                 |done, total| {
                     let width = 30;
-                    let filled = width * done / total;
+                    let filled = width * done / total.max(1);
+                    let elapsed = start.elapsed().as_secs_f64();
+                    let eta = if done > 0 {
+                        format!(
+                            ", ~{:.0} s left",
+                            elapsed / done as f64 * (total - done) as f64
+                        )
+                    } else {
+                        String::new()
+                    };
                     eprint!(
-                        "\r[{}{}] {done}/{total} questions, {:.0} s",
+                        "\r[{}{}] {done}/{total} questions, {elapsed:.0} s{eta}   ",
                         "#".repeat(filled),
                         " ".repeat(width - filled),
-                        start.elapsed().as_secs_f64()
                     );
                 },
                 file.as_mut().map(|f| f as &mut dyn Write),
