@@ -631,7 +631,7 @@ fn run(cli: Cli) -> Result<(), String> {
             seed,
             out,
         } => {
-            use verity::train::online::{heldout_accuracy, learn, LearnConfig, RewardKind};
+            use verity::train::online::{learn, LearnConfig, RewardKind};
             let reward: RewardKind = reward.parse().map_err(|e| format!("--reward: {e}"))?;
             let train =
                 verity::eval::read_jsonl(&data, "question", "answer").map_err(|e| e.to_string())?;
@@ -671,14 +671,6 @@ fn run(cli: Cli) -> Result<(), String> {
                 ..Default::default()
             };
             let mut trainer = verity::train::Trainer::new(adapter.clone(), train_config);
-            let before = if heldout.is_empty() {
-                None
-            } else {
-                Some(
-                    heldout_accuracy(&engine, &heldout, max_tokens, None)
-                        .map_err(|e| e.to_string())?,
-                )
-            };
             let config = LearnConfig {
                 reward,
                 steps,
@@ -694,7 +686,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 overlap,
             };
             let start = std::time::Instant::now();
-            let metrics = learn(&engine, &mut trainer, &train, &heldout, &config, |m| {
+            let report = learn(&engine, &mut trainer, &train, &heldout, &config, |m| {
                 eprintln!(
                     "step {:>3}/{steps}  reward {:.3}  acc {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}",
                     m.train.step, m.reward, m.sample_accuracy, m.train.loss, m.train.clip_fraction, m.entropy, m.tokens_per_second, m.rollout_seconds, m.train_seconds, m.handoff_microseconds,
@@ -712,6 +704,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 &model.path.display().to_string(),
             )
             .map_err(|e| e.to_string())?;
+            let metrics = &report.steps;
             println!(
                 "{} steps in {:.0} s; adapter version {}; PEFT adapter in {}",
                 metrics.len(),
@@ -719,7 +712,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 adapter.version(),
                 final_dir.display()
             );
-            if let Some(b) = before {
+            if let Some(b) = report.heldout_before {
                 let after = metrics
                     .iter()
                     .rev()

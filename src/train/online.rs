@@ -145,7 +145,7 @@ pub fn learn(
     heldout: &[EvalItem],
     config: &LearnConfig,
     mut progress: impl FnMut(&StepMetrics),
-) -> Result<Vec<StepMetrics>> {
+) -> Result<LearnReport> {
     if train.is_empty() || config.group < 2 || config.prompts_per_step == 0 {
         return Err(Error::InvalidArgument(
             "need training items, a group of at least 2 and at least one prompt per step".into(),
@@ -171,10 +171,12 @@ pub fn learn(
     let mut best: Option<(f64, PathBuf)> = None;
     let mut first_entropy: Option<f64> = None;
     let mut rollbacks = 0;
+    let mut heldout_before = None;
     if !heldout.is_empty() {
         let acc = heldout_accuracy(engine, heldout, config.max_tokens, Some(&config.adapter_id))?;
         let dir = save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
         best = Some((acc, dir));
+        heldout_before = Some(acc);
     }
     let mut all = Vec::new();
     // The rollouts of one step: its prompts, submitted to the engine (which decodes them on
@@ -346,5 +348,16 @@ pub fn learn(
             break;
         }
     }
-    Ok(all)
+    Ok(LearnReport {
+        heldout_before,
+        steps: all,
+    })
+}
+
+/// What [`learn`] did: the held-out accuracy of the adapter it started from (when a
+/// held-out set was given) and every step's metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct LearnReport {
+    pub heldout_before: Option<f64>,
+    pub steps: Vec<StepMetrics>,
 }
