@@ -7,6 +7,7 @@
 //! a lock held for nanoseconds), so the hand-off to the decoder costs the same for any model
 //! size, copies nothing on the decoder's side, and never waits for a decode step in flight:
 //! a step keeps the snapshot it started with, and the very next step sees the new one.
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -253,9 +254,10 @@ impl LoraAdapter {
 
     /// Makes `values` (one tensor per Var, in [`Self::vars`] order, shapes as theirs) the
     /// adapter's weights and returns the new version and the hand-off time: from the call
-    /// until decode steps see the new values. The tensors are moved into the new snapshot as they are (no copy), so
-    /// they must not share storage with anything written later, such as a Var; the Vars
-    /// get copies afterwards, on the caller's thread, off the decoder's path.
+    /// until decode steps see the new values. The tensors are moved into the new snapshot
+    /// as they are (no copy), so they must not share storage with anything written later,
+    /// such as a Var; the Vars get copies afterwards, on the caller's thread, off the
+    /// decoder's path.
     pub fn publish(&self, values: Vec<Tensor>) -> Result<(u64, std::time::Duration)> {
         let start = std::time::Instant::now();
         let vars = self.vars();
