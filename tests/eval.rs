@@ -237,4 +237,39 @@ fn rl_loop_runs_end_to_end_on_smollm2_and_writes_a_loadable_adapter() {
     assert!(out_dir.join("checkpoints/policy/LATEST").is_file());
     let png = std::fs::read(out_dir.join("plot.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // `verity eval --adapter` on the saved folder measures what `rl` reported as "after":
+    // the same greedy decoding of the same items, through the file instead of the live
+    // adapter.
+    let after = stdout
+        .split("→ after ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .unwrap_or_else(|| panic!("no 'after' in {stdout}"))
+        .trim()
+        .to_string();
+    let eval = |adapter: &std::path::Path| {
+        std::process::Command::new(bin)
+            .args(["eval", "--select", "greedy", "--max-tokens", "12"])
+            .arg("--model")
+            .arg(real_model(SMOLLM2))
+            .arg("--data")
+            .arg(&heldout)
+            .arg("--adapter")
+            .arg(adapter)
+            .output()
+            .unwrap()
+    };
+    let out = eval(&out_dir.join("adapter"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    let greedy = table
+        .lines()
+        .find(|l| l.starts_with("greedy"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no greedy row in {table}"));
+    assert_eq!(greedy, format!("{after}%"), "{table}\n{stdout}");
+    let out = eval(&dir.join("no-such-adapter"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-adapter"));
 }

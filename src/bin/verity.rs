@@ -161,6 +161,10 @@ enum Command {
         /// Results do not depend on it (each question has its own seeds).
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Decode with this LoRA adapter (a PEFT folder, e.g. the `adapter/` that `verity
+        /// rl` writes) instead of the base model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
     /// Write synthetic verifiable tasks as JSONL (question/answer, GSM8K style).
     Tasks {
@@ -522,6 +526,7 @@ fn run(cli: Cli) -> Result<(), String> {
             answer_field,
             out,
             concurrency,
+            adapter,
         } => {
             if concurrency == 0 {
                 return Err("--concurrency must be at least 1".into());
@@ -545,7 +550,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 return Err(format!("{} holds no items", data.display()));
             }
             let model = std::sync::Arc::new(model.load()?);
-            let engine = Engine::new(model, EngineConfig::default()).map_err(|e| e.to_string())?;
+            let engine =
+                Engine::new(model.clone(), EngineConfig::default()).map_err(|e| e.to_string())?;
+            if let Some(dir) = &adapter {
+                let loaded = verity::adapter::load_peft(
+                    dir,
+                    model.config(),
+                    model.transformer.dtype(),
+                    model.transformer.device(),
+                )
+                .map_err(|e| format!("cannot load the adapter in {}: {e}", dir.display()))?;
+                engine.register_adapter("eval", std::sync::Arc::new(loaded));
+            }
             let config = verity::eval::EvalConfig {
                 n,
                 max_tokens,
@@ -554,7 +570,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 seed,
                 rules,
                 online,
-                adapter: None,
+                adapter: adapter.as_ref().map(|_| "eval".to_string()),
                 concurrency,
             };
             let mut file = match &out {
@@ -712,16 +728,20 @@ fn run(cli: Cli) -> Result<(), String> {
                 adapter.version(),
                 final_dir.display()
             );
-            if let Some(b) = report.heldout_before {
-                let after = metrics
-                    .iter()
-                    .rev()
-                    .find_map(|m| m.heldout_accuracy)
-                    .unwrap_or(b);
+            if let (Some(b), Some(after)) = (report.heldout_before, report.heldout_after) {
                 let n = heldout.len();
                 let (bl, bh) = verity::eval::wilson((b * n as f64).round() as usize, n);
                 let (al, ah) = verity::eval::wilson((after * n as f64).round() as usize, n);
-                println!("held-out greedy accuracy ({n} items): before {:.1}% [{:.1}, {:.1}] → after {:.1}% [{:.1}, {:.1}]", 100.0 * b, 100.0 * bl, 100.0 * bh, 100.0 * after, 100.0 * al, 100.0 * ah);
+                let rolled_back = metrics
+                    .iter()
+                    .rev()
+                    .find(|m| m.heldout_accuracy.is_some())
+                    .is_some_and(|m| m.rolled_back);
+                println!(
+                    "held-out greedy accuracy ({n} items): before {:.1}% [{:.1}, {:.1}] → after {:.1}% [{:.1}, {:.1}]{}",
+                    100.0 * b, 100.0 * bl, 100.0 * bh, 100.0 * after, 100.0 * al, 100.0 * ah,
+                    if rolled_back { " (the saved adapter, after the collapse guard rolled back to the best checkpoint)" } else { "" }
+                );
             }
             Ok(())
         }

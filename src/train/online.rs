@@ -348,16 +348,30 @@ pub fn learn(
             break;
         }
     }
+    // The adapter as it stands now: after a final rollback it is the restored checkpoint,
+    // so it is measured again rather than taken from the metrics.
+    let heldout_after = match all.iter().rev().find(|m| m.heldout_accuracy.is_some()) {
+        Some(m) if m.rolled_back => Some(heldout_accuracy(
+            engine,
+            heldout,
+            config.max_tokens,
+            Some(&config.adapter_id),
+        )?),
+        Some(m) => m.heldout_accuracy,
+        None => heldout_before,
+    };
     Ok(LearnReport {
         heldout_before,
+        heldout_after,
         steps: all,
     })
 }
 
-/// What [`learn`] did: the held-out accuracy of the adapter it started from (when a
-/// held-out set was given) and every step's metrics.
+/// What [`learn`] did: the held-out accuracy of the adapter it started from and of the one
+/// it leaves (when a held-out set was given), and every step's metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct LearnReport {
     pub heldout_before: Option<f64>,
+    pub heldout_after: Option<f64>,
     pub steps: Vec<StepMetrics>,
 }
