@@ -201,20 +201,27 @@ fn lora_spec() -> LoraSpec {
 }
 
 /// Gives every B a random value so the adapter does something.
+/// Publishes new adapter values: A as it is, B random (as an optimizer update would).
 fn randomize_b(adapter: &LoraAdapter, seed: u64) {
     let mut rng = verity::sampling::Rng::new(seed);
-    for (i, var) in adapter.vars().iter().enumerate() {
-        if i % 2 == 1 {
+    let values = adapter
+        .vars()
+        .iter()
+        .enumerate()
+        .map(|(i, var)| {
+            if i % 2 == 0 {
+                return var.as_tensor().copy().unwrap();
+            }
             let dims = var.dims().to_vec();
             let n: usize = dims.iter().product();
             let data: Vec<f64> = (0..n).map(|_| rng.next_f64() * 0.2 - 0.1).collect();
-            let t = Tensor::from_vec(data, dims, &Device::Cpu)
+            Tensor::from_vec(data, dims, &Device::Cpu)
                 .unwrap()
                 .to_dtype(var.dtype())
-                .unwrap();
-            var.set(&t).unwrap();
-        }
-    }
+                .unwrap()
+        })
+        .collect();
+    adapter.publish(values).unwrap();
 }
 
 #[test]
@@ -228,7 +235,7 @@ fn lora_changes_reach_the_next_step_without_reload() {
     let mut kv = model.transformer.new_kv();
     let fresh = step(&model, &tokens, &mut kv, Some(&adapter));
     assert!(max_abs_diff(&fresh, &base) < 1e-5);
-    // Write B in place: the next decode step sees it, and agrees with forward_train.
+    // Publish a new B: the next decode step sees it, and agrees with forward_train.
     randomize_b(&adapter, 1);
     let mut kv = model.transformer.new_kv();
     let changed = step(&model, &tokens, &mut kv, Some(&adapter));
