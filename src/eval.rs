@@ -331,6 +331,8 @@ pub fn run(
                 for line in outcome.lines {
                     writeln!(out, "{line}").map_err(write_err)?;
                 }
+                // A run stopped midway keeps every question that finished.
+                out.flush().map_err(write_err)?;
             }
             progress(done + 1, items.len());
         }
