@@ -5,8 +5,8 @@
 //! sampling), scores the completions with `forward_train` (prompt tokens masked), forms the
 //! clipped policy loss, accumulates gradients over micro-batches, and — unless the loss or
 //! the gradient is not finite, in which case the step is skipped and counted — applies
-//! AdamW to the adapter's tensors in place. The engine reads those same tensors, so its
-//! next decode step uses the new weights.
+//! AdamW and publishes the new values as the adapter's next snapshot, so the engine's next
+//! decode step uses them (see `LoraAdapter::publish`).
 
 pub mod advantage;
 pub mod loss;

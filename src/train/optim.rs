@@ -1,6 +1,6 @@
 //! AdamW over LoRA `Var`s with a warm-up then cosine or constant learning-rate schedule
-//! and global-norm gradient clipping. Updates are written into the Vars in place (through
-//! [`LoraAdapter::update`]), which is the whole trainer → decoder hand-off.
+//! and global-norm gradient clipping. A step's new values are fresh tensors handed to
+//! [`LoraAdapter::publish`], which is the whole trainer → decoder hand-off.
 
 use std::collections::HashMap;
 
