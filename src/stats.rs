@@ -26,7 +26,7 @@ const STACK_TOP_K: usize = 64;
 /// 8 lanes the exp loop stayed scalar, 7× slower).
 const LANES: usize = 16;
 /// Entries summed in f32 before the lane sums go to the f64 totals.
-const BLOCK: usize = 16 * LANES;
+pub(crate) const BLOCK: usize = 16 * LANES;
 /// e^d for d below this is taken as 0: e^-80 ≈ 1.8e-35 is far below the rounding of S ≥ 1,
 /// and the floor keeps every result a normal f32 (subnormals are slow on x86).
 const EXP_FLOOR: f32 = -80.0;
@@ -136,6 +136,33 @@ fn sum_exp(row: &[f32], max: f32) -> (f64, f64) {
         sd += acc_d.iter().sum::<f32>() as f64;
     }
     (s, sd)
+}
+
+/// Σ e^{(z − max)·scale} over `row` in f64, each term computed in f32: the softmax
+/// normalizer at temperature 1/`scale`, for the sampler. `max` is the row's largest entry
+/// and `scale` > 0, so every exponent is ≤ 0.
+pub(crate) fn sum_exp_scaled(row: &[f32], max: f32, scale: f32) -> f64 {
+    let mut s = 0f64;
+    for block in row.chunks(BLOCK) {
+        let (chunks, rest) = block.as_chunks::<LANES>();
+        let mut acc = [0f32; LANES];
+        for chunk in chunks {
+            for (a, &z) in acc.iter_mut().zip(chunk) {
+                *a += exp_term((z - max) * scale).0;
+            }
+        }
+        for &z in rest {
+            acc[0] += exp_term((z - max) * scale).0;
+        }
+        s += acc.iter().sum::<f32>() as f64;
+    }
+    s
+}
+
+/// e^{(z − max)·scale} in f32, the very term [`sum_exp_scaled`] adds up.
+#[inline]
+pub(crate) fn exp_scaled(z: f32, max: f32, scale: f32) -> f32 {
+    exp_term((z - max) * scale).0
 }
 
 /// (e^d, e^d d) for d ≤ 0; both 0 below [`EXP_FLOOR`], −∞ included.
