@@ -82,6 +82,18 @@ pub struct RuleResult {
     /// Generated tokens per question the rule needed.
     pub mean_tokens: f64,
     pub wall: Duration,
+    /// Whether the rule was right, per question in data order (for paired comparisons).
+    pub outcomes: Vec<bool>,
+}
+
+/// Two rules compared on the same questions: `gained` questions only the first gets
+/// right, `lost` only the second, and the exact two-sided sign-test (McNemar) p-value of
+/// that split under "neither rule is better".
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Paired {
+    pub gained: usize,
+    pub lost: usize,
+    pub p_value: f64,
 }
 
 impl RuleResult {
@@ -96,6 +108,39 @@ impl RuleResult {
     pub fn interval(&self) -> (f64, f64) {
         wilson(self.correct, self.total)
     }
+    /// This rule against `baseline`, question by question.
+    pub fn paired(&self, baseline: &RuleResult) -> Paired {
+        let (mut gained, mut lost) = (0, 0);
+        for (&a, &b) in self.outcomes.iter().zip(&baseline.outcomes) {
+            gained += (a && !b) as usize;
+            lost += (!a && b) as usize;
+        }
+        Paired {
+            gained,
+            lost,
+            p_value: sign_test(gained, lost),
+        }
+    }
+}
+
+/// Exact two-sided sign test: the probability, with a fair coin deciding each of the
+/// a + b discordant questions, of a split at least as uneven as (a, b).
+pub fn sign_test(a: usize, b: usize) -> f64 {
+    let n = a + b;
+    if n == 0 {
+        return 1.0;
+    }
+    // Σ_{i ≤ min} C(n, i) / 2^n, in logs so that large n does not underflow.
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    let mut ln_c = 0.0;
+    let mut tail = 0.0;
+    for i in 0..=a.min(b) {
+        if i > 0 {
+            ln_c += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (ln_c + ln_half_n).exp();
+    }
+    (2.0 * tail).min(1.0)
 }
 
 pub fn wilson(correct: usize, total: usize) -> (f64, f64) {
@@ -159,6 +204,7 @@ impl TraceMonitor for OnlineMonitor {
 /// What one question contributed: per rule (in `config.rules` order, then DeepConf-online)
 /// whether it was right, the tokens generated and the wall time; and its output lines.
 struct QuestionOutcome {
+    question: usize,
     /// (rule index, correct, tokens, wall)
     rules: Vec<(usize, bool, usize, Duration)>,
     online: Option<(bool, usize, Duration)>,
@@ -189,6 +235,7 @@ fn evaluate_question(
     let reference = reference_answer(&item.answer);
     let seed = config.seed.wrapping_add((qi as u64) << 20);
     let mut outcome = QuestionOutcome {
+        question: qi,
         rules: Vec::new(),
         online: None,
         lines: Vec::new(),
@@ -207,7 +254,9 @@ fn evaluate_question(
                 outcome.rules.push((ri, ok, trace.tokens.len(), wall));
             }
         }
-        outcome.lines.push(serde_json::json!({"question": qi, "kind": "greedy", "text": trace.text, "tokens": trace.tokens.len(), "answer": c.answer.map(|a| a.to_string()), "correct": ok}));
+        let answer = c.answer.map(|a| a.to_string());
+        outcome.lines.push(serde_json::json!({"question": qi, "kind": "greedy", "text": trace.text, "tokens": trace.tokens.len(), "answer": answer, "correct": ok}));
+        outcome.lines.push(serde_json::json!({"question": qi, "kind": "rule", "rule": SelectionRule::Greedy.to_string(), "answer": answer, "correct": ok, "tokens": trace.tokens.len()}));
     }
     if config.rules.iter().any(|r| *r != SelectionRule::Greedy) {
         let start = Instant::now();
@@ -228,6 +277,7 @@ fn evaluate_question(
                 let selection = select(rule, &cands);
                 let ok = is_correct(&selection.answer, &reference);
                 outcome.rules.push((ri, ok, tokens, wall));
+                outcome.lines.push(serde_json::json!({"question": qi, "kind": "rule", "rule": rule.to_string(), "answer": selection.answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
             }
         }
         for (t, c) in traces.iter().zip(&cands) {
@@ -242,7 +292,9 @@ fn evaluate_question(
     if let Some(online) = &config.online {
         let start = Instant::now();
         let (answer, tokens) = run_online(engine, item, config, online.clone(), seed)?;
-        outcome.online = Some((is_correct(&answer, &reference), tokens, start.elapsed()));
+        let ok = is_correct(&answer, &reference);
+        outcome.online = Some((ok, tokens, start.elapsed()));
+        outcome.lines.push(serde_json::json!({"question": qi, "kind": "online", "answer": answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
     }
     Ok(outcome)
 }
@@ -267,6 +319,7 @@ pub fn run(
             total: 0,
             mean_tokens: 0.0,
             wall: Duration::ZERO,
+            outcomes: vec![false; items.len()],
         })
         .collect();
     let mut online_result = config.online.as_ref().map(|o| RuleResult {
@@ -278,6 +331,7 @@ pub fn run(
         total: 0,
         mean_tokens: 0.0,
         wall: Duration::ZERO,
+        outcomes: vec![false; items.len()],
     });
     let write_err =
         |e: std::io::Error| Error::InvalidArgument(format!("cannot write the output: {e}"));
@@ -319,6 +373,7 @@ pub fn run(
                 res.correct += ok as usize;
                 res.mean_tokens += tokens as f64;
                 res.wall += wall;
+                res.outcomes[outcome.question] = ok;
             }
             if let (Some((ok, tokens, wall)), Some(res)) = (outcome.online, online_result.as_mut())
             {
@@ -326,6 +381,7 @@ pub fn run(
                 res.correct += ok as usize;
                 res.mean_tokens += tokens as f64;
                 res.wall += wall;
+                res.outcomes[outcome.question] = ok;
             }
             if let Some(out) = out.as_deref_mut() {
                 for line in outcome.lines {
@@ -418,4 +474,46 @@ fn run_online(
         .filter(|c| c.score(lowest).is_some_and(|l| online.keeps(l)))
         .collect();
     Ok((select(&online.vote_rule(), &voters).answer, tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(outcomes: &[bool]) -> RuleResult {
+        RuleResult {
+            rule: String::new(),
+            correct: outcomes.iter().filter(|&&o| o).count(),
+            total: outcomes.len(),
+            mean_tokens: 0.0,
+            wall: Duration::ZERO,
+            outcomes: outcomes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn sign_test_matches_the_binomial_tails() {
+        // 2 · Σ_{i ≤ k} C(n, i) / 2^n, by hand.
+        assert_eq!(sign_test(0, 0), 1.0);
+        assert_eq!(sign_test(5, 5), 1.0);
+        assert!((sign_test(6, 0) - 2.0 / 64.0).abs() < 1e-15);
+        assert!((sign_test(2, 8) - 2.0 * 56.0 / 1024.0).abs() < 1e-15);
+        assert!((sign_test(8, 2) - sign_test(2, 8)).abs() < 1e-15);
+        // 15 vs 5: C(20, 0..=5) = 1 + 20 + 190 + 1140 + 4845 + 15504 = 21700.
+        assert!((sign_test(15, 5) - 2.0 * 21700.0 / 1048576.0).abs() < 1e-14);
+        // Large n stays finite and tiny instead of underflowing to a wrong 0 or NaN.
+        let p = sign_test(900, 100);
+        assert!(p > 0.0 && p < 1e-100, "{p}");
+    }
+
+    #[test]
+    fn paired_counts_the_discordant_questions() {
+        let a = result(&[true, true, false, true, false, true]);
+        let b = result(&[true, false, false, false, true, false]);
+        let d = a.paired(&b);
+        assert_eq!((d.gained, d.lost), (3, 1));
+        assert!((d.p_value - 2.0 * 5.0 / 16.0).abs() < 1e-15);
+        let back = b.paired(&a);
+        assert_eq!((back.gained, back.lost), (1, 3));
+    }
 }

@@ -96,6 +96,56 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         assert!(l["scores"]["self_certainty"].is_number(), "{l}");
         assert!(l["correct"].is_boolean());
     }
+    // Every rule's answer per question, and DeepConf-online's, are written too.
+    let rule_lines = |rule: &str| -> Vec<&serde_json::Value> {
+        let mut v: Vec<_> = lines
+            .iter()
+            .filter(|l| l["kind"] == "rule" && l["rule"] == rule)
+            .collect();
+        v.sort_by_key(|l| l["question"].as_u64());
+        v
+    };
+    assert_eq!(lines.iter().filter(|l| l["kind"] == "online").count(), 3);
+    // Majority's answer is the most common sampled answer, where one is most common.
+    for m in rule_lines("majority") {
+        let mut counts = std::collections::HashMap::new();
+        for l in lines
+            .iter()
+            .filter(|l| l["kind"] == "sample" && l["question"] == m["question"])
+        {
+            if let Some(a) = l["answer"].as_str() {
+                *counts.entry(a.to_string()).or_insert(0) += 1;
+            }
+        }
+        let top = counts.values().copied().max().unwrap_or(0);
+        let modes: Vec<_> = counts.iter().filter(|(_, &c)| c == top).collect();
+        if let [(answer, _)] = modes[..] {
+            assert_eq!(m["answer"].as_str(), Some(answer.as_str()), "{m}");
+        }
+    }
+    // Each row's accuracy, and its paired count against majority, from the written lines.
+    let majority = rule_lines("majority");
+    for rule in ["greedy", "borda:0.5", "max:self_certainty"] {
+        let mine = rule_lines(rule);
+        assert_eq!(mine.len(), 3, "{rule}");
+        let correct = mine.iter().filter(|l| l["correct"] == true).count();
+        let gained = mine
+            .iter()
+            .zip(&majority)
+            .filter(|(a, b)| a["correct"] == true && b["correct"] == false)
+            .count();
+        let lost = mine
+            .iter()
+            .zip(&majority)
+            .filter(|(a, b)| a["correct"] == false && b["correct"] == true)
+            .count();
+        let row = stdout.lines().find(|l| l.starts_with(rule)).unwrap();
+        assert!(
+            row.contains(&format!("{:.1}%", 100.0 * correct as f64 / 3.0)),
+            "{row}"
+        );
+        assert!(row.contains(&format!("+{gained} −{lost} (p = ")), "{row}");
+    }
     // Questions in flight at once (default 4) or one at a time: the same traces and the
     // same table, since every question has its own seeds and a sample's tokens do not
     // depend on what else is in the batch.

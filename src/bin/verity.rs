@@ -609,14 +609,33 @@ fn run(cli: Cli) -> Result<(), String> {
             if let Some(f) = file.as_mut() {
                 f.flush().map_err(|e| e.to_string())?;
             }
+            // Rules are compared with majority vote question by question: intervals of
+            // two accuracies overlap long before a paired difference stops being real.
+            let baseline = results.iter().find(|r| r.rule == "majority");
             println!(
-                "{:<44} {:>9} {:>17} {:>12} {:>9}",
-                "rule", "accuracy", "95% interval", "tokens/q", "wall s"
+                "{:<44} {:>9} {:>17} {:>12} {:>9}   {}",
+                "rule",
+                "accuracy",
+                "95% interval",
+                "tokens/q",
+                "wall s",
+                if baseline.is_some() {
+                    "vs majority: +right −right (sign test p)"
+                } else {
+                    ""
+                }
             );
             for r in &results {
                 let (lo, hi) = r.interval();
+                let paired = match baseline {
+                    Some(b) if b.rule != r.rule => {
+                        let d = r.paired(b);
+                        format!("+{} −{} (p = {:.2})", d.gained, d.lost, d.p_value)
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<44} {:>8.1}% {:>7.1}% – {:>5.1}% {:>12.0} {:>9.1}",
+                    "{:<44} {:>8.1}% {:>7.1}% – {:>5.1}% {:>12.0} {:>9.1}   {paired}",
                     r.rule,
                     100.0 * r.accuracy(),
                     100.0 * lo,
