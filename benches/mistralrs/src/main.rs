@@ -2,21 +2,21 @@
 //!
 //! Same GGUF, same prompt tokens (the GSM8K duck-egg question in the model's chat template,
 //! and its first 8 tokens for the batch-scaling rows), the same number of new tokens per
-//! sequence (EOS is suppressed with a logit bias, since mistral.rs has no `ignore_eos`),
+//! sequence (EOS is suppressed by a logits processor, since mistral.rs has no `ignore_eos`),
 //! temperature 0.8, and the same clock: all requests of a row submitted at once, generated
 //! tokens divided by the wall time until the last one finishes.
 //!
 //! Usage: `verity-mistralrs-bench MODEL.gguf [BATCHES (1,4,16,64)] [TOKENS (64)]`.
 //! `run.sh` next to this crate builds it and prints both engines and their ratios.
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use mistralrs::{
-    GgufModelBuilder, Model, NormalRequest, Request, Response, SamplingParams, TextMessageRole,
-    TextMessages,
+    CustomLogitsProcessor, GgufModelBuilder, Model, NormalRequest, Request, Response,
+    SamplingParams, Tensor, TextMessageRole, TextMessages,
 };
 
 /// The question `verity bench decode` uses, with verity's `\boxed{}` instruction.
@@ -35,7 +35,11 @@ async fn main() -> Result<()> {
         .map(String::as_str)
         .unwrap_or("1,4,16,64")
         .split(',')
-        .map(|b| b.trim().parse().context("batch sizes are comma-separated integers"))
+        .map(|b| {
+            b.trim()
+                .parse()
+                .context("batch sizes are comma-separated integers")
+        })
         .collect::<Result<_>>()?;
     let tokens: usize = match args.get(3) {
         Some(t) => t.parse().context("TOKENS is an integer")?,
@@ -65,6 +69,9 @@ async fn main() -> Result<()> {
         .await?;
     let short = &prompt[..8.min(prompt.len())];
     let eos = eos_ids(&model, &prompt).await?;
+    if std::env::var_os("VERBOSE").is_some() {
+        eprintln!("suppressed: {eos:?}");
+    }
 
     println!("mistral.rs 0.8.1, CPU, {}", path.display());
     println!(
@@ -100,9 +107,22 @@ async fn main() -> Result<()> {
 /// usual end-of-text names.
 async fn eos_ids(model: &Model, prompt: &[u32]) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
-    for name in ["<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>"] {
+    for name in [
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "</s>",
+        "<s>",
+        "<|eot_id|>",
+    ] {
         let encoded = model
-            .tokenize(either::Either::Right(name.to_string()), None, false, false, None)
+            .tokenize(
+                either::Either::Right(name.to_string()),
+                None,
+                false,
+                false,
+                None,
+            )
             .await?;
         if let [id] = encoded[..] {
             ids.push(id);
@@ -115,6 +135,26 @@ async fn eos_ids(model: &Model, prompt: &[u32]) -> Result<Vec<u32>> {
         );
     }
     Ok(ids)
+}
+
+/// A logits processor that makes the `eos` tokens impossible. mistral.rs 0.8.1 accepts
+/// `SamplingParams::logits_bias` but never applies it (checked: nothing reads the field),
+/// so the bias has to be a processor. It costs one vocabulary-sized add per token.
+fn suppress(eos: &[u32]) -> Arc<dyn CustomLogitsProcessor> {
+    let eos = eos.to_vec();
+    Arc::new(
+        move |logits: &Tensor, _: &[u32]| -> mistralrs::Result<Tensor> {
+            let n = logits.dims().last().copied().unwrap_or(0);
+            let mut mask = vec![0f32; n];
+            for &id in &eos {
+                if let Some(m) = mask.get_mut(id as usize) {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+            let mask = Tensor::from_vec(mask, n, logits.device())?.to_dtype(logits.dtype())?;
+            logits.broadcast_add(&mask)
+        },
+    )
 }
 
 /// Generated tokens per second for `requests` concurrent requests of `n` choices each.
@@ -135,22 +175,34 @@ async fn throughput(
         sampling.temperature = Some(0.8);
         sampling.max_len = Some(tokens);
         sampling.n_choices = n;
-        sampling.logits_bias = Some(eos.iter().map(|&id| (id, -1e4)).collect::<HashMap<_, _>>());
-        let request = Request::Normal(Box::new(NormalRequest::new_simple(
+        let mut request = NormalRequest::new_simple(
             mistralrs::core::RequestMessage::CompletionTokens(prompt.to_vec()),
             sampling,
             tx,
             i,
             None,
             None,
-        )));
+        );
+        request.logits_processors = Some(vec![suppress(eos)]);
+        let request = Request::Normal(Box::new(request));
         sender.send(request).await?;
         receivers.push(rx);
     }
     let mut generated = 0;
     for mut rx in receivers {
         match rx.recv().await {
-            Some(Response::CompletionDone(done)) => generated += done.usage.completion_tokens,
+            Some(Response::CompletionDone(done)) => {
+                // `usage` counts one choice's tokens; with EOS suppressed every choice runs
+                // to `tokens`, which the finish reasons confirm.
+                if let Some(c) = done.choices.iter().find(|c| c.finish_reason != "length") {
+                    bail!(
+                        "a mistral.rs sequence ended early ({}) after {} tokens",
+                        c.finish_reason,
+                        done.usage.completion_tokens
+                    );
+                }
+                generated += done.choices.len() * done.usage.completion_tokens;
+            }
             Some(Response::CompletionModelError(e, _)) => bail!("mistral.rs model error: {e}"),
             Some(Response::InternalError(e)) | Some(Response::ValidationError(e)) => {
                 bail!("mistral.rs error: {e}")
@@ -159,5 +211,14 @@ async fn throughput(
             None => bail!("mistral.rs closed the response channel"),
         }
     }
-    Ok(generated as f64 / start.elapsed().as_secs_f64())
+    let elapsed = start.elapsed().as_secs_f64();
+    // EOS is suppressed, so every sequence runs to `tokens`; a shortfall would make the
+    // comparison unfair to mistral.rs.
+    if generated != requests * n * tokens {
+        bail!(
+            "mistral.rs generated {generated} tokens, expected {} ({requests} requests × {n} × {tokens})",
+            requests * n * tokens
+        );
+    }
+    Ok(generated as f64 / elapsed)
 }
