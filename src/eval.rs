@@ -77,8 +77,6 @@ pub struct EvalConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct RuleResult {
     pub rule: String,
-    pub correct: usize,
-    pub total: usize,
     /// Generated tokens per question the rule needed.
     pub mean_tokens: f64,
     pub wall: Duration,
@@ -97,16 +95,36 @@ pub struct Paired {
 }
 
 impl RuleResult {
+    fn new(rule: String, questions: usize) -> Self {
+        RuleResult {
+            rule,
+            mean_tokens: 0.0,
+            wall: Duration::ZERO,
+            outcomes: vec![false; questions],
+        }
+    }
+    /// One question's outcome; `mean_tokens` holds the sum until [`run`] divides it.
+    fn record(&mut self, question: usize, ok: bool, tokens: usize, wall: Duration) {
+        self.outcomes[question] = ok;
+        self.mean_tokens += tokens as f64;
+        self.wall += wall;
+    }
+    pub fn correct(&self) -> usize {
+        self.outcomes.iter().filter(|&&ok| ok).count()
+    }
+    pub fn total(&self) -> usize {
+        self.outcomes.len()
+    }
     pub fn accuracy(&self) -> f64 {
-        if self.total == 0 {
+        if self.total() == 0 {
             0.0
         } else {
-            self.correct as f64 / self.total as f64
+            self.correct() as f64 / self.total() as f64
         }
     }
     /// 95% Wilson score interval.
     pub fn interval(&self) -> (f64, f64) {
-        wilson(self.correct, self.total)
+        wilson(self.correct(), self.total())
     }
     /// This rule against `baseline`, question by question.
     pub fn paired(&self, baseline: &RuleResult) -> Paired {
@@ -313,25 +331,16 @@ pub fn run(
     let mut results: Vec<RuleResult> = config
         .rules
         .iter()
-        .map(|r| RuleResult {
-            rule: r.to_string(),
-            correct: 0,
-            total: 0,
-            mean_tokens: 0.0,
-            wall: Duration::ZERO,
-            outcomes: vec![false; items.len()],
-        })
+        .map(|r| RuleResult::new(r.to_string(), items.len()))
         .collect();
-    let mut online_result = config.online.as_ref().map(|o| RuleResult {
-        rule: format!(
-            "deepconf-online(warmup {}, p{}, window {})",
-            o.warmup, o.percentile, o.window
-        ),
-        correct: 0,
-        total: 0,
-        mean_tokens: 0.0,
-        wall: Duration::ZERO,
-        outcomes: vec![false; items.len()],
+    let mut online_result = config.online.as_ref().map(|o| {
+        RuleResult::new(
+            format!(
+                "deepconf-online(warmup {}, p{}, window {})",
+                o.warmup, o.percentile, o.window
+            ),
+            items.len(),
+        )
     });
     let write_err =
         |e: std::io::Error| Error::InvalidArgument(format!("cannot write the output: {e}"));
@@ -368,20 +377,11 @@ pub fn run(
                 }
             };
             for (ri, ok, tokens, wall) in outcome.rules {
-                let res = &mut results[ri];
-                res.total += 1;
-                res.correct += ok as usize;
-                res.mean_tokens += tokens as f64;
-                res.wall += wall;
-                res.outcomes[outcome.question] = ok;
+                results[ri].record(outcome.question, ok, tokens, wall);
             }
             if let (Some((ok, tokens, wall)), Some(res)) = (outcome.online, online_result.as_mut())
             {
-                res.total += 1;
-                res.correct += ok as usize;
-                res.mean_tokens += tokens as f64;
-                res.wall += wall;
-                res.outcomes[outcome.question] = ok;
+                res.record(outcome.question, ok, tokens, wall);
             }
             if let Some(out) = out.as_deref_mut() {
                 for line in outcome.lines {
@@ -396,8 +396,8 @@ pub fn run(
     })?;
     results.extend(online_result);
     for r in &mut results {
-        if r.total > 0 {
-            r.mean_tokens /= r.total as f64;
+        if r.total() > 0 {
+            r.mean_tokens /= r.total() as f64;
         }
     }
     Ok(results)
@@ -481,14 +481,11 @@ mod tests {
     use super::*;
 
     fn result(outcomes: &[bool]) -> RuleResult {
-        RuleResult {
-            rule: String::new(),
-            correct: outcomes.iter().filter(|&&o| o).count(),
-            total: outcomes.len(),
-            mean_tokens: 0.0,
-            wall: Duration::ZERO,
-            outcomes: outcomes.to_vec(),
+        let mut r = RuleResult::new(String::new(), outcomes.len());
+        for (q, &ok) in outcomes.iter().enumerate() {
+            r.record(q, ok, 0, Duration::ZERO);
         }
+        r
     }
 
     #[test]

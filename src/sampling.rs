@@ -119,27 +119,31 @@ pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     if params.top_k == 0 && params.top_p >= 1.0 && params.min_p == 0.0 {
         return sample_full(row, inv_t, rng);
     }
+    let top_k_cut = params.top_k > 0 && params.top_k < row.len();
     // The candidates: the top-k cut first (a linear selection), or the whole row.
-    let mut top_k_ids = Vec::new();
-    if params.top_k > 0 && params.top_k < row.len() {
-        top_k_ids = (0..row.len() as u32).collect();
-        top_k_ids.select_nth_unstable_by(params.top_k - 1, |&a, &b| by_logit(row, a, b));
-        top_k_ids.truncate(params.top_k);
-    }
-    let candidates: Option<&[u32]> = (!top_k_ids.is_empty()).then_some(&top_k_ids);
-    let max = match candidates {
-        Some(ids) => ids
-            .iter()
-            .map(|&i| row[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max),
-        None => row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-    };
-    let total = match candidates {
-        Some(ids) => ids
-            .iter()
-            .map(|&i| ((row[i as usize] as f64 - max as f64) * inv_t).exp())
-            .sum(),
-        None => crate::stats::sum_exp_scaled(row, max, inv_t as f32),
+    let top_k_ids: Option<Vec<u32>> = top_k_cut.then(|| {
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        ids.select_nth_unstable_by(params.top_k - 1, |&a, &b| by_logit(row, a, b));
+        ids.truncate(params.top_k);
+        ids
+    });
+    let candidates = top_k_ids.as_deref();
+    let (max, total) = match candidates {
+        Some(ids) => {
+            let max = ids
+                .iter()
+                .map(|&i| row[i as usize])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let total = ids
+                .iter()
+                .map(|&i| ((row[i as usize] as f64 - max as f64) * inv_t).exp())
+                .sum();
+            (max, total)
+        }
+        None => {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            (max, crate::stats::sum_exp_scaled(row, max, inv_t as f32))
+        }
     };
     let mut idx = nucleus_window(row, candidates, max, inv_t, total, params);
     idx.sort_unstable_by(|&a, &b| by_logit(row, a, b).then(a.cmp(&b)));

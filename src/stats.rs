@@ -148,11 +148,11 @@ pub(crate) fn sum_exp_scaled(row: &[f32], max: f32, scale: f32) -> f64 {
         let mut acc = [0f32; LANES];
         for chunk in chunks {
             for (a, &z) in acc.iter_mut().zip(chunk) {
-                *a += exp_term((z - max) * scale).0;
+                *a += exp_scaled(z, max, scale);
             }
         }
         for &z in rest {
-            acc[0] += exp_term((z - max) * scale).0;
+            acc[0] += exp_scaled(z, max, scale);
         }
         s += acc.iter().sum::<f32>() as f64;
     }
@@ -160,7 +160,7 @@ pub(crate) fn sum_exp_scaled(row: &[f32], max: f32, scale: f32) -> f64 {
 }
 
 /// e^{(z − max)·scale} in f32, the very term [`sum_exp_scaled`] adds up.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp_scaled(z: f32, max: f32, scale: f32) -> f32 {
     exp_term((z - max) * scale).0
 }

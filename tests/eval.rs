@@ -107,6 +107,7 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     };
     assert_eq!(lines.iter().filter(|l| l["kind"] == "online").count(), 3);
     // Majority's answer is the most common sampled answer, where one is most common.
+    let mut unique_modes = 0;
     for m in rule_lines("majority") {
         let mut counts = std::collections::HashMap::new();
         for l in lines
@@ -121,8 +122,13 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         let modes: Vec<_> = counts.iter().filter(|(_, &c)| c == top).collect();
         if let [(answer, _)] = modes[..] {
             assert_eq!(m["answer"].as_str(), Some(answer.as_str()), "{m}");
+            unique_modes += 1;
         }
     }
+    assert!(
+        unique_modes > 0,
+        "no question had a unique most common answer to check"
+    );
     // Each row's accuracy, and its paired count against majority, from the written lines.
     let majority = rule_lines("majority");
     for rule in ["greedy", "borda:0.5", "max:self_certainty"] {

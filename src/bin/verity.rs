@@ -611,7 +611,8 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             // Rules are compared with majority vote question by question: intervals of
             // two accuracies overlap long before a paired difference stops being real.
-            let baseline = results.iter().find(|r| r.rule == "majority");
+            let majority = verity::select::SelectionRule::Majority.to_string();
+            let baseline = results.iter().find(|r| r.rule == majority);
             println!(
                 "{:<44} {:>9} {:>17} {:>12} {:>9}   {}",
                 "rule",
