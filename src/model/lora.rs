@@ -241,8 +241,10 @@ impl LoraAdapter {
         self.scale
     }
 
-    /// Keeps the Vars from changing while held (a save reads them under it).
-    pub fn vars_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+    /// Keeps the Vars from changing while held. Only `adapter`'s saves take it, themselves,
+    /// while they read the Vars; nothing may hold it around a call into a save, since
+    /// parking_lot read locks are not re-entrant once a writer ([`Self::publish`]) waits.
+    pub(crate) fn vars_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
         self.vars_lock.read()
     }
 
