@@ -9,28 +9,35 @@ use crate::error::{Error, Result};
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Who speaks: `"system"`, `"user"`, `"assistant"` (templates may know others).
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message with any role.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
             content: content.into(),
         }
     }
+    /// A `"system"` message.
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
+    /// A `"user"` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
+    /// An `"assistant"` message.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }
 }
 
+/// A compiled Jinja chat template that turns a conversation into prompt text.
 pub struct ChatTemplate {
     source: String,
     env: minijinja::Environment<'static>,
@@ -73,6 +80,7 @@ impl ChatTemplate {
         })
     }
 
+    /// The Jinja source the template was compiled from.
     pub fn source(&self) -> &str {
         &self.source
     }

@@ -5,17 +5,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// How to pick each next token. The defaults are greedy decoding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SamplingParams {
-    /// 0 means greedy.
+    /// Divides the logits before the softmax; 0 means greedy (argmax).
     pub temperature: f32,
-    /// 0 means no top-k cut.
+    /// Keep only the `top_k` most likely tokens; 0 means no top-k cut.
     pub top_k: usize,
+    /// Keep the smallest set of most likely tokens whose probability reaches `top_p`;
     /// 1 means no nucleus cut.
     pub top_p: f32,
-    /// 0 means no min-p cut.
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 means no min-p cut.
     pub min_p: f32,
+    /// Seed of the sequence's own generator; the same seed and params give the same tokens.
     pub seed: u64,
 }
 
@@ -32,6 +35,8 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Errors with [`Error::InvalidArgument`] unless temperature ≥ 0 and finite,
+    /// top_p ∈ (0, 1] and min_p ∈ [0, 1].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::InvalidArgument(format!(
@@ -62,6 +67,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A generator whose whole stream is determined by `seed`.
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
         let mut next = || {
@@ -76,6 +82,7 @@ impl Rng {
         }
     }
 
+    /// The next 64 uniformly distributed bits.
     pub fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;
@@ -109,7 +116,7 @@ pub fn argmax(row: &[f32]) -> u32 {
 ///
 /// With a top-k, top-p or min-p cut the result is what sorting every candidate by logit
 /// (ties by id), normalizing over all of them, cutting, and drawing from the rest would give;
-/// but only the few candidates the cut can keep are sorted (see [`nucleus_window`]), since
+/// but only the few candidates the cut can keep are sorted (see `nucleus_window`), since
 /// a full sort of a 150k-entry vocabulary costs milliseconds per token.
 pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     if params.temperature == 0.0 || row.len() <= 1 {

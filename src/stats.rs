@@ -3,14 +3,14 @@
 //! formulas live (DESIGN.md, "Formulas"); everything else calls [`token_stats`].
 //!
 //! With p = softmax(z) over V entries, m = max(z), d = z − m and S = Σ e^d:
-//! - log-prob  = z[t] − logsumexp(z) = d[t] − ln S
-//! - entropy   = −Σ p ln p = ln S − Σ e^d d / S
-//! - self-certainty = KL(U ‖ p) = logsumexp(z) − mean(z) − ln V
-//! - confidence = −(1/k) Σ_{top-k} ln p = logsumexp(z) − mean of the k largest z
+//! - log-prob  = `z[t] − logsumexp(z) = d[t] − ln S`
+//! - entropy   = `−Σ p ln p = ln S − Σ e^d d / S`
+//! - self-certainty = `KL(U ‖ p) = logsumexp(z) − mean(z) − ln V`
+//! - confidence = `−(1/k) Σ_{top-k} ln p = logsumexp(z) − mean of the k largest z`
 //!
 //! The row is read twice, with no allocation for k ≤ 64: once for Σ z and the
 //! k largest logits (whose largest is m), once for S and Σ e^d d. Both passes run in
-//! [`LANES`] f32 lanes that the compiler vectorizes, and flush to f64 every [`BLOCK`]
+//! `LANES` (16) f32 lanes that the compiler vectorizes, and flush to f64 every `BLOCK` (256)
 //! entries, so the f32 rounding stays near 1e-7 relative while the totals are f64.
 
 use serde::{Deserialize, Serialize};
@@ -31,10 +31,15 @@ pub(crate) const BLOCK: usize = 16 * LANES;
 /// and the floor keeps every result a normal f32 (subnormals are slow on x86).
 const EXP_FLOOR: f32 = -80.0;
 
+/// What one generated token tells about the model's certainty; all in nats, from the raw
+/// logits (see the module docs for the formulas).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct TokenStats {
+    /// ln p of the chosen token (≤ 0).
     pub logprob: f32,
+    /// Entropy −Σ p ln p of the distribution, in [0, ln V].
     pub entropy: f32,
+    /// Self-certainty KL(U ‖ p), in [0, ∞): 0 for a uniform distribution.
     pub self_certainty: f32,
     /// DeepConf token confidence over the top `k` log-probs.
     pub confidence: f32,

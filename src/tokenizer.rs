@@ -39,14 +39,20 @@ const EOG_TEXTS: &[&str] = &[
 /// Special-token facts a generation loop needs.
 #[derive(Debug, Clone, Default)]
 pub struct SpecialTokens {
+    /// Beginning-of-sequence token, if the vocabulary has one.
     pub bos: Option<u32>,
+    /// End-of-sequence token, if the vocabulary has one.
     pub eos: Option<u32>,
     /// Tokens that end generation (eos, end-of-turn and the like).
     pub eog: Vec<u32>,
+    /// [`Tokenizer::encode`] prepends `bos`.
     pub add_bos: bool,
+    /// [`Tokenizer::encode`] appends `eos`.
     pub add_eos: bool,
 }
 
+/// A byte-level BPE tokenizer with its special tokens and chat template, built from a GGUF
+/// file's metadata or a Hugging Face `tokenizer.json`. Decoding is byte-exact.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Same tokenizer, but special tokens in the text are not parsed (split as plain text).
@@ -130,8 +136,17 @@ fn eog_ids(
 }
 
 impl Tokenizer {
+    /// Reads the tokenizer a GGUF file embeds, without loading any tensors.
+    ///
+    /// Errors if the file is not GGUF or its tokenizer is not byte-level BPE
+    /// (`tokenizer.ggml.model = gpt2`).
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        let (header, _) = crate::model::gguf::read_header(path)?;
+        Self::from_gguf(&header)
+    }
+
     /// Builds the tokenizer a GGUF file embeds (`tokenizer.ggml.model = gpt2`).
-    pub fn from_gguf(header: &GgufHeader) -> Result<Self> {
+    pub(crate) fn from_gguf(header: &GgufHeader) -> Result<Self> {
         let model = header.get_str("tokenizer.ggml.model").unwrap_or("");
         if model != "gpt2" {
             return Err(Error::Tokenizer(format!(
@@ -411,18 +426,24 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Number of token ids the tokenizer knows (may be less than the model's logits row).
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
+    /// BOS/EOS, end-of-generation tokens and whether encoding adds BOS/EOS.
     pub fn special(&self) -> &SpecialTokens {
         &self.special
     }
+    /// The model's chat template, if it ships one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }
+    /// True for tokens that end generation (eos, end-of-turn and the like).
     pub fn is_eog(&self, id: u32) -> bool {
         self.special.eog.binary_search(&id).is_ok()
     }
+    /// True for control (special) tokens, which decoding renders as nothing unless asked;
+    /// false for unknown ids.
     pub fn is_control(&self, id: u32) -> bool {
         self.control.get(id as usize).copied().unwrap_or(false)
     }

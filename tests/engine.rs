@@ -76,7 +76,10 @@ fn batched_decode_equals_one_at_a_time_on_the_tiny_model() {
         let handles: Vec<_> = prompts()
             .iter()
             .enumerate()
-            .map(|(i, p)| e.submit(req(p, 12 + i, temperature, 40 + i as u64)))
+            .map(|(i, p)| {
+                e.submit(req(p, 12 + i, temperature, 40 + i as u64), None)
+                    .unwrap()
+            })
             .collect();
         let together: Vec<_> = handles
             .into_iter()
@@ -91,7 +94,7 @@ fn batched_decode_equals_one_at_a_time_on_the_tiny_model() {
         );
         for (i, p) in prompts().iter().enumerate() {
             let alone = one
-                .generate(req(p, 12 + i, temperature, 40 + i as u64))
+                .generate(req(p, 12 + i, temperature, 40 + i as u64), None)
                 .unwrap();
             assert_eq!(
                 alone.traces[0].tokens, together[i].traces[0].tokens,
@@ -123,7 +126,7 @@ fn token_stats_equal_an_f64_reference_from_the_full_logits_row() {
     let e = engine(&model, EngineConfig::default());
     let prompt = [3u32, 1, 4, 1, 5, 9, 2, 6];
     let trace = e
-        .generate(req(&prompt, 10, 1.0, 5))
+        .generate(req(&prompt, 10, 1.0, 5), None)
         .unwrap()
         .traces
         .remove(0);
@@ -165,7 +168,7 @@ fn n_samples_prefill_the_prompt_once_and_match_separate_requests() {
     let e = engine(&model, EngineConfig::default());
     let mut r = req(&prompt, 8, 0.9, 1000);
     r.n = 16;
-    let together = e.generate(r).unwrap();
+    let together = e.generate(r, None).unwrap();
     assert_eq!(
         e.stats().prompt_tokens_prefilled,
         prompt.len() as u64,
@@ -178,7 +181,7 @@ fn n_samples_prefill_the_prompt_once_and_match_separate_requests() {
     let separate = engine(&model, EngineConfig::default());
     for (i, t) in together.traces.iter().enumerate() {
         let alone = separate
-            .generate(req(&prompt, 8, 0.9, 1000 + i as u64))
+            .generate(req(&prompt, 8, 0.9, 1000 + i as u64), None)
             .unwrap();
         assert_eq!(alone.traces[0].tokens, t.tokens, "sample {i}");
         assert_stats_close(&alone.traces[0].stats, &t.stats, 1e-4);
@@ -194,11 +197,11 @@ fn a_seed_gives_the_same_sample_in_a_batch_of_1_or_64() {
     let model = tiny_model("engine-seed");
     let e = engine(&model, EngineConfig::default());
     let target = req(&[7, 8, 9], 10, 1.0, 77);
-    let alone = e.generate(target.clone()).unwrap();
+    let alone = e.generate(target.clone(), None).unwrap();
     let others: Vec<_> = (0..63)
-        .map(|i| e.submit(req(&[i as u32 + 1, 2], 10, 1.0, i)))
+        .map(|i| e.submit(req(&[i as u32 + 1, 2], 10, 1.0, i), None).unwrap())
         .collect();
-    let in_batch = e.submit(target);
+    let in_batch = e.submit(target, None).unwrap();
     let in_batch = in_batch.blocking_completion().unwrap();
     for h in others {
         h.blocking_completion().unwrap();
@@ -217,7 +220,7 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
         },
     );
     // A long request is running; a short one arriving later finishes first.
-    let mut long = e.submit(req(&[1, 2, 3], 60, 0.0, 0));
+    let mut long = e.submit(req(&[1, 2, 3], 60, 0.0, 0), None).unwrap();
     let mut seen = 0;
     while seen < 5 {
         if let Some(Event::Token { .. }) = long.blocking_next() {
@@ -225,7 +228,8 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
         }
     }
     let short = e
-        .submit(req(&[4, 5], 3, 0.0, 0))
+        .submit(req(&[4, 5], 3, 0.0, 0), None)
+        .unwrap()
         .blocking_completion()
         .unwrap();
     assert_eq!(short.traces[0].tokens.len(), 3);
@@ -245,11 +249,11 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
     assert_eq!(aborted.traces[0].finish, FinishReason::Aborted);
     assert!(aborted.traces[0].tokens.len() >= 5);
     // Dropping a handle cancels too.
-    let dropped = e.submit(req(&[9, 9], 50, 0.0, 0));
+    let dropped = e.submit(req(&[9, 9], 50, 0.0, 0), None).unwrap();
     drop(dropped);
     // Many requests over a small budget all finish, and the budget is never exceeded.
     let handles: Vec<_> = (0..12)
-        .map(|i| e.submit(req(&[i + 1, 7, 7], 40, 0.0, 0)))
+        .map(|i| e.submit(req(&[i + 1, 7, 7], 40, 0.0, 0), None).unwrap())
         .collect();
     for h in handles {
         assert_eq!(h.blocking_completion().unwrap().traces[0].tokens.len(), 40);
@@ -260,11 +264,11 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
     // A request that can never fit, and an over-long prompt, are refused at once.
     let mut too_big = req(&[1], 60, 0.0, 0);
     too_big.n = 4;
-    let err = e.generate(too_big).unwrap_err().to_string();
+    let err = e.generate(too_big, None).unwrap_err().to_string();
     assert!(err.contains("budget is 200"), "{err}");
     let long_prompt: Vec<u32> = vec![3; 64];
     let err = e
-        .generate(req(&long_prompt, 1, 0.0, 0))
+        .generate(req(&long_prompt, 1, 0.0, 0), None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not fit the context of 64"), "{err}");
@@ -284,7 +288,7 @@ fn stop_strings_tokens_length_and_early_stop_end_traces_correctly() {
     let e = engine(&model, EngineConfig::default());
     let prompt = [40u32, 41, 42];
     let free = e
-        .generate(req(&prompt, 20, 0.0, 0))
+        .generate(req(&prompt, 20, 0.0, 0), None)
         .unwrap()
         .traces
         .remove(0);
@@ -300,7 +304,7 @@ fn stop_strings_tokens_length_and_early_stop_end_traces_correctly() {
     let stop: String = text5[cut..].to_string();
     let mut r = req(&prompt, 20, 0.0, 0);
     r.stop = vec![stop.clone()];
-    let stopped = e.generate(r).unwrap().traces.remove(0);
+    let stopped = e.generate(r, None).unwrap().traces.remove(0);
     assert_eq!(stopped.finish, FinishReason::Stop);
     let expected_text = &text5[..text5.find(&stop).unwrap()];
     assert_eq!(
@@ -315,14 +319,14 @@ fn stop_strings_tokens_length_and_early_stop_end_traces_correctly() {
         .iter()
         .position(|&t| t == free.tokens[2])
         .unwrap();
-    let t = e.generate(r).unwrap().traces.remove(0);
+    let t = e.generate(r, None).unwrap().traces.remove(0);
     assert_eq!((t.finish, t.tokens.len()), (FinishReason::Stop, first + 1));
     // End-of-generation token: bias the logits so <|im_end|> (an EOG id) always wins.
     let eog = *tok.special().eog.last().unwrap();
     let mut r = req(&prompt, 20, 0.0, 0);
     r.ignore_eos = false;
     r.penalties.logit_bias.insert(eog, 1e4);
-    let t = e.generate(r).unwrap().traces.remove(0);
+    let t = e.generate(r, None).unwrap().traces.remove(0);
     assert_eq!(
         (t.finish, t.tokens.as_slice(), t.text.as_str()),
         (FinishReason::Stop, &[eog][..], "")
@@ -332,11 +336,11 @@ fn stop_strings_tokens_length_and_early_stop_end_traces_correctly() {
     r.early_stop = Some(Arc::new(|_| {
         Box::new(StopAfter(5)) as Box<dyn TraceMonitor>
     }));
-    let t = e.generate(r).unwrap().traces.remove(0);
+    let t = e.generate(r, None).unwrap().traces.remove(0);
     assert_eq!(t.finish, FinishReason::AbortedLowConfidence);
     assert_eq!(t.tokens, free.tokens[..5]);
     // Streamed deltas add up to the final text.
-    let mut h = e.submit(req(&prompt, 20, 0.0, 0));
+    let mut h = e.submit(req(&prompt, 20, 0.0, 0), None).unwrap();
     let mut streamed = String::new();
     let mut done = None;
     while let Some(ev) = h.blocking_next() {
@@ -362,14 +366,14 @@ fn smollm2_batched_equals_alone_and_greedy_stats_match_the_reference() {
         .collect();
     let handles: Vec<_> = prompts
         .iter()
-        .map(|p| e.submit(req(p, 12, 0.8, 3)))
+        .map(|p| e.submit(req(p, 12, 0.8, 3), None).unwrap())
         .collect();
     let together: Vec<_> = handles
         .into_iter()
         .map(|h| h.blocking_completion().unwrap())
         .collect();
     for (p, t) in prompts.iter().zip(&together) {
-        let alone = e.generate(req(p, 12, 0.8, 3)).unwrap();
+        let alone = e.generate(req(p, 12, 0.8, 3), None).unwrap();
         assert_eq!(alone.traces[0].tokens, t.traces[0].tokens);
         assert_stats_close(&alone.traces[0].stats, &t.traces[0].stats, 1e-3);
     }
@@ -385,7 +389,7 @@ fn smollm2_batched_equals_alone_and_greedy_stats_match_the_reference() {
         }
         let mut r = req(&ids(&p["prompt_token_ids"]), robust, 0.0, 0);
         r.ignore_eos = false;
-        let trace = e.generate(r).unwrap().traces.remove(0);
+        let trace = e.generate(r, None).unwrap().traces.remove(0);
         for (st, step) in trace.stats.iter().zip(p["steps"].as_array().unwrap()) {
             let slack = 1.5; // quantized path, see tests/reference.rs
             assert!(

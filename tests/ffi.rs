@@ -116,9 +116,8 @@ fn c_example_gives_what_the_rust_api_gives() {
     request.sampling.seed = 42;
     let result = runtime
         .generate(GenerateRequest {
-            request,
             selection: Some("borda:0.5".parse().unwrap()),
-            verify: None,
+            ..GenerateRequest::new(request)
         })
         .expect("generate");
     let mut expected: Vec<String> = result
@@ -213,4 +212,83 @@ fn python_bindings_pass_their_tests() {
         "unittest did not report OK:\n{stderr}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The C status of what the runtime returns keeps its kind: a decode step that fails is
+/// `VERITY_ERR_INTERNAL` (verity's fault), a bad parameter `VERITY_ERR_INVALID_ARGUMENT`
+/// (the caller's), a runtime being freed under a request `VERITY_ERR_UNAVAILABLE`; and the
+/// runtime keeps working after the failed step.
+#[test]
+fn c_status_codes_tell_internal_failures_from_bad_arguments() {
+    use std::ffi::{CStr, CString};
+    use verity::ffi::verity_status::*;
+    use verity::ffi::*;
+    let model = CString::new(common::real_model(common::SMOLLM2).to_str().unwrap()).unwrap();
+    let last_error = || {
+        unsafe { CStr::from_ptr(verity_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    unsafe {
+        let mut params = verity_runtime_default_params();
+        let bad_device = CString::new("cuda:7").unwrap();
+        params.device = bad_device.as_ptr();
+        let mut rt: *mut verity_runtime = std::ptr::null_mut();
+        let status = verity_runtime_new(model.as_ptr(), params, &mut rt);
+        assert_eq!(status, VERITY_ERR_INVALID_ARGUMENT, "{}", last_error());
+        assert!(last_error().contains("device 'cuda:7'"), "{}", last_error());
+
+        let cpu = CString::new("cpu").unwrap();
+        params.device = cpu.as_ptr();
+        assert_eq!(
+            verity_runtime_new(model.as_ptr(), params, &mut rt),
+            VERITY_OK,
+            "{}",
+            last_error()
+        );
+        let prompt = CString::new("Hello").unwrap();
+        let mut request = verity_generate_default_params();
+        request.prompt = prompt.as_ptr();
+        request.max_tokens = 4;
+        let mut out: *mut verity_result = std::ptr::null_mut();
+
+        assert_eq!(verity_test_fail_next_decode_steps(rt, 1), VERITY_OK);
+        assert_eq!(verity_generate(rt, &request, &mut out), VERITY_ERR_INTERNAL);
+        assert!(
+            last_error().contains("decode step failed"),
+            "{}",
+            last_error()
+        );
+        assert!(out.is_null());
+
+        assert_eq!(
+            verity_generate(rt, &request, &mut out),
+            VERITY_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(verity_result_free(out), VERITY_OK);
+
+        request.temperature = -1.0;
+        assert_eq!(
+            verity_generate(rt, &request, &mut out),
+            VERITY_ERR_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("temperature"), "{}", last_error());
+        assert_eq!(verity_runtime_free(rt), VERITY_OK);
+    }
+    // The one mapping, checked against each kind.
+    use verity::Error;
+    for (error, status) in [
+        (Error::Internal("x".into()), VERITY_ERR_INTERNAL),
+        (Error::Unavailable("x".into()), VERITY_ERR_UNAVAILABLE),
+        (
+            Error::InvalidArgument("x".into()),
+            VERITY_ERR_INVALID_ARGUMENT,
+        ),
+        (Error::NotFound("x".into()), VERITY_ERR_NOT_FOUND),
+        (Error::Busy("x".into()), VERITY_ERR_BUSY),
+    ] {
+        assert_eq!(status_of(&error), status, "{error}");
+    }
 }

@@ -8,6 +8,7 @@ mod common;
 use common::*;
 
 use serde_json::Value;
+use verity::engine::{Engine, EngineConfig, FinishReason, Prompt, Request};
 use verity::model::{StepInput, WeightFormat};
 use verity::stats::token_stats;
 use verity::{ChatMessage, LoadOptions, Model};
@@ -43,8 +44,7 @@ fn load(case: &Case, format: WeightFormat) -> (Value, Model) {
 fn check_tokenizer(case: &Case) {
     let reference = reference(case.reference);
     let path = real_model(case.model);
-    let (header, _) = verity::model::gguf::read_header(&path).unwrap();
-    let tok = verity::Tokenizer::from_gguf(&header).unwrap();
+    let tok = verity::Tokenizer::from_gguf_file(&path).unwrap();
     let cases = reference["tokenize"]["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 20);
     for c in cases {
@@ -318,6 +318,8 @@ fn qwen_teacher_forced_logits_and_stats_match_llama_cpp() {
 /// Free-running greedy decode reproduces llama.cpp's tokens up to its first near-tie.
 fn check_greedy(case: &Case) {
     let (reference, model) = load(case, WeightFormat::Quantized);
+    // Greedy (the default sampling) through the engine, one request at a time.
+    let engine = Engine::new(std::sync::Arc::new(model), EngineConfig::default()).unwrap();
     let mut compared = 0;
     for p in reference["greedy"]["prompts"].as_array().unwrap() {
         let prompt = ids(&p["prompt_token_ids"]);
@@ -329,15 +331,13 @@ fn check_greedy(case: &Case) {
         if robust == 0 {
             continue;
         }
-        let g =
-            verity::generate::generate(&model, &prompt, robust, &Default::default(), |_, _, _| {
-                true
-            })
-            .unwrap();
+        let mut request = Request::new(Prompt::Tokens(prompt));
+        request.max_tokens = robust;
+        let g = engine.generate(request, None).unwrap().traces.remove(0);
         assert_eq!(&g.tokens[..robust], &expected[..robust], "{}", p["name"]);
         compared += robust;
         if p["stopped_on_eog"].as_bool().unwrap() && robust == expected.len() {
-            assert_eq!(g.finish, verity::generate::FinishReason::Stop);
+            assert_eq!(g.finish, FinishReason::Stop);
         }
     }
     assert!(compared > 0, "no prompt had a margin-robust prefix");

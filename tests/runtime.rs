@@ -92,7 +92,7 @@ fn adapters_round_trip_and_errors_are_typed() {
     let greedy = |adapter: &str| {
         let mut r = request(1, 0);
         r.request.sampling.temperature = 0.0;
-        r.request.adapter = Some(adapter.into());
+        r.adapter = Some(adapter.into());
         rt.generate(r).unwrap().traces.remove(0).trace.text
     };
     assert_eq!(greedy("copy"), greedy("base"));
@@ -135,4 +135,34 @@ fn adapters_round_trip_and_errors_are_typed() {
     let report = rt.learn_step().unwrap();
     assert!(!report.applied && report.skipped.is_some());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An error keeps its kind from the engine to the surfaces: a failed decode step is
+/// `Internal` (HTTP 500), a bad parameter `InvalidArgument` refused at submit (400), a
+/// stopped runtime `Unavailable` (503). The engine survives a failed step.
+#[test]
+fn errors_keep_their_kind_from_the_engine_to_the_surfaces() {
+    let rt = runtime();
+    rt.fail_next_decode_steps(1);
+    let err = rt.generate(request(2, 0)).unwrap_err();
+    assert!(matches!(err, Error::Internal(_)), "{err}");
+    assert!(err.to_string().contains("decode step failed"), "{err}");
+    assert_eq!(err.http_status(), 500);
+    assert_eq!(rt.generate(request(2, 1)).unwrap().traces.len(), 2);
+
+    let mut bad = request(1, 0);
+    bad.request.sampling.temperature = f32::NAN;
+    let err = rt.submit(bad).err().expect("refused at submit");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert_eq!(err.http_status(), 400);
+    let stats = rt.stats();
+    assert_eq!((stats.requests_failed, stats.in_flight), (2, 0));
+
+    rt.shutdown();
+    let err = rt
+        .submit(request(1, 0))
+        .err()
+        .expect("refused after shutdown");
+    assert!(matches!(err, Error::Unavailable(_)), "{err}");
+    assert_eq!(err.http_status(), 503);
 }

@@ -341,17 +341,16 @@ fn the_engine_uses_new_adapter_weights_on_its_next_step_and_base_requests_are_un
     let model = tiny(DType::F32, "train-handoff");
     let adapter = adapter(&model, DType::F32);
     let engine = Engine::new(model.clone(), EngineConfig::default()).unwrap();
-    engine.register_adapter("policy", adapter.clone());
-    let request = |adapter: Option<&str>| {
+    let request = || {
         let mut r = Request::new(Prompt::Tokens(vec![5, 6, 7]));
         r.max_tokens = 4;
         r.ignore_eos = true;
-        r.adapter = adapter.map(str::to_string);
         r
     };
-    let base_before = engine.generate(request(None)).unwrap().traces.remove(0);
+    let policy = Some(adapter.clone());
+    let base_before = engine.generate(request(), None).unwrap().traces.remove(0);
     let tuned_before = engine
-        .generate(request(Some("policy")))
+        .generate(request(), policy.clone())
         .unwrap()
         .traces
         .remove(0);
@@ -374,7 +373,7 @@ fn the_engine_uses_new_adapter_weights_on_its_next_step_and_base_requests_are_un
     assert!(report.applied);
     assert!(report.handoff_time.as_secs_f64() < 0.1);
     let tuned_after = engine
-        .generate(request(Some("policy")))
+        .generate(request(), policy.clone())
         .unwrap()
         .traces
         .remove(0);
@@ -382,7 +381,7 @@ fn the_engine_uses_new_adapter_weights_on_its_next_step_and_base_requests_are_un
         tuned_after.stats[0].logprob, tuned_before.stats[0].logprob,
         "the next decode step sees the update"
     );
-    let base_after = engine.generate(request(None)).unwrap().traces.remove(0);
+    let base_after = engine.generate(request(), None).unwrap().traces.remove(0);
     assert_eq!(
         base_after.stats, base_before.stats,
         "the base model is untouched"

@@ -206,6 +206,14 @@ class LifetimeTest(unittest.TestCase):
         with self.assertRaises(TypeError):
             Runtime(MODEL, no_such_option=1)
 
+    def test_device_option(self):
+        with self.assertRaises(VerityError) as e:
+            Runtime(MODEL, device="tpu:0")
+        self.assertEqual(e.exception.name, "VERITY_ERR_INVALID_ARGUMENT")
+        self.assertIn("device 'tpu:0'", e.exception.message)
+        with Runtime(MODEL, device="cpu") as rt:
+            self.assertEqual(len(rt.generate("Hi", max_tokens=2, ignore_eos=True).traces[0].tokens), 2)
+
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):

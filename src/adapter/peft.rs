@@ -242,7 +242,9 @@ pub(super) fn known_modules() -> String {
 
 /// One tensor key, parsed.
 pub(super) struct ParsedKey {
+    /// Layer index N of `layers.{N}`.
     pub layer: usize,
+    /// Which module of the layer.
     pub target: LoraTarget,
     /// `lora_B` (else `lora_A`).
     pub b: bool,

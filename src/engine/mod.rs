@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{Error, Result};
@@ -66,18 +66,24 @@ impl Default for EngineConfig {
 pub struct EngineStats {
     /// Prompt tokens run through the model (a prompt shared by n samples counts once).
     pub prompt_tokens_prefilled: u64,
+    /// Tokens sampled.
     pub generated_tokens: u64,
+    /// Forward steps run.
     pub steps: u64,
     /// KV positions reserved by admitted requests now, and the most ever.
     pub kv_reserved: usize,
+    /// The most KV positions ever reserved at once.
     pub kv_peak: usize,
+    /// Requests admitted and decoding.
     pub running_requests: usize,
+    /// Requests queued for KV or batch room.
     pub waiting_requests: usize,
+    /// Requests whose traces were sent.
     pub requests_finished: u64,
 }
 
 enum Command {
-    Submit(u64, Box<Request>, UnboundedSender<Event>),
+    Submit(Box<Waiting>),
     Abort(u64),
     Shutdown,
 }
@@ -86,10 +92,15 @@ struct Shared {
     model: Arc<Model>,
     config: EngineConfig,
     stats: Mutex<EngineStats>,
-    adapters: RwLock<HashMap<String, Arc<LoraAdapter>>>,
+    /// Decode steps still to fail on purpose (tests of the error paths).
+    #[cfg(feature = "test-hooks")]
+    fail_steps: std::sync::atomic::AtomicUsize,
 }
 
 /// A running engine. Cheap to share behind an `Arc`; every method takes `&self`.
+///
+/// This is the low-level decoder: it knows prompts, samples and adapters handed to it, not
+/// adapter ids, scores or feedback. Applications use [`crate::Runtime`], which owns one.
 pub struct Engine {
     shared: Arc<Shared>,
     commands: Mutex<mpsc::Sender<Command>>,
@@ -99,12 +110,14 @@ pub struct Engine {
 
 /// The stream of one request. Dropping it cancels the request and frees its KV.
 pub struct RequestHandle {
+    /// The engine's id of the request.
     pub id: u64,
     events: UnboundedReceiver<Event>,
     commands: mpsc::Sender<Command>,
 }
 
 impl RequestHandle {
+    /// The next event; token events first, then one `Done` or `Error`.
     pub async fn next(&mut self) -> Option<Event> {
         self.events.recv().await
     }
@@ -125,6 +138,7 @@ impl RequestHandle {
         }
         Err(engine_gone())
     }
+    /// Blocking variant of [`Self::completion`]; do not call from inside an async runtime.
     pub fn blocking_completion(mut self) -> Result<Completion> {
         while let Some(event) = self.blocking_next() {
             if let Some(done) = final_result(event) {
@@ -152,16 +166,17 @@ pub fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>> {
 fn final_result(event: Event) -> Option<Result<Completion>> {
     match event {
         Event::Done(c) => Some(Ok(c)),
-        Event::Error(e) => Some(Err(Error::InvalidArgument(e))),
+        Event::Error(e) => Some(Err(e)),
         Event::Token { .. } => None,
     }
 }
 
-fn engine_gone() -> Error {
-    Error::InvalidArgument("the engine stopped before the request finished".into())
+pub(crate) fn engine_gone() -> Error {
+    Error::Unavailable("the engine stopped before the request finished".into())
 }
 
 impl Engine {
+    /// Starts the engine loop on its own thread.
     pub fn new(model: Arc<Model>, config: EngineConfig) -> Result<Self> {
         if config.kv_budget_tokens == 0 || config.max_batch == 0 || config.prefill_chunk == 0 {
             return Err(Error::InvalidArgument(
@@ -172,14 +187,15 @@ impl Engine {
             model,
             config,
             stats: Mutex::new(EngineStats::default()),
-            adapters: RwLock::new(HashMap::new()),
+            #[cfg(feature = "test-hooks")]
+            fail_steps: std::sync::atomic::AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let loop_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("verity-engine".into())
             .spawn(move || Scheduler::new(loop_shared, rx).run())
-            .map_err(|e| Error::InvalidArgument(format!("cannot start the engine thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             shared,
             commands: Mutex::new(tx),
@@ -188,48 +204,66 @@ impl Engine {
         })
     }
 
+    /// The model every request decodes with.
     pub fn model(&self) -> &Arc<Model> {
         &self.shared.model
     }
 
-    /// Queues a request; events arrive on the returned handle.
-    pub fn submit(&self, request: Request) -> RequestHandle {
+    /// The limits the engine was started with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.config
+    }
+
+    /// Checks and tokenizes a request on the caller's thread (the engine thread only
+    /// decodes), then queues it; events arrive on the returned handle. `adapter` is decoded
+    /// with at every step (its latest published snapshot). A request that could never run
+    /// (bad parameters, too long, over the budget) is refused here.
+    pub fn submit(
+        &self,
+        request: Request,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) -> Result<RequestHandle> {
+        let (prompt, max_tokens, need) = prepare(&self.shared, &request)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = unbounded_channel();
+        let (events, rx) = unbounded_channel();
         let commands = self.commands.lock().clone();
-        if commands
-            .send(Command::Submit(id, Box::new(request), tx.clone()))
-            .is_err()
-        {
-            let _ = tx.send(Event::Error("the engine has shut down".into()));
-        }
-        RequestHandle {
+        let waiting = Waiting {
+            id,
+            request: Box::new(request),
+            adapter,
+            events,
+            prompt,
+            max_tokens,
+            need,
+        };
+        commands
+            .send(Command::Submit(Box::new(waiting)))
+            .map_err(|_| Error::Unavailable("the engine has shut down".into()))?;
+        Ok(RequestHandle {
             id,
             events: rx,
             commands,
-        }
+        })
     }
 
     /// Submits and waits (blocking); do not call from inside an async runtime.
-    pub fn generate(&self, request: Request) -> Result<Completion> {
-        self.submit(request).blocking_completion()
+    pub fn generate(
+        &self,
+        request: Request,
+        adapter: Option<Arc<LoraAdapter>>,
+    ) -> Result<Completion> {
+        self.submit(request, adapter)?.blocking_completion()
     }
 
-    /// Makes an adapter selectable by id; the engine reads its tensors at every step.
-    pub fn register_adapter(&self, id: impl Into<String>, adapter: Arc<LoraAdapter>) {
-        self.shared.adapters.write().insert(id.into(), adapter);
-    }
-    pub fn remove_adapter(&self, id: &str) -> Option<Arc<LoraAdapter>> {
-        self.shared.adapters.write().remove(id)
-    }
-    /// The ids of every registered adapter (unordered).
-    pub fn adapter_ids(&self) -> Vec<String> {
-        self.shared.adapters.read().keys().cloned().collect()
-    }
-    pub fn adapter(&self, id: &str) -> Option<Arc<LoraAdapter>> {
-        self.shared.adapters.read().get(id).cloned()
+    /// Makes the next `steps` decode steps fail, as a broken device would (tests of the
+    /// error paths only).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn fail_next_steps(&self, steps: usize) {
+        self.shared.fail_steps.store(steps, Ordering::SeqCst);
     }
 
+    /// Counters since the engine started.
     pub fn stats(&self) -> EngineStats {
         self.shared.stats.lock().clone()
     }
@@ -247,6 +281,47 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Checks a request against the model and the limits and tokenizes it: (prompt, max_tokens
+/// after the context cap, KV positions it reserves).
+fn prepare(shared: &Shared, request: &Request) -> Result<(Vec<u32>, usize, usize)> {
+    request.validate()?;
+    let model = &shared.model;
+    let prompt = prompt_tokens(model, &request.prompt)?;
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument("the prompt has no tokens".into()));
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::InvalidArgument(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let context = model.config().max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(Error::PromptTooLong {
+            tokens: prompt.len(),
+            context,
+        });
+    }
+    let max_tokens = request.max_tokens.min(context - prompt.len());
+    let need = prompt.len() + request.n * max_tokens;
+    let budget = shared.config.kv_budget_tokens;
+    if need > budget {
+        return Err(Error::InvalidArgument(format!(
+            "the request needs {need} KV positions ({} prompt + {} samples × {max_tokens}) but the engine's budget is {budget}",
+            prompt.len(),
+            request.n
+        )));
+    }
+    if request.n > shared.config.max_batch {
+        return Err(Error::InvalidArgument(format!(
+            "n = {} exceeds the engine's batch limit of {}",
+            request.n, shared.config.max_batch
+        )));
+    }
+    Ok((prompt, max_tokens, need))
 }
 
 /// One sample of a running request.
@@ -282,6 +357,7 @@ struct Active {
 struct Waiting {
     id: u64,
     request: Box<Request>,
+    adapter: Option<Arc<LoraAdapter>>,
     events: UnboundedSender<Event>,
     prompt: Vec<u32>,
     max_tokens: usize,
@@ -328,7 +404,7 @@ impl Scheduler {
             let pending: Vec<Command> = first.into_iter().chain(self.commands.try_iter()).collect();
             for command in pending {
                 match command {
-                    Command::Submit(id, request, events) => self.enqueue(id, request, events),
+                    Command::Submit(waiting) => self.waiting.push_back(*waiting),
                     Command::Abort(id) => self.abort(id),
                     Command::Shutdown => {
                         for a in self
@@ -337,7 +413,9 @@ impl Scheduler {
                             .map(|a| a.events)
                             .chain(self.waiting.drain(..).map(|w| w.events))
                         {
-                            let _ = a.send(Event::Error("the engine shut down".into()));
+                            let _ = a.send(Event::Error(Error::Unavailable(
+                                "the engine shut down before the request finished".into(),
+                            )));
                         }
                         return;
                     }
@@ -348,9 +426,9 @@ impl Scheduler {
                 if let Err(e) = self.step() {
                     // A failed step fails the requests in it, never the engine.
                     for a in self.active.drain(..) {
-                        let _ = a
-                            .events
-                            .send(Event::Error(format!("decode step failed: {e}")));
+                        let _ = a.events.send(Event::Error(Error::Internal(format!(
+                            "decode step failed: {e}"
+                        ))));
                     }
                     self.reserved = 0;
                 }
@@ -365,69 +443,6 @@ impl Scheduler {
         s.kv_peak = s.kv_peak.max(self.reserved);
         s.running_requests = self.active.len();
         s.waiting_requests = self.waiting.len();
-    }
-
-    /// Tokenizes and checks a request; refuses at once what can never run.
-    fn enqueue(&mut self, id: u64, request: Box<Request>, events: UnboundedSender<Event>) {
-        match self.prepare(&request) {
-            Ok((prompt, max_tokens, need)) => self.waiting.push_back(Waiting {
-                id,
-                request,
-                events,
-                prompt,
-                max_tokens,
-                need,
-            }),
-            Err(e) => {
-                let _ = events.send(Event::Error(e.to_string()));
-            }
-        }
-    }
-
-    fn prepare(&self, request: &Request) -> Result<(Vec<u32>, usize, usize)> {
-        request.validate()?;
-        let model = &self.shared.model;
-        let prompt = prompt_tokens(model, &request.prompt)?;
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument("the prompt has no tokens".into()));
-        }
-        let vocab = model.config().vocab_size;
-        if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidArgument(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        let context = model.config().max_position_embeddings;
-        if prompt.len() >= context {
-            return Err(Error::PromptTooLong {
-                tokens: prompt.len(),
-                context,
-            });
-        }
-        if let Some(id) = &request.adapter {
-            if !self.shared.adapters.read().contains_key(id) {
-                return Err(Error::InvalidArgument(format!(
-                    "no adapter '{id}' is registered"
-                )));
-            }
-        }
-        let max_tokens = request.max_tokens.min(context - prompt.len());
-        let need = prompt.len() + request.n * max_tokens;
-        let budget = self.shared.config.kv_budget_tokens;
-        if need > budget {
-            return Err(Error::InvalidArgument(format!(
-                "the request needs {need} KV positions ({} prompt + {} samples × {max_tokens}) but the engine's budget is {budget}",
-                prompt.len(),
-                request.n
-            )));
-        }
-        if request.n > self.shared.config.max_batch {
-            return Err(Error::InvalidArgument(format!(
-                "n = {} exceeds the engine's batch limit of {}",
-                request.n, self.shared.config.max_batch
-            )));
-        }
-        Ok((prompt, max_tokens, need))
     }
 
     /// Admits waiting requests in order while they fit the budget and the batch.
@@ -446,21 +461,9 @@ impl Scheduler {
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
-            let adapter = match &w.request.adapter {
-                Some(id) => match self.shared.adapters.read().get(id).cloned() {
-                    Some(a) => Some(a),
-                    None => {
-                        let _ = w
-                            .events
-                            .send(Event::Error(format!("adapter '{id}' was removed")));
-                        continue;
-                    }
-                },
-                None => None,
-            };
             let mut prompt_kv = self.shared.model.transformer.new_kv();
             if let Err(e) = prompt_kv.reserve(w.prompt.len()) {
-                let _ = w.events.send(Event::Error(e.to_string()));
+                let _ = w.events.send(Event::Error(e));
                 continue;
             }
             self.reserved += w.need;
@@ -472,7 +475,7 @@ impl Scheduler {
                 max_tokens: w.max_tokens,
                 prefilled: 0,
                 prompt_kv: Some(prompt_kv),
-                adapter,
+                adapter: w.adapter,
                 samples: Vec::new(),
                 reserved: w.need,
                 cancelled: false,
@@ -497,6 +500,17 @@ impl Scheduler {
 
     /// One forward step for every running sample and one prompt chunk budget.
     fn step(&mut self) -> Result<()> {
+        #[cfg(feature = "test-hooks")]
+        if self
+            .shared
+            .fail_steps
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(Error::Internal(
+                "a decode step failed (forced by a test)".into(),
+            ));
+        }
         let config = &self.shared.config;
         let mut chunk_left = config.prefill_chunk;
         let mut batch_left = config.max_batch;

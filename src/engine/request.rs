@@ -38,6 +38,7 @@ pub struct Penalties {
 }
 
 impl Penalties {
+    /// True when no adjustment changes a logit (the sampler then reads the row as is).
     pub fn is_noop(&self) -> bool {
         (self.repetition == 1.0 || self.repetition == 0.0)
             && self.frequency == 0.0
@@ -60,13 +61,16 @@ pub type EarlyStop = Arc<dyn Fn(usize) -> Box<dyn TraceMonitor> + Send + Sync>;
 /// One generation request: a prompt and how to continue it `n` times.
 #[derive(Clone)]
 pub struct Request {
+    /// What to continue.
     pub prompt: Prompt,
     /// Number of samples; the prompt is prefilled once and its KV shared by all of them.
     pub n: usize,
+    /// Tokens per sample at most (capped by the context).
     pub max_tokens: usize,
     /// Sample i draws from its own generator seeded with `sampling.seed + i`, so its tokens
     /// do not depend on the rest of the batch.
     pub sampling: SamplingParams,
+    /// Repetition, frequency and presence penalties and logit bias.
     pub penalties: Penalties,
     /// Strings that end a trace (matched on the decoded text, across token boundaries;
     /// the stop string is not part of the output).
@@ -77,8 +81,7 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Record this many top alternatives (id, log-prob) per token; 0 = none.
     pub top_logprobs: usize,
-    /// LoRA adapter by id (registered with the engine); None = base model.
-    pub adapter: Option<String>,
+    /// Makes a monitor per sample that can stop it early (DeepConf-online).
     pub early_stop: Option<EarlyStop>,
 }
 
@@ -90,12 +93,12 @@ impl std::fmt::Debug for Request {
             .field("max_tokens", &self.max_tokens)
             .field("sampling", &self.sampling)
             .field("stop", &self.stop)
-            .field("adapter", &self.adapter)
             .finish_non_exhaustive()
     }
 }
 
 impl Request {
+    /// One greedy sample of at most 256 tokens, no stops, no penalties.
     pub fn new(prompt: Prompt) -> Self {
         Self {
             prompt,
@@ -107,13 +110,14 @@ impl Request {
             stop_tokens: Vec::new(),
             ignore_eos: false,
             top_logprobs: 0,
-            adapter: None,
             early_stop: None,
         }
     }
+    /// A request for raw text (special-token text in it is parsed).
     pub fn text(text: impl Into<String>) -> Self {
         Self::new(Prompt::Text(text.into()))
     }
+    /// A request for a conversation, rendered with the model's chat template.
     pub fn chat(messages: Vec<ChatMessage>) -> Self {
         Self::new(Prompt::Chat(messages))
     }
@@ -160,9 +164,11 @@ pub enum FinishReason {
 /// One finished sample.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trace {
+    /// The sample (0..n).
     pub index: usize,
     /// Generated token ids (an end-of-generation token that ended it is included).
     pub tokens: Vec<u32>,
+    /// The decoded text (stop string excluded).
     pub text: String,
     /// Per generated token, from the raw logits of the step that produced it.
     pub stats: Vec<TokenStats>,
@@ -170,6 +176,7 @@ pub struct Trace {
     pub token_end: Vec<usize>,
     /// Top alternatives (id, log-prob) per token, when asked for.
     pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    /// Why it ended.
     pub finish: FinishReason,
     /// Version of the request's adapter when the trace started (0 for the base model);
     /// the trainer uses it to decide whether decode-time log-probs are on-policy.
@@ -177,25 +184,31 @@ pub struct Trace {
 }
 
 /// What a request's stream carries.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Event {
     /// A token of sample `index` and the text it completed (may be empty while a
     /// character or a possible stop string is incomplete).
     Token {
+        /// The sample (0..n).
         index: usize,
+        /// The token id.
         token: u32,
+        /// Text completed by this token.
         text: String,
+        /// Its statistics, from the raw logits of the step that produced it.
         stats: TokenStats,
     },
     /// Every trace, in sample order; the last event of a request.
     Done(Completion),
     /// The request failed; the last event.
-    Error(String),
+    Error(Error),
 }
 
 /// The result of a request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Completion {
+    /// Prompt length in tokens.
     pub prompt_tokens: usize,
+    /// Every trace, in sample order.
     pub traces: Vec<Trace>,
 }

@@ -19,6 +19,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
 }
 
 impl StopMatcher {
+    /// A matcher for these stop strings.
     pub fn new(stops: &[String]) -> Self {
         Self {
             longest: stops.iter().map(|s| s.len()).max().unwrap_or(0),
@@ -58,6 +59,7 @@ impl StopMatcher {
         self.take(self.text.len())
     }
 
+    /// The text released so far (never part of a stop string).
     pub fn text(&self) -> &str {
         &self.text
     }

@@ -9,12 +9,18 @@ use crate::error::{Error, Result};
 /// SwiGLU MLP); Qwen2 adds q/k/v biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Architecture {
+    /// Llama 2/3 and Mistral (no q/k/v biases unless `attention_bias` says so).
     Llama,
+    /// Qwen2 / Qwen2.5: the Llama block with q/k/v biases.
     Qwen2,
 }
 
 impl Architecture {
+    /// Parses a GGUF `general.architecture` or a HF `architectures`/`model_type` name
+    /// (`"llama"`, `"LlamaForCausalLM"`, `"mistral"`, `"qwen2"`, …); anything else is
+    /// [`Error::UnsupportedArchitecture`].
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "llama" | "LlamaForCausalLM" | "MistralForCausalLM" | "mistral" => Ok(Self::Llama),
@@ -22,6 +28,7 @@ impl Architecture {
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
+    /// The lowercase GGUF name (`"llama"`, `"qwen2"`), which [`Self::parse`] accepts back.
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
@@ -33,28 +40,48 @@ impl Architecture {
 /// Llama-3 style RoPE scaling (`rope_type = "llama3"` in HF configs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Llama3RopeScaling {
+    /// Divisor applied to the low (long-wavelength) frequencies, e.g. 8.0.
     pub factor: f64,
+    /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are fully scaled.
     pub low_freq_factor: f64,
+    /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are unscaled;
+    /// between the two bounds the scaling is interpolated linearly.
     pub high_freq_factor: f64,
+    /// Context length of the model before scaling, in tokens.
     pub original_max_position_embeddings: usize,
 }
 
+/// Hyper-parameters of a Llama-family model: the shapes of every weight and the constants of
+/// the forward pass. [`ModelConfig::validate`] checks them before any tensor is built.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// Which block variant the weights are for.
     pub architecture: Architecture,
+    /// Rows of the embedding and output head (including added/special tokens).
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the SwiGLU MLP's gate and up projections.
     pub intermediate_size: usize,
+    /// Number of transformer blocks.
     pub num_layers: usize,
+    /// Query heads per layer.
     pub num_heads: usize,
+    /// Key/value heads per layer (grouped-query attention); divides `num_heads`.
     pub num_kv_heads: usize,
+    /// Width of one attention head; even, since RoPE rotates pairs.
     pub head_dim: usize,
+    /// Epsilon added to the mean square in RMSNorm.
     pub rms_norm_eps: f64,
+    /// RoPE base θ of the inverse frequencies θ^(-2i/d).
     pub rope_theta: f64,
+    /// Llama-3 frequency scaling, if the model uses it.
     pub rope_scaling: Option<Llama3RopeScaling>,
     /// Per-frequency divisors, as GGUF files of Llama-3 models store them (`rope_freqs.weight`).
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// Longest context the model was trained for, in tokens.
     pub max_position_embeddings: usize,
+    /// The output head reuses the embedding matrix instead of having its own.
     pub tie_word_embeddings: bool,
     /// Biases on the q, k and v projections (Qwen2).
     pub qkv_bias: bool,
@@ -228,6 +255,7 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Query heads per key/value head (`num_heads / num_kv_heads`).
     pub fn kv_groups(&self) -> usize {
         self.num_heads / self.num_kv_heads
     }

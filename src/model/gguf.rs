@@ -22,9 +22,6 @@ pub struct GgufHeader {
 }
 
 impl GgufHeader {
-    pub fn metadata(&self) -> &HashMap<String, Value> {
-        &self.content.metadata
-    }
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }
@@ -163,7 +160,9 @@ pub fn unpermute_rows(raw: &[u8], n_rows: usize, n_head: usize) -> Vec<u8> {
     move_rows(raw, n_rows, n_head, true)
 }
 
-/// The inverse of [`unpermute_rows`]: HF row order to llama.cpp's (for writing GGUF files).
+/// The inverse of [`unpermute_rows`]: HF row order to llama.cpp's (for writing GGUF files,
+/// which only tests do).
+#[cfg(any(test, feature = "test-hooks"))]
 pub fn permute_rows(raw: &[u8], n_rows: usize, n_head: usize) -> Vec<u8> {
     move_rows(raw, n_rows, n_head, false)
 }

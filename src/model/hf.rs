@@ -1,16 +1,17 @@
 //! Hugging Face model folders: `config.json`, `model.safetensors` or sharded
 //! `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`, and the
-//! tokenizer files beside them. Also writes such a folder (for export and for tests).
+//! tokenizer files beside them. Also writes such a folder (for tests).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::config::ModelConfig;
 use super::weights::{Weight, WeightMap};
 use crate::error::{Error, Result};
 
+/// Reads and parses a JSON file; errors name the path.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))
@@ -72,7 +73,13 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, W
 }
 
 /// Writes a HF folder: `config.json` and `model.safetensors` (f32) from HF-named tensors.
-pub fn save(dir: &Path, config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+/// Only tests write model folders, so it exists only for them.
+#[cfg(any(test, feature = "test-hooks"))]
+pub fn save(
+    dir: &Path,
+    config: &ModelConfig,
+    tensors: &HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&config.to_hf_json())

@@ -27,6 +27,7 @@ pub struct KvGeometry {
 
 /// Keys and values of a run of consecutive positions, for every layer.
 /// Layout per layer: (capacity, kv_heads, head_dim), token-major so appends are contiguous.
+/// Shared segments are frozen; a sequence appends only to its own.
 pub struct KvSegment {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
@@ -47,12 +48,15 @@ impl KvSegment {
         }
     }
 
+    /// Absolute position (in the sequence) of the segment's first token.
     pub fn start(&self) -> usize {
         self.start
     }
+    /// Positions stored in the segment.
     pub fn len(&self) -> usize {
         self.len
     }
+    /// True when the segment stores no position.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -61,6 +65,7 @@ impl KvSegment {
     pub fn keys(&self, layer: usize) -> Result<Tensor> {
         Ok(self.keys[layer].narrow(0, 0, self.len)?)
     }
+    /// Values of `layer` for the stored positions: (len, kv_heads, head_dim), a view.
     pub fn values(&self, layer: usize) -> Result<Tensor> {
         Ok(self.values[layer].narrow(0, 0, self.len)?)
     }
@@ -110,15 +115,6 @@ impl KvSegment {
     fn commit(&mut self, n: usize) {
         self.len += n;
     }
-
-    /// Bytes held by this segment's tensors.
-    pub fn bytes(&self, geometry: &KvGeometry) -> usize {
-        2 * geometry.num_layers
-            * self.capacity
-            * geometry.num_kv_heads
-            * geometry.head_dim
-            * geometry.dtype.size_in_bytes()
-    }
 }
 
 /// The cache of one sequence: shared frozen segments, then its own.
@@ -129,7 +125,8 @@ pub struct SeqKv {
 }
 
 impl SeqKv {
-    pub fn new(geometry: Arc<KvGeometry>) -> Self {
+    /// An empty cache; [`Transformer::new_kv`](super::Transformer::new_kv) is the public way.
+    pub(crate) fn new(geometry: Arc<KvGeometry>) -> Self {
         Self {
             geometry,
             shared: Vec::new(),
@@ -141,13 +138,17 @@ impl SeqKv {
     pub fn len(&self) -> usize {
         self.own.start + self.own.len
     }
+    /// True when the cache holds no position.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The frozen segments this sequence reads first, oldest first; forks of one parent
+    /// hold the same `Arc`s.
     pub fn shared_segments(&self) -> &[Arc<KvSegment>] {
         &self.shared
     }
+    /// The segment this sequence appends to, after the shared ones.
     pub fn own_segment(&self) -> &KvSegment {
         &self.own
     }
@@ -195,9 +196,5 @@ impl SeqKv {
         }
         self.shared.push(Arc::new(own));
         Ok(())
-    }
-
-    pub fn geometry(&self) -> &KvGeometry {
-        &self.geometry
     }
 }

@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 
 /// How weights are held for inference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum WeightFormat {
     /// Keep GGUF blocks quantized; matmuls run on them (fastest decode on CPU).
     Quantized,
@@ -33,7 +34,7 @@ pub enum WeightFormat {
 
 /// A linear layer `y = x Wᵀ + b` whose weight may be quantized. LoRA is applied by the
 /// caller, which knows the layer index and the adapter of each row.
-pub struct Linear {
+pub(crate) struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
     /// Dense copy for the training forward, made on first use.
@@ -168,7 +169,10 @@ impl Block {
 pub struct StepInput<'a> {
     /// New tokens to append (a prompt chunk when prefilling, one token when decoding).
     pub tokens: &'a [u32],
+    /// The sequence's KV cache; the new tokens' keys and values are appended to it.
     pub kv: &'a mut SeqKv,
+    /// LoRA adapter for this sequence, or None for the base model. Rows of one batch may
+    /// use different adapters.
     pub adapter: Option<&'a LoraAdapter>,
     /// Return a logits row for every new token instead of only the last.
     pub all_logits: bool,
@@ -182,6 +186,8 @@ struct LoraGroup {
     rows: Option<Tensor>,
 }
 
+/// A Llama-family transformer ready to run: batched decode steps over per-sequence KV
+/// caches ([`Self::forward_step`]) and differentiable full-sequence forwards for training.
 pub struct Transformer {
     config: ModelConfig,
     device: Device,
@@ -199,7 +205,7 @@ pub struct Transformer {
 
 impl Transformer {
     /// Builds the model from named weights, checking every shape against the config.
-    pub fn new(
+    pub(crate) fn new(
         config: ModelConfig,
         weights: &mut WeightMap,
         format: WeightFormat,
@@ -317,6 +323,7 @@ impl Transformer {
         })
     }
 
+    /// The model's hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -339,6 +346,7 @@ impl Transformer {
         }
         Ok(())
     }
+    /// The device holding the weights; inputs and KV caches live there too.
     pub fn device(&self) -> &Device {
         &self.device
     }

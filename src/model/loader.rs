@@ -13,7 +13,9 @@ use crate::tokenizer::Tokenizer;
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Where the weights and activations live (CPU by default).
     pub device: Device,
+    /// Keep GGUF blocks quantized or dequantize them (quantized by default).
     pub format: WeightFormat,
     /// Activation/dense dtype; default f32 on CPU, bf16 on GPU.
     pub dtype: Option<DType>,
@@ -44,22 +46,33 @@ impl LoadOptions {
 
 /// Which kind of file a model came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ModelFormat {
+    /// A single `.gguf` file (weights, hyper-parameters and tokenizer).
     Gguf,
+    /// A Hugging Face folder: `config.json`, `*.safetensors`, `tokenizer.json`.
     HuggingFace,
 }
 
 /// A loaded model: the transformer, its tokenizer, and where it came from.
 pub struct Model {
+    /// The network: weights, forward passes, KV cache factory.
     pub transformer: Transformer,
+    /// The tokenizer shipped with the weights (GGUF metadata or `tokenizer.json`).
     pub tokenizer: Tokenizer,
+    /// The file or folder the model was loaded from.
     pub path: PathBuf,
+    /// Whether `path` is a GGUF file or a Hugging Face folder.
     pub format: ModelFormat,
     /// Weight names in the file that the transformer did not use.
     pub unused_weights: Vec<String>,
 }
 
 impl Model {
+    /// Loads a model from a `.gguf` file or a Hugging Face folder (told apart by whether
+    /// `path` is a directory), with its tokenizer. Errors on I/O failures, unsupported
+    /// architectures or tensor types, shapes that disagree with the config, and a tokenizer
+    /// with more tokens than the embedding has rows.
     pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -98,6 +111,7 @@ impl Model {
         }
     }
 
+    /// The model's hyper-parameters (as read from the file, checked).
     pub fn config(&self) -> &ModelConfig {
         self.transformer.config()
     }

@@ -19,16 +19,24 @@ use crate::error::{Error, Result};
 /// The linear layers a LoRA adapter may target, with PEFT's module names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum LoraTarget {
+    /// Attention query projection (`q_proj`).
     Q,
+    /// Attention key projection (`k_proj`).
     K,
+    /// Attention value projection (`v_proj`).
     V,
+    /// Attention output projection (`o_proj`).
     O,
+    /// MLP gate projection (`gate_proj`), the SiLU-activated half of SwiGLU.
     Gate,
+    /// MLP up projection (`up_proj`).
     Up,
+    /// MLP down projection (`down_proj`).
     Down,
 }
 
 impl LoraTarget {
+    /// Every target, in layer order (attention, then MLP); the order of [`LoraAdapter::vars`].
     pub const ALL: [LoraTarget; 7] = [
         LoraTarget::Q,
         LoraTarget::K,
@@ -65,6 +73,8 @@ impl LoraTarget {
         }
     }
 
+    /// Parses a PEFT module name (`"q_proj"`, …) or its first letter (`"q"`, `"g"`, …);
+    /// anything else is [`Error::InvalidArgument`].
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
@@ -106,14 +116,18 @@ pub struct LoraPair {
 /// Shape and scaling of an adapter.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraSpec {
+    /// Rank r of every pair (A: r × in, B: out × r); positive.
     pub rank: usize,
+    /// LoRA α: the update is scaled by α/r (or α/√r with `use_rslora`).
     pub alpha: f64,
+    /// Which linear layers of every block get a pair; not empty.
     pub targets: Vec<LoraTarget>,
     /// rsLoRA: scale α/√r instead of α/r.
     pub use_rslora: bool,
 }
 
 impl LoraSpec {
+    /// Errors with [`Error::InvalidArgument`] on rank 0 or an empty target list.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
@@ -126,6 +140,7 @@ impl LoraSpec {
         Ok(())
     }
 
+    /// The factor on `x Aᵀ Bᵀ`: α/r, or α/√r for rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.rank as f64).sqrt()
@@ -137,6 +152,7 @@ impl LoraSpec {
 
 /// A LoRA adapter for every layer of one model.
 pub struct LoraAdapter {
+    /// Rank, α and targets the adapter was built with.
     pub spec: LoraSpec,
     scale: f64,
     /// `layers[l][target as usize]`: the trainer's Vars.
@@ -152,6 +168,7 @@ pub struct LoraAdapter {
 
 /// The adapter's weights as of one version, immutable: what one decode step reads.
 pub struct LoraSnapshot {
+    /// The adapter version these weights are (see [`LoraAdapter::version`]).
     pub version: u64,
     scale: f64,
     /// `layers[l][target as usize]` = (A, B)
@@ -237,6 +254,7 @@ impl LoraAdapter {
         })
     }
 
+    /// The factor on `x Aᵀ Bᵀ` ([`LoraSpec::scale`] of `spec`).
     pub fn scale(&self) -> f64 {
         self.scale
     }
@@ -315,6 +333,7 @@ impl LoraAdapter {
         Ok((version, handoff))
     }
 
+    /// Number of updates published so far (0 = as created or loaded).
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
     }
@@ -382,10 +401,12 @@ impl LoraAdapter {
         })
     }
 
+    /// Layers the adapter covers (the model's layer count).
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
+    /// The pair of (layer, target), or None if the adapter does not touch that module.
     pub fn get(&self, layer: usize, target: LoraTarget) -> Option<&LoraPair> {
         self.layers.get(layer)?[target.index()].as_ref()
     }

@@ -2,18 +2,28 @@
 //! transformer, its KV cache and LoRA weights.
 
 pub mod config;
-pub mod gguf;
-pub mod hf;
-pub mod kv;
-pub mod llama;
-pub mod loader;
-pub mod lora;
-pub mod ops;
-pub mod qmatmul;
-pub mod weights;
+pub(crate) mod gguf;
+pub(crate) mod hf;
+mod kv;
+mod llama;
+mod loader;
+pub(crate) mod lora;
+pub(crate) mod ops;
+mod qmatmul;
+mod weights;
 
 pub use config::{Architecture, ModelConfig};
-pub use kv::SeqKv;
+pub use kv::{KvSegment, SeqKv};
 pub use llama::{StepInput, Transformer, WeightFormat};
 pub use loader::{LoadOptions, Model, ModelFormat};
-pub use lora::{LoraAdapter, LoraSnapshot, LoraSpec, LoraTarget};
+pub use lora::{LoraAdapter, LoraPair, LoraSnapshot, LoraSpec, LoraTarget};
+
+/// Internals that only verity's own tests reach: GGUF row permutation, writing a
+/// safetensors folder, and the differentiable ops. Not part of the API; may change at will.
+#[cfg(feature = "test-hooks")]
+#[doc(hidden)]
+pub mod testing {
+    pub use super::gguf::permute_rows;
+    pub use super::hf::save;
+    pub use super::ops::{causal_attention, log_softmax, rms_norm, rope, softmax, swiglu};
+}

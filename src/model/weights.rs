@@ -25,13 +25,6 @@ impl Weight {
             Weight::Dense(t) => t.dims(),
         }
     }
-    /// Storage type as a short name ("q4_1", "f32", …) for `verity info`.
-    pub fn type_name(&self) -> String {
-        match self {
-            Weight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
-            Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
-        }
-    }
     /// A dense copy in `dtype` (dequantizing if needed).
     pub fn to_dense(&self, dtype: DType, device: &Device) -> Result<Tensor> {
         let t = match self {

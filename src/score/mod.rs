@@ -19,7 +19,9 @@ pub use crate::stats::TokenStats;
 /// One generated trace: its text and the statistics of each generated token.
 #[derive(Debug, Clone, Copy)]
 pub struct TraceView<'a> {
+    /// The generated text (the completion only, not the prompt).
     pub text: &'a str,
+    /// One entry per generated token, in order.
     pub stats: &'a [TokenStats],
     /// Byte offset in `text` where each token's text ends (token i spans
     /// `token_end[i-1]..token_end[i]`, the first one starts at 0).
@@ -119,26 +121,37 @@ pub fn crew(view: &TraceView, answer_span: Range<usize>) -> Option<f64> {
 /// A trace-level score; `compute` returns higher-is-better values, `None` for an empty
 /// trace or a non-finite result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum TraceScore {
+    /// Mean self-certainty KL(U ‖ p) over the tokens (`"self_certainty"`).
     MeanSelfCertainty,
+    /// Mean log-probability of the sampled tokens (`"logprob"`).
     MeanLogprob,
-    /// The negated mean entropy, so that higher is better.
+    /// The negated mean entropy, so that higher is better (`"entropy"`).
     NegMeanEntropy,
+    /// The lowest mean confidence over any `window` consecutive tokens
+    /// (`"lowest_group:W"`).
     LowestGroup {
+        /// Group length in tokens.
         window: usize,
     },
-    /// The mean of the lowest 10% of groups.
+    /// The mean of the lowest 10% of groups (`"bottom10:W"`).
     Bottom10 {
+        /// Group length in tokens.
         window: usize,
     },
+    /// The mean confidence of the last `window` tokens (`"tail:W"`).
     Tail {
+        /// Number of final tokens averaged.
         window: usize,
     },
-    /// Mean confidence of the tokens of the extracted answer.
+    /// Mean confidence of the tokens of the extracted answer (`"crew"`).
     Crew,
 }
 
 impl TraceScore {
+    /// The score of one trace; None for an empty trace, a non-finite value, or (for
+    /// [`TraceScore::Crew`]) a trace without an extractable answer.
     pub fn compute(&self, view: &TraceView) -> Option<f64> {
         let value = match *self {
             TraceScore::MeanSelfCertainty => mean_self_certainty(view.stats),
@@ -171,10 +184,13 @@ impl fmt::Display for TraceScore {
     }
 }
 
+/// A string that does not name a [`TraceScore`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid trace score {input:?}: {reason}")]
 pub struct ParseScoreError {
+    /// The string as given.
     pub input: String,
+    /// What is wrong with it, for humans.
     pub reason: String,
 }
 

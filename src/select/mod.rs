@@ -24,11 +24,15 @@ pub use online::{DeepConfOnline, WindowTracker};
 /// trace scores computed for it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Candidate {
+    /// The normalised final answer, or None when the trace gave none (it then never votes).
     pub answer: Option<Answer>,
+    /// Trace scores by kind, higher is better. Where a rule needs a score the candidate
+    /// lacks (or that is not finite), the candidate ranks last and its vote weighs 0.
     pub scores: BTreeMap<TraceScore, f64>,
 }
 
 impl Candidate {
+    /// A candidate with this answer and no scores yet.
     pub fn new(answer: Option<Answer>) -> Self {
         Candidate {
             answer,
@@ -61,6 +65,7 @@ impl Candidate {
 
 /// How to pick the final answer.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum SelectionRule {
     /// The first candidate.
     Greedy,
@@ -74,12 +79,17 @@ pub enum SelectionRule {
     Weighted(TraceScore),
     /// Borda vote on self-certainty: rank r (0-based, over all N candidates) gives
     /// (N − r)^power votes to its answer. power = 0 is majority vote.
-    Borda { power: f64 },
+    Borda {
+        /// Exponent of the rank weight (N − r)^power; [`DEFAULT_BORDA_POWER`] by default.
+        power: f64,
+    },
     /// DeepConf offline: among candidates with an answer and the metric, keep those at
     /// or above the (100 − keep_percent)th percentile of the metric (so at least one),
     /// then a vote weighted by the metric.
     DeepConf {
+        /// The confidence score candidates are filtered and weighted by.
         metric: TraceScore,
+        /// η: the percentage of candidates kept, in (0, 100] (10 keeps the top 10%).
         keep_percent: f64,
     },
 }
@@ -115,18 +125,21 @@ impl fmt::Display for SelectionRule {
     }
 }
 
+/// A string that does not name a [`SelectionRule`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid selection rule {input:?}: {reason}")]
 pub struct ParseRuleError {
+    /// The string as given.
     pub input: String,
+    /// What is wrong with it, for humans.
     pub reason: String,
 }
 
 impl FromStr for SelectionRule {
     type Err = ParseRuleError;
 
-    /// "greedy", "majority", "max:<score>", "weighted:<score>", "borda[:<p>]",
-    /// "deepconf:<metric>:<eta>" (e.g. "deepconf:bottom10:2048:10" keeps the top 10%).
+    /// `"greedy"`, `"majority"`, `"max:<score>"`, `"weighted:<score>"`, `"borda[:<p>]"`,
+    /// `"deepconf:<metric>:<eta>"` (e.g. `"deepconf:bottom10:2048:10"` keeps the top 10%).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let error = |reason: String| ParseRuleError {
             input: s.to_string(),
@@ -178,7 +191,9 @@ impl FromStr for SelectionRule {
 /// The pooled vote of one answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VoteRow {
+    /// The answer (the first supporter's form of it, when equivalent answers differ).
     pub answer: Answer,
+    /// Total vote weight for the answer under the rule (candidate count for majority).
     pub weight: f64,
     /// How many candidates voted for it (including any with weight 0).
     pub count: usize,
@@ -187,6 +202,7 @@ pub struct VoteRow {
 /// The outcome of a selection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
+    /// The selected answer; None when no candidate has one (or there are no candidates).
     pub answer: Option<Answer>,
     /// The representative trace: the winning answer's best-ranked supporter under the
     /// rule's score, the first one for majority (for greedy and max, the chosen

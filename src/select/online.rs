@@ -41,6 +41,8 @@ impl Default for DeepConfOnline {
 }
 
 impl DeepConfOnline {
+    /// A procedure with the given settings (fields of the same names) and no warm-up
+    /// trace observed yet.
     pub fn new(
         warmup: usize,
         percentile: f64,
@@ -65,10 +67,12 @@ impl DeepConfOnline {
         }
     }
 
+    /// Warm-up values recorded so far (non-finite ones not counted).
     pub fn warmup_observed(&self) -> usize {
         self.warmup_lowest.len()
     }
 
+    /// True once `warmup` values have been recorded and the threshold is final.
     pub fn warmup_done(&self) -> bool {
         self.warmup_lowest.len() >= self.warmup
     }
@@ -167,6 +171,7 @@ impl WindowTracker {
         self.should_stop()
     }
 
+    /// True once a window mean has fallen below the threshold; stays true.
     pub fn should_stop(&self) -> bool {
         self.stopped_at.is_some()
     }
@@ -176,6 +181,7 @@ impl WindowTracker {
         self.stopped_at
     }
 
+    /// Finite confidences counted so far (pushes after a stop are ignored).
     pub fn tokens_seen(&self) -> usize {
         self.tokens
     }

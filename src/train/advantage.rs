@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 /// Added to the standard deviation, as TRL does.
 pub const ADVANTAGE_EPS: f64 = 1e-4;
 
+/// What a group's centred rewards are divided by before they become advantages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ScaleRewards {
     /// Divide by the group's standard deviation (GRPO).
     #[default]

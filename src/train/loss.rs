@@ -13,11 +13,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+/// How per-token loss terms are combined into one number (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum LossAggregation {
+    /// Mean over each sequence's tokens, then mean over sequences (original GRPO); long
+    /// completions get less weight per token.
     Grpo,
+    /// Sum over tokens divided by G · max_completion_len (Dr. GRPO): a constant
+    /// normaliser, so no length bias.
     DrGrpo,
+    /// Sum over tokens divided by the number of tokens in the batch (DAPO's token-level
+    /// mean); the default.
     #[default]
     Dapo,
 }
@@ -36,10 +44,13 @@ impl std::str::FromStr for LossAggregation {
     }
 }
 
+/// The trust region of the ratio ρ: it is clipped to [1 − `eps_low`, 1 + `eps_high`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClipRange {
+    /// ε_low, the lower clip distance (0.2 by default).
     pub eps_low: f64,
+    /// ε_high, the upper clip distance (0.28 by default: DAPO's clip-higher).
     pub eps_high: f64,
 }
 
@@ -86,7 +97,9 @@ pub struct LossInputs<'a> {
     pub advantages: &'a Tensor,
     /// Per-token weight (B, T): aggregation weight × mask × truncated importance weight.
     pub weights: &'a Tensor,
+    /// Clip range of the ratio.
     pub clip: ClipRange,
+    /// β, the weight of the k3 KL penalty; 0 disables it (and `logp_ref` is not read).
     pub beta: f64,
 }
 

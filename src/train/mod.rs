@@ -10,7 +10,6 @@
 
 pub mod advantage;
 pub mod loss;
-pub mod online;
 pub mod optim;
 pub mod rewards;
 
@@ -32,21 +31,30 @@ pub use optim::{AdamW, AdamWConfig, Schedule};
 pub struct Rollout {
     /// Completions with the same `group` share a prompt and are compared to each other.
     pub group: usize,
+    /// Prompt token ids (conditioning only; no loss on them).
     pub prompt: Vec<u32>,
+    /// Generated token ids, the ones the loss is taken over; not empty.
     pub completion: Vec<u32>,
     /// log π of each completion token as recorded while decoding.
     pub decode_logprobs: Vec<f32>,
     /// Adapter version that decoded it.
     pub adapter_version: u64,
+    /// Scalar reward, usually in [0, 1] from a verifier.
     pub reward: f64,
 }
 
+/// Settings of a [`Trainer`]; the defaults are DAPO-like (token-level loss, clip-higher,
+/// dynamic sampling, no KL).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
+    /// Optimizer and learning-rate schedule.
     pub optimizer: AdamWConfig,
+    /// Clip range of the probability ratio.
     pub clip: ClipRange,
+    /// How per-token terms become the loss.
     pub aggregation: LossAggregation,
+    /// What centred rewards are divided by.
     pub scale_rewards: ScaleRewards,
     /// KL coefficient to the base policy (adapter off), k3 estimator; 0 = off.
     pub beta: f64,
@@ -84,20 +92,31 @@ impl Default for TrainConfig {
 /// What one step did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StepReport {
+    /// 1-based count of calls to [`Trainer::step`], skipped steps included.
     pub step: u64,
     /// The adapter version after the step (unchanged if nothing was applied).
     pub version: u64,
+    /// Whether the weights were updated and a new snapshot published.
     pub applied: bool,
     /// Why nothing was applied, if so.
     pub skipped: Option<String>,
+    /// The aggregated policy loss, summed over micro-batches.
     pub loss: f64,
+    /// Global L2 norm of the gradient before clipping.
     pub grad_norm: f64,
+    /// Share of tokens whose ratio left the clip range, averaged over sequences.
     pub clip_fraction: f64,
+    /// Learning rate of the update (0 if none was applied).
     pub lr: f64,
+    /// Mean reward over all rollouts given, skipped groups included.
     pub reward_mean: f64,
+    /// Groups that entered the loss.
     pub groups_used: usize,
+    /// Groups dropped for having no reward variance (dynamic sampling).
     pub groups_skipped: usize,
+    /// Completion tokens in the groups used.
     pub tokens: usize,
+    /// Wall time of the whole step.
     #[serde(with = "seconds")]
     pub train_time: Duration,
     /// Time from the new weights' existence to the decoder's use of them: one snapshot
@@ -120,8 +139,12 @@ mod seconds {
     }
 }
 
+/// Runs GRPO-family steps on one LoRA adapter; each applied step publishes a new adapter
+/// version that decoding picks up at its next step.
 pub struct Trainer {
+    /// The adapter being trained (shared with the engine that decodes with it).
     pub adapter: Arc<LoraAdapter>,
+    /// Step settings; `config.optimizer` is copied into the optimizer at construction.
     pub config: TrainConfig,
     optimizer: AdamW,
     steps: u64,
@@ -176,6 +199,7 @@ pub fn completion_logprobs(
 }
 
 impl Trainer {
+    /// A trainer at step 0 with fresh optimizer state.
     pub fn new(adapter: Arc<LoraAdapter>, config: TrainConfig) -> Self {
         Self {
             optimizer: AdamW::new(config.optimizer.clone()),
@@ -196,6 +220,11 @@ impl Trainer {
         self.skipped_nonfinite
     }
 
+    /// One update from `rollouts` (grouped by their `group` field), scored with `model`
+    /// and the adapter. A step with no usable group or a non-finite loss or gradient
+    /// leaves the weights alone and says why in [`StepReport::skipped`]. Errors on an
+    /// empty prompt or completion, mismatched log-prob counts, or a group whose prompts
+    /// differ.
     pub fn step(&mut self, model: &Transformer, rollouts: &[Rollout]) -> Result<StepReport> {
         self.step_with(model, rollouts, |_| {})
     }

@@ -10,26 +10,39 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::model::LoraAdapter;
 
+/// The learning-rate curve after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Schedule {
+    /// Stay at `lr`.
     #[default]
     Constant,
+    /// Half a cosine from `lr` down to `min_lr_ratio · lr` at `total_steps`, then flat.
     Cosine,
 }
 
+/// Hyper-parameters of [`AdamW`] and its learning-rate schedule.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdamWConfig {
+    /// Peak learning rate (1e-5 by default).
     pub lr: f64,
+    /// Decay of the first-moment (mean) estimate, β₁.
     pub beta1: f64,
+    /// Decay of the second-moment (uncentred variance) estimate, β₂.
     pub beta2: f64,
+    /// Added to √v̂ in the denominator of the update.
     pub eps: f64,
+    /// Decoupled weight decay: each step multiplies the weights by 1 − lr · weight_decay.
     pub weight_decay: f64,
+    /// Steps of linear warm-up from lr/warmup_steps to lr (0 = none).
     pub warmup_steps: u64,
     /// Steps of the cosine schedule (the rate reaches `min_lr_ratio · lr` there).
     pub total_steps: u64,
+    /// Floor of the cosine schedule as a fraction of `lr`.
     pub min_lr_ratio: f64,
+    /// Shape of the rate after warm-up.
     pub schedule: Schedule,
     /// Global L2 norm the gradient is clipped to (0 = no clipping).
     pub max_grad_norm: f64,
@@ -70,7 +83,9 @@ impl AdamWConfig {
     }
 }
 
+/// The AdamW optimizer over one adapter's Vars, with its moment estimates.
 pub struct AdamW {
+    /// The hyper-parameters; may be changed between steps (the trainer scales `lr`).
     pub config: AdamWConfig,
     step: u64,
     /// First and second moments, by position in `LoraAdapter::vars()`.
@@ -78,6 +93,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// An optimizer with no moments yet (they start at zero on each Var's first gradient).
     pub fn new(config: AdamWConfig) -> Self {
         Self {
             config,
@@ -86,6 +102,7 @@ impl AdamW {
         }
     }
 
+    /// Updates applied so far; the next one uses `config.lr_at(steps_taken())`.
     pub fn steps_taken(&self) -> u64 {
         self.step
     }

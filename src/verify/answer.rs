@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 /// `Text` values are compared exactly, so they must already be normalised.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Answer {
+    /// A numeric value: integers, decimals and fractions (`a/b`, `\frac{a}{b}`) become the
+    /// number they denote; a percent sign is dropped (50% is 50).
     Number(f64),
     /// Lowercased, whitespace-collapsed text; a multiple-choice letter is a single
     /// uppercase letter ("B").

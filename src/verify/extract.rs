@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 /// Which pattern an answer was found by, in priority order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum AnswerSource {
     /// `\boxed{…}` or `\fbox{…}` (the last one that closes).
     Boxed,
@@ -34,6 +35,7 @@ pub struct Extracted {
     pub answer: Answer,
     /// Byte range of the answer inside the text; on char boundaries.
     pub span: Range<usize>,
+    /// Which pattern found it.
     pub source: AnswerSource,
 }
 

@@ -16,6 +16,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// Reward 1, no reason.
     pub fn correct() -> Self {
         Verdict {
             reward: 1.0,
@@ -23,6 +24,7 @@ impl Verdict {
         }
     }
 
+    /// Reward 0, with the reason it failed.
     pub fn wrong(reason: impl Into<String>) -> Self {
         Verdict {
             reward: 0.0,
@@ -30,6 +32,7 @@ impl Verdict {
         }
     }
 
+    /// True when the reward is (at least) 1; partial credit is not correct.
     pub fn is_correct(&self) -> bool {
         self.reward >= 1.0
     }
@@ -37,14 +40,21 @@ impl Verdict {
 
 /// Checks a completion against a reference. Implementations never panic on odd text.
 pub trait Verifier: Send + Sync {
+    /// Scores `completion` (the model's text) against `reference` (the expected answer or
+    /// a worked solution; how it is read depends on the verifier).
     fn verify(&self, completion: &str, reference: &str) -> Verdict;
 }
 
+/// Why a verifier could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VerifyError {
+    /// The pattern given to [`RegexVerifier::new`] does not compile.
     #[error("invalid regex {pattern:?}: {source}")]
     InvalidRegex {
+        /// The pattern as given.
         pattern: String,
+        /// The regex crate's complaint.
         #[source]
         source: regex::Error,
     },
@@ -90,10 +100,12 @@ impl Verifier for MathVerifier {
 /// The trimmed completion must equal the trimmed reference.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ExactMatch {
+    /// Compare after lowercasing both sides (Unicode lowercase).
     pub case_insensitive: bool,
 }
 
 impl ExactMatch {
+    /// An `ExactMatch` that ignores case.
     pub fn case_insensitive() -> Self {
         ExactMatch {
             case_insensitive: true,
@@ -125,6 +137,8 @@ pub struct RegexVerifier {
 }
 
 impl RegexVerifier {
+    /// Compiles `pattern` (Rust `regex` syntax); errors with
+    /// [`VerifyError::InvalidRegex`] if it does not compile.
     pub fn new(pattern: &str) -> Result<Self, VerifyError> {
         let regex = Regex::new(pattern).map_err(|source| VerifyError::InvalidRegex {
             pattern: pattern.to_string(),
@@ -178,12 +192,14 @@ pub struct FnVerifier {
 }
 
 impl FnVerifier {
+    /// Wraps a closure `(completion, reference) -> reward`.
     pub fn new(callback: impl Fn(&str, &str) -> f64 + Send + Sync + 'static) -> Self {
         FnVerifier {
             callback: Box::new(callback),
         }
     }
 
+    /// Wraps an already boxed callback.
     pub fn from_box(callback: Box<RewardFn>) -> Self {
         FnVerifier { callback }
     }

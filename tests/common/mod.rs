@@ -9,10 +9,16 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use verity::model::config::{Architecture, ModelConfig};
-use verity::model::gguf::permute_rows;
+use verity::model::testing::permute_rows;
 
+/// The repository root (the tests of `crates/*` include this file too).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if here.join("models").is_dir() {
+        here
+    } else {
+        here.join("../..")
+    }
 }
 
 /// `../shared` beside the checkout (where CI puts it), or $VERITY_SHARED.
@@ -319,7 +325,7 @@ pub fn write_tiny_hf(
     weights: &HashMap<String, Tensor>,
     tokenizer_json: &str,
 ) {
-    verity::model::hf::save(dir, config, weights).unwrap();
+    verity::model::testing::save(dir, config, weights).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tokenizer_json).unwrap();
     let tc = serde_json::json!({"chat_template": TINY_TEMPLATE, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false});
     std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();

@@ -63,6 +63,7 @@ STATUS_NAMES = {
     10: "VERITY_ERR_INVALID_HANDLE",
     11: "VERITY_ERR_PANIC",
     12: "VERITY_ERR_INTERNAL",
+    13: "VERITY_ERR_UNAVAILABLE",
 }
 VERITY_ERR_NOT_FOUND = 5
 VERITY_ERR_CANCELLED = 9
@@ -94,6 +95,7 @@ class _RuntimeParams(Structure):
         ("serve_learn_adapter", c_bool),
         ("dense", c_bool),
         ("adapter_dir", c_char_p),
+        ("device", c_char_p),
         ("config_path", c_char_p),
     ]
 
@@ -461,7 +463,8 @@ class Runtime:
     """One model with its engine, adapters and learner. Use as a context manager, or call
     close(). Options are the fields of verity_runtime_params (kv_budget_tokens, max_batch,
     max_queued_requests, lora_rank, lora_alpha, learn_min_traces, serve_learn_adapter,
-    dense, adapter_dir, config_path)."""
+    dense, adapter_dir, device, config_path); device is "auto", "cpu", "cuda" or
+    "cuda:N"."""
 
     def __init__(self, model: Optional[str] = None, **options):
         lib = _library()

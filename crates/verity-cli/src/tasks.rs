@@ -64,7 +64,7 @@ impl FromStr for TaskKind {
     }
 }
 
-/// One question with its GSM8K-style answer, "#### <value>".
+/// One question with its GSM8K-style answer, `#### <value>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskItem {
     pub question: String,
@@ -252,7 +252,7 @@ fn reverse_word(rng: &mut SplitMix64, difficulty: u32) -> TaskItem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verify::{ExactMatch, MathVerifier, Verifier};
+    use verity::verify::{ExactMatch, MathVerifier, Verifier};
 
     #[test]
     fn generation_is_deterministic() {

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use crate::chat::ChatMessage;
-use crate::engine::{EarlyStop, Engine, Request, Trace, TraceMonitor};
-use crate::error::{Error, Result};
-use crate::sampling::SamplingParams;
-use crate::score::{TokenStats, TraceScore, TraceView};
-use crate::select::{select, Candidate, DeepConfOnline, SelectionRule, WindowTracker};
-use crate::verify::{equivalent, reference_answer, Answer};
+use verity::chat::ChatMessage;
+use verity::engine::{EarlyStop, FinishReason, Request, TraceMonitor};
+use verity::runtime::{GenerateRequest, GenerateResult, Runtime, BASE_ADAPTER};
+use verity::sampling::SamplingParams;
+use verity::score::{TokenStats, TraceScore};
+use verity::select::{select, Candidate, DeepConfOnline, SelectionRule, WindowTracker};
+use verity::verify::{equivalent, reference_answer, Answer};
+use verity::{Error, Result};
 
 /// What the model is asked to do with each question.
 pub const BOXED_INSTRUCTION: &str =
@@ -66,7 +67,7 @@ pub struct EvalConfig {
     pub seed: u64,
     pub rules: Vec<SelectionRule>,
     pub online: Option<DeepConfOnline>,
-    /// Registered adapter to decode with (None = base model).
+    /// Loaded adapter to decode with (None = the base model).
     pub adapter: Option<String>,
     /// Questions in flight at once (their requests share the engine's batches); 1 = one
     /// after another. Results do not depend on it: every question has its own seeds.
@@ -171,31 +172,31 @@ pub fn wilson(correct: usize, total: usize) -> (f64, f64) {
     ((center - half).max(0.0), (center + half).min(1.0))
 }
 
-fn candidates(traces: &[Trace], scores: &[TraceScore]) -> Vec<Candidate> {
-    traces
+/// The candidates of the traces that ran to their end (not stopped for low confidence).
+fn finished_candidates(result: &GenerateResult) -> impl Iterator<Item = Candidate> + '_ {
+    result
+        .traces
         .iter()
-        .map(|t| {
-            let view = TraceView {
-                text: &t.text,
-                stats: &t.stats,
-                token_end: &t.token_end,
-            };
-            Candidate::from_trace(&view, scores)
-        })
-        .collect()
+        .zip(result.candidates())
+        .filter(|(t, _)| t.trace.finish != FinishReason::AbortedLowConfidence)
+        .map(|(_, c)| c.clone())
 }
 
 fn is_correct(answer: &Option<Answer>, reference: &Option<Answer>) -> bool {
     matches!((answer, reference), (Some(a), Some(r)) if equivalent(a, r))
 }
 
+/// The request for `question`: the boxed-answer instruction in the chat template, the
+/// config's sampling and adapter, `scores` computed on every trace. Its traces are not
+/// remembered for feedback.
 pub fn request(
     question: &str,
     n: usize,
     config: &EvalConfig,
     temperature: f32,
     seed: u64,
-) -> Request {
+    scores: &[TraceScore],
+) -> GenerateRequest {
     let mut r = Request::chat(vec![ChatMessage::user(format!(
         "{question}{BOXED_INSTRUCTION}"
     ))]);
@@ -207,8 +208,17 @@ pub fn request(
         seed,
         ..Default::default()
     };
-    r.adapter = config.adapter.clone();
-    r
+    GenerateRequest {
+        adapter: Some(
+            config
+                .adapter
+                .clone()
+                .unwrap_or_else(|| BASE_ADAPTER.to_string()),
+        ),
+        scores: scores.to_vec(),
+        remember: false,
+        ..GenerateRequest::new(r)
+    }
 }
 
 /// Stops a trace when DeepConf's window tracker says so.
@@ -244,7 +254,7 @@ fn needed_scores(rules: &[SelectionRule]) -> Vec<TraceScore> {
 
 /// Greedy, the sampled rules and DeepConf-online on one question.
 fn evaluate_question(
-    engine: &Engine,
+    runtime: &Runtime,
     qi: usize,
     item: &EvalItem,
     config: &EvalConfig,
@@ -260,45 +270,41 @@ fn evaluate_question(
     };
     if config.rules.contains(&SelectionRule::Greedy) {
         let start = Instant::now();
-        let trace = engine
-            .generate(request(&item.question, 1, config, 0.0, seed))?
-            .traces
-            .remove(0);
+        let result = runtime.generate(request(&item.question, 1, config, 0.0, seed, scores))?;
         let wall = start.elapsed();
-        let c = candidates(std::slice::from_ref(&trace), scores).remove(0);
+        let (trace, c) = (&result.traces[0].trace, &result.candidates()[0]);
         let ok = is_correct(&c.answer, &reference);
         for (ri, rule) in config.rules.iter().enumerate() {
             if *rule == SelectionRule::Greedy {
                 outcome.rules.push((ri, ok, trace.tokens.len(), wall));
             }
         }
-        let answer = c.answer.map(|a| a.to_string());
+        let answer = c.answer.as_ref().map(|a| a.to_string());
         outcome.lines.push(serde_json::json!({"question": qi, "kind": "greedy", "text": trace.text, "tokens": trace.tokens.len(), "answer": answer, "correct": ok}));
         outcome.lines.push(serde_json::json!({"question": qi, "kind": "rule", "rule": SelectionRule::Greedy.to_string(), "answer": answer, "correct": ok, "tokens": trace.tokens.len()}));
     }
     if config.rules.iter().any(|r| *r != SelectionRule::Greedy) {
         let start = Instant::now();
-        let traces = engine
-            .generate(request(
-                &item.question,
-                config.n,
-                config,
-                config.temperature,
-                seed,
-            ))?
-            .traces;
+        let result = runtime.generate(request(
+            &item.question,
+            config.n,
+            config,
+            config.temperature,
+            seed,
+            scores,
+        ))?;
         let wall = start.elapsed();
-        let cands = candidates(&traces, scores);
-        let tokens: usize = traces.iter().map(|t| t.tokens.len()).sum();
+        let cands = result.candidates();
+        let tokens = result.generated_tokens();
         for (ri, rule) in config.rules.iter().enumerate() {
             if *rule != SelectionRule::Greedy {
-                let selection = select(rule, &cands);
+                let selection = select(rule, cands);
                 let ok = is_correct(&selection.answer, &reference);
                 outcome.rules.push((ri, ok, tokens, wall));
                 outcome.lines.push(serde_json::json!({"question": qi, "kind": "rule", "rule": rule.to_string(), "answer": selection.answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
             }
         }
-        for (t, c) in traces.iter().zip(&cands) {
+        for (t, c) in result.traces.iter().map(|t| &t.trace).zip(cands) {
             let s: serde_json::Map<String, serde_json::Value> = c
                 .scores
                 .iter()
@@ -309,7 +315,7 @@ fn evaluate_question(
     }
     if let Some(online) = &config.online {
         let start = Instant::now();
-        let (answer, tokens) = run_online(engine, item, config, online.clone(), seed)?;
+        let (answer, tokens) = run_online(runtime, item, config, online.clone(), seed)?;
         let ok = is_correct(&answer, &reference);
         outcome.online = Some((ok, tokens, start.elapsed()));
         outcome.lines.push(serde_json::json!({"question": qi, "kind": "online", "answer": answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
@@ -321,7 +327,7 @@ fn evaluate_question(
 /// trace is written to `out` (JSONL) when given. `config.concurrency` questions are in
 /// flight at once; a rule's wall time is the sum of its questions' latencies.
 pub fn run(
-    engine: &Engine,
+    runtime: &Runtime,
     items: &[EvalItem],
     config: &EvalConfig,
     mut progress: impl FnMut(usize, usize),
@@ -359,7 +365,7 @@ pub fn run(
                 if qi >= items.len() || failed.load(std::sync::atomic::Ordering::Relaxed) {
                     break;
                 }
-                let outcome = evaluate_question(engine, qi, &items[qi], config, scores);
+                let outcome = evaluate_question(runtime, qi, &items[qi], config, scores);
                 if send.send(outcome).is_err() {
                     break;
                 }
@@ -406,7 +412,7 @@ pub fn run(
 /// DeepConf-online for one question: warm-up traces set the threshold, later traces (in
 /// rounds, so consensus can stop sampling) stop when their window confidence drops.
 fn run_online(
-    engine: &Engine,
+    runtime: &Runtime,
     item: &EvalItem,
     config: &EvalConfig,
     mut online: DeepConfOnline,
@@ -414,24 +420,23 @@ fn run_online(
 ) -> Result<(Option<Answer>, usize)> {
     let window = online.window;
     let lowest = TraceScore::LowestGroup { window };
-    let warm = engine
-        .generate(request(
-            &item.question,
-            online.warmup.min(online.budget),
-            config,
-            config.temperature,
-            seed,
-        ))?
-        .traces;
+    let warm = runtime.generate(request(
+        &item.question,
+        online.warmup.min(online.budget),
+        config,
+        config.temperature,
+        seed,
+        &[lowest],
+    ))?;
     let mut kept = Vec::new();
-    let mut tokens: usize = warm.iter().map(|t| t.tokens.len()).sum();
-    for c in candidates(&warm, &[lowest]) {
+    let mut tokens = warm.generated_tokens();
+    let mut started = warm.traces.len();
+    for c in warm.candidates().iter().cloned() {
         if let Some(l) = c.score(lowest) {
             online.observe_warmup(l);
         }
         kept.push(c);
     }
-    let mut started = warm.len();
     let round = 4usize;
     while online.traces_left(started) > 0 {
         let votes = select(
@@ -457,17 +462,14 @@ fn run_online(
             config,
             config.temperature,
             seed.wrapping_add(started as u64),
+            &[lowest],
         );
-        r.early_stop = Some(make);
-        let traces = engine.generate(r)?.traces;
-        tokens += traces.iter().map(|t| t.tokens.len()).sum::<usize>();
+        r.request.early_stop = Some(make);
+        let result = runtime.generate(r)?;
+        tokens += result.generated_tokens();
         started += n;
         // Traces stopped early carry no answer worth voting on.
-        let finished: Vec<Trace> = traces
-            .into_iter()
-            .filter(|t| t.finish != crate::engine::FinishReason::AbortedLowConfidence)
-            .collect();
-        kept.extend(candidates(&finished, &[lowest]));
+        kept.extend(finished_candidates(&result));
     }
     let voters: Vec<Candidate> = kept
         .into_iter()

@@ -1,9 +1,10 @@
 //! The HTTP server end to end: `verity serve` on SmolLM2, driven by the official `openai`
-//! Python client (tests/server_client.py: completions, chat, n > 1, streaming, logprobs,
+//! Python client (crates/verity-cli/tests/server_client.py: completions, chat, n > 1, streaming, logprobs,
 //! the verity extensions, bad requests, feedback → learn, a 32 × 20 load test), then a
 //! full queue answered with 429 + Retry-After, and a graceful shutdown on SIGTERM that
 //! lets an in-flight request finish.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -75,7 +76,7 @@ fn openai_client_extensions_learning_and_load() {
     let key = "test-key-123";
     let server = start(&["--api-key", key]);
     let out = Command::new("python3")
-        .arg(common::repo().join("tests/server_client.py"))
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/server_client.py"))
         .args([&server.base, key, &server.child.id().to_string()])
         .output()
         .expect("run python3");

@@ -9,12 +9,12 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::chat::ChatMessage;
-use crate::engine::{FinishReason, Penalties, Prompt, Request};
-use crate::runtime::{GenerateRequest, GenerateResult, GeneratedTrace};
-use crate::sampling::SamplingParams;
-use crate::select::SelectionRule;
-use crate::tokenizer::Tokenizer;
+use verity::chat::ChatMessage;
+use verity::engine::{FinishReason, Penalties, Prompt, Request};
+use verity::runtime::{GenerateRequest, GenerateResult, GeneratedTrace};
+use verity::sampling::SamplingParams;
+use verity::select::SelectionRule;
+use verity::tokenizer::Tokenizer;
 
 /// Limits the server enforces on a request.
 #[derive(Debug, Clone)]
@@ -401,7 +401,6 @@ fn build(
     request.max_tokens = max_tokens;
     request.stop = stop;
     request.top_logprobs = logprobs.unwrap_or(0);
-    request.adapter = ext.adapter.clone();
     request.sampling = SamplingParams {
         temperature,
         top_p,
@@ -424,9 +423,10 @@ fn build(
         .unwrap_or(false);
     Ok(Parsed {
         request: GenerateRequest {
-            request,
+            adapter: ext.adapter.clone(),
             selection,
             verify,
+            ..GenerateRequest::new(request)
         },
         stream: c.stream.unwrap_or(false),
         include_usage,

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::error::{Error, Result};
+use verity::{Error, Result};
 
 const FONT_FAMILY: &str = "verity-sans";
 const FONT_CANDIDATES: [&str; 4] = [

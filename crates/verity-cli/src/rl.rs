@@ -7,20 +7,19 @@
 //! the best version and halves the learning rate.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::DType;
 use serde::Serialize;
 
-use crate::adapter::{load_peft, save_versioned};
-use crate::engine::{Engine, RequestHandle, Trace};
-use crate::error::{Error, Result};
 use crate::eval::{self, EvalConfig, EvalItem};
-use crate::select::SelectionRule;
-use crate::train::rewards::{intuitor_rewards, rlpr_rewards, ttrl_rewards, verifier_rewards};
-use crate::train::{Rollout, StepReport, Trainer};
-use crate::verify::{equivalent, reference_answer, MathVerifier};
+use verity::adapter::save_versioned;
+use verity::runtime::{GenerateResult, Generation, Runtime};
+use verity::select::SelectionRule;
+use verity::train::rewards::{intuitor_rewards, rlpr_rewards, ttrl_rewards, verifier_rewards};
+use verity::train::{Rollout, StepReport};
+use verity::verify::{equivalent, reference_answer, MathVerifier};
+use verity::{Error, Result};
 
 /// Where rewards come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,8 +66,6 @@ pub struct LearnConfig {
     /// Roll back when held-out accuracy drops this far below the best (absolute).
     pub collapse_drop: f64,
     pub out: PathBuf,
-    /// Registered adapter id the engine decodes with.
-    pub adapter_id: String,
     /// Generate the rollouts of step t + 1 while step t trains (one step stale).
     pub overlap: bool,
 }
@@ -103,7 +100,7 @@ fn mean(x: impl Iterator<Item = f64>) -> f64 {
 
 /// Held-out greedy accuracy with the adapter.
 pub fn heldout_accuracy(
-    engine: &Engine,
+    runtime: &Runtime,
     items: &[EvalItem],
     max_tokens: usize,
     adapter: Option<&str>,
@@ -120,27 +117,14 @@ pub fn heldout_accuracy(
         // Greedy questions are short requests: many in flight fill the batch.
         concurrency: 16,
     };
-    let results = eval::run(engine, items, &config, |_, _| {}, None)?;
+    let results = eval::run(runtime, items, &config, |_, _| {}, None)?;
     Ok(results.first().map(|r| r.accuracy()).unwrap_or(0.0))
 }
 
-/// Copies the tensors of a saved adapter version into the live adapter (a rollback).
-fn restore(trainer: &Trainer, engine: &Engine, dir: &Path) -> Result<()> {
-    let model = engine.model();
-    let saved = load_peft(dir, model.config(), DType::F32, model.transformer.device())?;
-    let values: Vec<_> = saved
-        .vars()
-        .iter()
-        .map(|v| v.as_tensor().to_dtype(model.transformer.dtype()))
-        .collect::<candle_core::Result<_>>()?;
-    trainer.adapter.publish(values)?;
-    Ok(())
-}
-
-/// Runs the loop; `progress(step, metrics)` is called after every step.
+/// Runs the loop on the runtime's learning adapter and trainer; `progress(step, metrics)`
+/// is called after every step.
 pub fn learn(
-    engine: &Engine,
-    trainer: &mut Trainer,
+    runtime: &Runtime,
     train: &[EvalItem],
     heldout: &[EvalItem],
     config: &LearnConfig,
@@ -155,7 +139,9 @@ pub fn learn(
     let metrics_path = config.out.join("metrics.jsonl");
     let mut metrics_file =
         std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    let model = engine.model().clone();
+    let model = runtime.model().clone();
+    let adapter = runtime.learning_adapter();
+    let adapter_id = runtime.learning_adapter_id().to_string();
     let eval_config = EvalConfig {
         n: config.group,
         max_tokens: config.max_tokens,
@@ -164,7 +150,7 @@ pub fn learn(
         seed: config.seed,
         rules: Vec::new(),
         online: None,
-        adapter: Some(config.adapter_id.clone()),
+        adapter: Some(adapter_id.clone()),
         concurrency: 1,
     };
     let checkpoints = config.out.join("checkpoints");
@@ -173,15 +159,15 @@ pub fn learn(
     let mut rollbacks = 0;
     let mut heldout_before = None;
     if !heldout.is_empty() {
-        let acc = heldout_accuracy(engine, heldout, config.max_tokens, Some(&config.adapter_id))?;
-        let dir = save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
+        let acc = heldout_accuracy(runtime, heldout, config.max_tokens, Some(&adapter_id))?;
+        let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
         best = Some((acc, dir));
         heldout_before = Some(acc);
     }
     let mut all = Vec::new();
     // The rollouts of one step: its prompts, submitted to the engine (which decodes them on
     // its own thread while this one trains, when `overlap` is on).
-    let submit = |step: usize| -> (Instant, Vec<(RequestHandle, &EvalItem)>) {
+    let submit = |step: usize| -> Result<(Instant, Vec<(Generation, &EvalItem)>)> {
         let start = Instant::now();
         let submitted = (0..config.prompts_per_step)
             .map(|k| {
@@ -190,52 +176,41 @@ pub fn learn(
                     .seed
                     .wrapping_add((step as u64) << 16)
                     .wrapping_add(k as u64 * 1000);
-                let handle = engine.submit(eval::request(
+                let generation = runtime.submit(eval::request(
                     &item.question,
                     config.group,
                     &eval_config,
                     config.temperature,
                     seed,
-                ));
-                (handle, item)
+                    &[],
+                ))?;
+                Ok((generation, item))
             })
-            .collect();
-        (start, submitted)
+            .collect::<Result<_>>()?;
+        Ok((start, submitted))
     };
-    let mut next = Some(submit(1));
+    let mut next = Some(submit(1)?);
     let mut heldout_curve: Vec<(usize, f64)> = best.iter().map(|(acc, _)| (0, *acc)).collect();
     for step in 1..=config.steps {
         // Rollout time runs from submission (with `overlap`, during the previous step's
         // training) to the last completion.
         let (rollout_start, submitted) = match next.take() {
             Some(s) => s,
-            None => submit(step),
+            None => submit(step)?,
         };
-        let mut groups: Vec<(Vec<u32>, Vec<Trace>, &EvalItem)> = Vec::new();
-        for (handle, item) in submitted {
-            let completion = handle.blocking_completion()?;
-            // The prompt ids as the engine saw them.
-            let text = model.tokenizer.apply_chat_template(
-                &[crate::chat::ChatMessage::user(format!(
-                    "{}{}",
-                    item.question,
-                    eval::BOXED_INSTRUCTION
-                ))],
-                true,
-            )?;
-            let prompt = model.tokenizer.encode(&text, true)?;
-            groups.push((prompt, completion.traces, item));
+        let mut groups: Vec<(Vec<u32>, GenerateResult, &EvalItem)> = Vec::new();
+        for (generation, item) in submitted {
+            let result = generation.blocking_result()?;
+            groups.push((result.prompt_ids().to_vec(), result, item));
         }
         let rollout_seconds = rollout_start.elapsed().as_secs_f64();
-        let generated: usize = groups
-            .iter()
-            .flat_map(|(_, t, _)| t.iter().map(|t| t.tokens.len()))
-            .sum();
+        let generated: usize = groups.iter().map(|(_, r, _)| r.generated_tokens()).sum();
 
         let mut rollouts = Vec::new();
         let (mut correct, mut total, mut label_right, mut labels) =
             (0usize, 0usize, 0usize, 0usize);
-        for (g, (prompt, traces, item)) in groups.iter().enumerate() {
+        for (g, (prompt, result, item)) in groups.iter().enumerate() {
+            let traces: Vec<_> = result.traces.iter().map(|t| &t.trace).collect();
             let texts: Vec<&str> = traces.iter().map(|t| t.text.as_str()).collect();
             let truth = reference_answer(&item.answer);
             let rewards = match config.reward {
@@ -247,7 +222,7 @@ pub fn learn(
                         .collect::<Vec<_>>(),
                 ),
                 RewardKind::Rlpr => {
-                    rlpr_rewards(&model, Some(&trainer.adapter), prompt, &texts, &item.answer)?
+                    rlpr_rewards(&model, Some(&adapter), prompt, &texts, &item.answer)?
                 }
                 RewardKind::Ttrl => {
                     let (r, label) = ttrl_rewards(&texts);
@@ -275,16 +250,17 @@ pub fn learn(
                 });
             }
         }
-        let entropy = mean(groups.iter().flat_map(|(_, t, _)| {
-            t.iter()
-                .flat_map(|t| t.stats.iter().map(|s| s.entropy as f64))
+        let entropy = mean(groups.iter().flat_map(|(_, r, _)| {
+            r.traces
+                .iter()
+                .flat_map(|t| t.trace.stats.iter().map(|s| s.entropy as f64))
         }));
         if config.overlap && step < config.steps {
             // Bounded staleness of one step: the next rollouts decode with this step's
             // adapter version while it trains; each trace records the version it used.
-            next = Some(submit(step + 1));
+            next = Some(submit(step + 1)?);
         }
-        let report = trainer.step(&model.transformer, &rollouts)?;
+        let report = runtime.train_on(&rollouts)?;
         let mut m = StepMetrics {
             reward: mean(rollouts.iter().map(|r| r.reward)),
             sample_accuracy: correct as f64 / total.max(1) as f64,
@@ -303,35 +279,33 @@ pub fn learn(
         let evaluate = !heldout.is_empty()
             && (step == config.steps || (config.eval_every > 0 && step % config.eval_every == 0));
         if evaluate {
-            let acc =
-                heldout_accuracy(engine, heldout, config.max_tokens, Some(&config.adapter_id))?;
+            let acc = heldout_accuracy(runtime, heldout, config.max_tokens, Some(&adapter_id))?;
             m.heldout_accuracy = Some(acc);
             heldout_curve.push((step, acc));
             match &best {
                 Some((b, dir)) if acc < b - config.collapse_drop => {
-                    restore(trainer, engine, dir)?;
-                    trainer.scale_lr(0.5);
+                    runtime.restore_learning_adapter(dir)?;
+                    runtime.scale_learning_rate(0.5);
                     rollbacks += 1;
                     m.rolled_back = true;
                 }
                 Some((b, _)) if acc <= *b => {}
                 _ => {
-                    let dir =
-                        save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
+                    let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
                     best = Some((acc, dir));
                 }
             }
         } else if heldout.is_empty() && entropy < 0.1 * first {
             // No labels: an entropy collapse to a tenth of where it started is a collapse.
             if let Some((_, dir)) = &best {
-                restore(trainer, engine, dir)?;
+                runtime.restore_learning_adapter(dir)?;
             }
-            trainer.scale_lr(0.5);
+            runtime.scale_learning_rate(0.5);
             rollbacks += 1;
             m.rolled_back = true;
         }
         if heldout.is_empty() && step % config.eval_every.max(1) == 0 && !m.rolled_back {
-            let dir = save_versioned(&trainer.adapter, model.config(), &checkpoints, "policy")?;
+            let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
             best = Some((0.0, dir));
         }
         let line = serde_json::to_string(&m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -352,10 +326,10 @@ pub fn learn(
     // so it is measured again rather than taken from the metrics.
     let heldout_after = match all.iter().rev().find(|m| m.heldout_accuracy.is_some()) {
         Some(m) if m.rolled_back => Some(heldout_accuracy(
-            engine,
+            runtime,
             heldout,
             config.max_tokens,
-            Some(&config.adapter_id),
+            Some(&adapter_id),
         )?),
         Some(m) => m.heldout_accuracy,
         None => heldout_before,

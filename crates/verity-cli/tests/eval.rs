@@ -2,6 +2,7 @@
 //! `verity` binary as a user runs it: tasks → eval (every rule, DeepConf-online) → table
 //! and trace JSONL.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 use common::*;
 

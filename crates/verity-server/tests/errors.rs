@@ -1,0 +1,112 @@
+//! Error kinds over HTTP, in process: a decode step that fails is a 500 `server_error`
+//! (also as the last event of a stream that already started), a bad parameter a 400
+//! naming it, and the server keeps serving after the failure.
+
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+
+use verity::{Runtime, RuntimeConfig};
+use verity_server::ServerConfig;
+
+/// A raw HTTP/1.1 POST; returns (status, body).
+fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn decode_failures_are_500_and_bad_parameters_400() {
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            model: common::real_model(common::SMOLLM2),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = runtime.clone();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            verity_server::serve_on(listener, served, ServerConfig::default(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let body = r#"{"prompt": "Hello", "max_tokens": 4}"#;
+
+    runtime.fail_next_decode_steps(1);
+    let (status, text) = post(addr, "/v1/completions", body);
+    assert_eq!(status, 500, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["type"], "server_error", "{text}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("decode step failed"));
+
+    // Streaming: the headers went out before the failure, so the error (with the status it
+    // would have had) is the stream's last event.
+    runtime.fail_next_decode_steps(1);
+    let (status, text) = post(
+        addr,
+        "/v1/completions",
+        r#"{"prompt": "Hello", "max_tokens": 4, "stream": true}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+    let last = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .next_back()
+        .expect("an event");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["error"]["code"], 500, "{text}");
+
+    let (status, text) = post(addr, "/v1/completions", body);
+    assert_eq!(
+        status, 200,
+        "the server serves on after a failed step: {text}"
+    );
+
+    let (status, text) = post(
+        addr,
+        "/v1/completions",
+        r#"{"prompt": "Hello", "max_tokens": 4, "temperature": -1}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("temperature"), "{text}");
+
+    let _ = stop.send(());
+    server.join().unwrap();
+}

@@ -1,0 +1,233 @@
+//! The driver of one product: quantize the activation rows once, split the output
+//! columns among threads, and run a weight type's kernels over tiles of activation rows
+//! (the `qmatmul` module documentation describes the scheme and why it is deterministic).
+
+use parking_lot::Mutex;
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use super::{Isa, Kernel};
+use crate::error::{Error, Result};
+
+/// Activation rows dotted against one decoded weight row at a time.
+const TILE: usize = 4;
+
+/// Weight rows that all tiles of a batch meet before the next ones (see `dot_rows`).
+const ROW_BLOCK: usize = 32;
+
+/// Below this many multiply-adds (m · out · in) a product runs on the calling thread.
+const MIN_PARALLEL_WORK: usize = 1 << 18;
+
+/// `y = x · Wᵀ` for weight type K: checks the sizes, then returns y as m rows of n
+/// values (`w` holds n rows of k values in K's blocks, `x` m rows of k values).
+pub(super) fn run<K: Kernel>(
+    isa: Isa,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<f32>> {
+    if k == 0 || !k.is_multiple_of(K::ELEMS) || x.len() != m * k {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: k = {k} with {} inputs for m = {m}",
+            x.len()
+        )));
+    }
+    let nb = k / K::ELEMS;
+    let row_bytes = nb * K::BYTES;
+    if w.len() != n * row_bytes {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: {} weight bytes for {n} rows of {row_bytes}",
+            w.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let per_row = k.div_ceil(K::ACT_ELEMS);
+    let acts: Vec<K::Act> = x
+        .chunks_exact(k)
+        .flat_map(|row| row.chunks(K::ACT_ELEMS).map(K::quantize))
+        .collect();
+    let acts: Vec<&[K::Act]> = acts.chunks_exact(per_row).collect();
+
+    // yt holds y transposed (n × m): each weight row's m outputs are contiguous, so
+    // threads own disjoint column ranges of y.
+    let mut yt = vec![0f32; n * m];
+    let columns = |j0: usize, out: &mut [f32]| dot_rows::<K>(isa, w, row_bytes, j0, &acts, out);
+    let pool = Pool::get();
+    let threads = pool.threads();
+    if threads <= 1 || n * k * m < min_parallel_work() {
+        columns(0, &mut yt);
+    } else {
+        // A few chunks per thread for balance; never under 16 columns each.
+        let per_chunk = n.div_ceil(4 * threads).max(16);
+        match pool {
+            Pool::Rayon => yt
+                .par_chunks_mut(per_chunk * m)
+                .enumerate()
+                .for_each(|(c, out)| columns(c * per_chunk, out)),
+            Pool::Candle => {
+                // Each chunk behind its own (uncontended) lock: the pool's closure is
+                // shared by its threads, which take chunks from a common cursor.
+                let chunks: Vec<Mutex<&mut [f32]>> =
+                    yt.chunks_mut(per_chunk * m).map(Mutex::new).collect();
+                candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| {
+                    for c in range {
+                        columns(c * per_chunk, &mut chunks[c].lock());
+                    }
+                });
+            }
+        }
+    }
+    if m == 1 {
+        return Ok(yt);
+    }
+    // Transpose in blocks of 64 columns, so that reads and writes stay in cache.
+    let mut y = vec![0f32; m * n];
+    for j0 in (0..n).step_by(64) {
+        let j1 = (j0 + 64).min(n);
+        for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
+            for (j, v) in (j0..j1).zip(&mut y_row[j0..j1]) {
+                *v = yt[j * m + i];
+            }
+        }
+    }
+    Ok(y)
+}
+
+/// The threads that share out a product's columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// candle's persistent pool, the one its own CPU ops use: the calling thread works
+    /// too and the others spin briefly between calls, so the hundreds of small products
+    /// of a decode step pay no wake-ups, and no second set of threads competes with
+    /// candle's for the cores. The default: SmolLM2 batch-1 decode on 2 cores runs at
+    /// ~100 tok/s with it and ~60 with rayon. A call waits for every thread at its
+    /// barrier, which stalls when another process holds a core.
+    Candle,
+    /// rayon's global pool (`VERITY_QMATMUL_POOL=rayon`): work-stealing, so a thread the
+    /// OS has not scheduled holds nobody up.
+    Rayon,
+}
+
+impl Pool {
+    fn get() -> Self {
+        static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+        *POOL.get_or_init(|| match std::env::var("VERITY_QMATMUL_POOL").as_deref() {
+            Ok("rayon") => Pool::Rayon,
+            _ => Pool::Candle,
+        })
+    }
+
+    fn threads(self) -> usize {
+        match self {
+            Pool::Rayon => rayon::current_num_threads(),
+            Pool::Candle => candle_core::utils::barrier_pool().n_workers() + 1,
+        }
+    }
+}
+
+fn min_parallel_work() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("VERITY_QMATMUL_MIN_PARALLEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(MIN_PARALLEL_WORK)
+    })
+}
+
+/// Outputs of weight rows j0, j0 + 1, … for all m activation rows (`out` holds m values
+/// per weight row).
+fn dot_rows<K: Kernel>(
+    isa: Isa,
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    acts: &[&[K::Act]],
+    out: &mut [f32],
+) {
+    let m = acts.len();
+    let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
+    match isa {
+        Isa::Scalar => {
+            for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
+                for (o, a) in o.iter_mut().zip(acts) {
+                    *o = K::dot_scalar(row(j), a);
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::X86(s) if m == 1 => {
+            // One activation row: four weight rows at a time, four independent chains.
+            let a = [acts[0]];
+            let mut quads = out.chunks_exact_mut(4);
+            let mut j = j0;
+            for o in &mut quads {
+                let y = K::dot_x86::<4, 1>(s, [row(j), row(j + 1), row(j + 2), row(j + 3)], a);
+                for (o, y) in o.iter_mut().zip(y) {
+                    *o = y[0];
+                }
+                j += 4;
+            }
+            for o in quads.into_remainder() {
+                *o = K::dot_x86::<1, 1>(s, [row(j)], a)[0][0];
+                j += 1;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::X86(s) => {
+            // Several activation rows: a tile of TILE of them against the weight rows (two
+            // at a time where registers allow), ROW_BLOCK weight rows at a time with the
+            // tiles in the outer loop: a tile's activations stay in L1 while it meets
+            // the block's weight rows, which stay in L2 after the first tile.
+            let rows = out.len() / m;
+            for first in (0..rows).step_by(ROW_BLOCK) {
+                let rows = rows.min(first + ROW_BLOCK);
+                for t0 in (0..m).step_by(TILE) {
+                    let tile = &acts[t0..m.min(t0 + TILE)];
+                    let mut j = first;
+                    while j < rows {
+                        let (two, one);
+                        let y: &[[f32; TILE]] =
+                            if j + 1 < rows && s.has_registers_for_two(K::ACT_ELEMS) {
+                                two = tile_dot::<K, 2>(s, [row(j0 + j), row(j0 + j + 1)], tile);
+                                &two
+                            } else {
+                                one = tile_dot::<K, 1>(s, [row(j0 + j)], tile);
+                                &one
+                            };
+                        for (jj, y) in (j..).zip(y) {
+                            out[jj * m + t0..jj * m + t0 + tile.len()]
+                                .copy_from_slice(&y[..tile.len()]);
+                        }
+                        j += y.len();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// W weight rows against a tile of 1 to TILE activation rows (the results past the tile's
+/// length are zeros).
+#[cfg(target_arch = "x86_64")]
+fn tile_dot<K: Kernel, const W: usize>(
+    s: x86::Simd,
+    w: [&[u8]; W],
+    tile: &[&[K::Act]],
+) -> [[f32; TILE]; W] {
+    fn widen<const R: usize, const W: usize>(y: [[f32; R]; W]) -> [[f32; TILE]; W] {
+        y.map(|y| std::array::from_fn(|r| y.get(r).copied().unwrap_or(0.0)))
+    }
+    match *tile {
+        [a0] => widen(K::dot_x86::<W, 1>(s, w, [a0])),
+        [a0, a1] => widen(K::dot_x86::<W, 2>(s, w, [a0, a1])),
+        [a0, a1, a2] => widen(K::dot_x86::<W, 3>(s, w, [a0, a1, a2])),
+        [a0, a1, a2, a3] => K::dot_x86::<W, 4>(s, w, [a0, a1, a2, a3]),
+        _ => unreachable!("tiles hold 1 to {TILE} rows"),
+    }
+}

@@ -1,0 +1,193 @@
+//! Unit tests of the whole module: every instruction-set level against the scalar
+//! reference, against candle's `QMatMul` and the f32 product; batch independence of
+//! every row; and `forward`'s shapes, dtypes and refusals.
+
+use candle_core::quantized::QMatMul;
+use candle_core::Module;
+
+use super::*;
+
+const TYPES: [GgmlDType; 5] = [
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q6K,
+];
+
+/// Deterministic values in (-1, 1), with some larger outliers as real activations have.
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+            if i.is_multiple_of(97) {
+                4.0 * v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn weight(ty: GgmlDType, n: usize, k: usize, seed: u64) -> QTensor {
+    let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+    QTensor::quantize(&w, ty).unwrap()
+}
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    v.extend(x86::Simd::all().into_iter().map(Isa::X86));
+    v
+}
+
+fn ours(isa: Isa, w: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
+    let (n, k) = w.shape().dims2().unwrap();
+    let ty = WeightType::of(w.dtype()).unwrap();
+    matmul(ty, isa, &w.data().unwrap(), n, k, x, m).unwrap()
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let diff: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let norm: f32 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+/// Largest |a − b| relative to the largest |b|.
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |s, v| s.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |e, (x, y)| e.max((x - y).abs())) / scale
+}
+
+fn shapes(ty: GgmlDType) -> (usize, usize) {
+    match ty {
+        GgmlDType::Q4K | GgmlDType::Q6K => (48, 768),
+        _ => (40, 160),
+    }
+}
+
+#[test]
+fn simd_matches_scalar() {
+    for ty in TYPES {
+        let (n, k) = shapes(ty);
+        let w = weight(ty, n, k, 1);
+        for m in [1, 3, 8, 17] {
+            let x = values(m * k, 100 + m as u64);
+            let levels = isas();
+            let results: Vec<Vec<f32>> = levels.iter().map(|&isa| ours(isa, &w, &x, m)).collect();
+            for (isa, y) in levels.iter().zip(&results).skip(1) {
+                let e = max_err(y, &results[0]);
+                assert!(e < 1e-4, "{ty:?} {isa:?} m={m}: max error {e}");
+            }
+            // AVX-VNNI computes the same integers as AVX2 in the same order, so the
+            // same floats.
+            #[cfg(target_arch = "x86_64")]
+            if let [_, Isa::X86(x86::Simd::Avx2(_)), Isa::X86(x86::Simd::AvxVnni(_)), ..] =
+                levels[..]
+            {
+                let (a, b) = (&results[1], &results[2]);
+                assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+}
+
+#[test]
+fn close_to_candle_and_to_dense() {
+    for ty in TYPES {
+        let (n, k) = shapes(ty);
+        let w = weight(ty, n, k, 2);
+        let dense = w.dequantize(&Device::Cpu).unwrap();
+        let candle = QMatMul::from_qtensor(weight(ty, n, k, 2)).unwrap();
+        for m in [1, 3, 8, 17] {
+            let x = values(m * k, 200 + m as u64);
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let exact: Vec<f32> = xt
+                .matmul(&dense.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let theirs: Vec<f32> = candle
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for isa in isas() {
+                let y = ours(isa, &w, &x, m);
+                // Both quantize activations to 8 bits in the same way, but candle keeps
+                // f16 scales for the 32-value types. The f32 product has no activation
+                // rounding at all, and 256-value blocks round coarser.
+                let k_quant = matches!(ty, GgmlDType::Q4K | GgmlDType::Q6K);
+                let (tc, td) = if k_quant { (1e-5, 2e-2) } else { (2e-3, 1e-2) };
+                let (ec, ed) = (rel_err(&y, &theirs), rel_err(&y, &exact));
+                assert!(ec < tc, "{ty:?} {isa:?} m={m}: {ec} from candle");
+                assert!(ed < td, "{ty:?} {isa:?} m={m}: {ed} from the f32 product");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_row_does_not_depend_on_its_batch() {
+    for ty in TYPES {
+        // Big enough that m = 17 runs on several threads; an odd number of 32-value
+        // blocks for the 512-bit kernels' last half pair.
+        let k = if ty.block_size() == 32 { 544 } else { 512 };
+        let n = 272;
+        let w = weight(ty, n, k, 3);
+        let m = 17;
+        let x = values(m * k, 300);
+        for isa in isas() {
+            let batch = ours(isa, &w, &x, m);
+            for i in 0..m {
+                let alone = ours(isa, &w, &x[i * k..(i + 1) * k], 1);
+                let row = &batch[i * n..(i + 1) * n];
+                assert!(
+                    row.iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty:?} {isa:?}: row {i} differs in a batch of {m}"
+                );
+            }
+            // And in a batch of 3 that starts at another offset of the tile.
+            let three = ours(isa, &w, &x[5 * k..8 * k], 3);
+            assert!(three
+                .iter()
+                .zip(&batch[5 * n..8 * n])
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+}
+
+#[test]
+fn forward_keeps_shape_and_dtype_and_rejects_what_it_cannot_do() {
+    let w = weight(GgmlDType::Q4_1, 8, 64, 4);
+    let x = Tensor::from_vec(values(2 * 3 * 64, 5), (2, 3, 64), &Device::Cpu).unwrap();
+    let y = forward(&w, &x).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 8]);
+    let flat = forward(&w, &x.reshape((6, 64)).unwrap()).unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        y.flatten_all().unwrap().to_vec1().unwrap(),
+        flat.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert_eq!(a, b);
+    let half = forward(&w, &x.to_dtype(DType::BF16).unwrap()).unwrap();
+    assert_eq!(half.dtype(), DType::BF16);
+    // Wrong inner size; a type without a kernel here.
+    let bad = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+    assert!(forward(&w, &bad).is_err());
+    let q4_0 = weight(GgmlDType::Q4_0, 8, 64, 6);
+    assert!(!supports(&q4_0));
+    assert!(forward(&q4_0, &x).is_err());
+    assert!(supports(&w));
+}
