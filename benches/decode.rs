@@ -60,8 +60,21 @@ fn main() {
     let path = std::env::args()
         .skip(1)
         .find(|a| a.ends_with(".gguf") || std::path::Path::new(a).is_dir())
-        .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+        .unwrap_or_else(|| verity::runtime::DEFAULT_MODEL.into());
+    // `-- --device cuda:0` (the device option as everywhere; the CPU by default).
+    let args: Vec<String> = std::env::args().collect();
+    let device = match args.windows(2).find(|w| w[0] == "--device") {
+        Some(w) => match w[1].parse::<verity::DeviceSpec>().and_then(|d| d.resolve()) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("--device: {e}");
+                std::process::exit(2);
+            }
+        },
+        None => candle_core::Device::Cpu,
+    };
     let options = LoadOptions {
+        device,
         format: if std::env::var("VERITY_DENSE").is_ok() {
             verity::WeightFormat::Dense
         } else {

@@ -39,7 +39,7 @@ fn main() {
     let path = std::env::args()
         .skip(1)
         .find(|a| a.ends_with(".gguf") || std::path::Path::new(a).is_dir())
-        .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+        .unwrap_or_else(|| verity::runtime::DEFAULT_MODEL.into());
     let (group, prompt_len, completion_len, steps) = (
         arg("--group", 8),
         arg("--prompt", 80),

@@ -143,21 +143,12 @@ pub enum GenerationEvent {
     Finished(Box<GenerateResult>),
 }
 
-/// What finishing needs besides the traces.
-struct Pending {
-    prompt: Arc<Vec<u32>>,
-    adapter: Option<String>,
-    selection: Option<SelectionRule>,
-    verify: Option<(Arc<dyn Verifier>, String)>,
-    scores: Vec<TraceScore>,
-    remember: bool,
-}
 
 /// A request in flight: read its events ([`Self::next`]) or wait for its result
 /// ([`Self::result`]). Dropping it cancels the request.
 pub struct Generation {
     handle: RequestHandle,
-    pending: Option<Pending>,
+    pending: Option<Prepared>,
     prompt_tokens: usize,
     runtime: Arc<Inner>,
     _slot: QueueSlot,
@@ -172,7 +163,7 @@ impl Drop for QueueSlot {
     }
 }
 
-/// The parts of a prepared request that finishing needs.
+/// What finishing a request needs besides its traces (made once, by `Runtime::submit`).
 pub(super) struct Prepared {
     pub prompt: Arc<Vec<u32>>,
     pub adapter: Option<String>,
@@ -189,25 +180,10 @@ impl Generation {
         runtime: Arc<Inner>,
         slot: QueueSlot,
     ) -> Self {
-        let Prepared {
-            prompt,
-            adapter,
-            selection,
-            verify,
-            scores,
-            remember,
-        } = prepared;
         Self {
             handle,
-            prompt_tokens: prompt.len(),
-            pending: Some(Pending {
-                prompt,
-                adapter,
-                selection,
-                verify,
-                scores,
-                remember,
-            }),
+            prompt_tokens: prepared.prompt.len(),
+            pending: Some(prepared),
             runtime,
             _slot: slot,
         }
@@ -299,8 +275,8 @@ impl Generation {
 
 impl Inner {
     /// Scores, selects, verifies and (unless told not to) remembers the finished traces.
-    fn finish(&self, request_id: u64, pending: Pending, completion: Completion) -> GenerateResult {
-        let Pending {
+    fn finish(&self, request_id: u64, pending: Prepared, completion: Completion) -> GenerateResult {
+        let Prepared {
             prompt,
             adapter,
             selection,

@@ -70,6 +70,13 @@ impl ModelArgs {
                 "{DEFAULT_MODEL} is missing: run `models/fetch.sh` first to get the default model"
             ));
         }
+        // A device that cannot be had is the flag's fault: say so before loading anything.
+        if config.device != DeviceSpec::Auto {
+            config
+                .device
+                .resolve()
+                .map_err(|e| format!("--device (or the config file's `device`): {e}"))?;
+        }
         Ok(Runtime::builder(config))
     }
 }

@@ -59,3 +59,30 @@ fn cli_rejects_non_utf8_prompts_and_missing_models() {
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
 }
+
+#[test]
+fn an_unusable_device_is_an_error_naming_the_flag() {
+    let gguf = tiny_files(Architecture::Qwen2, "cli-device");
+    let bin = env!("CARGO_BIN_EXE_verity");
+    let run = |device: &str| {
+        std::process::Command::new(bin)
+            .args(["info", "--device", device, "--model"])
+            .arg(&gguf)
+            .output()
+            .unwrap()
+    };
+    let out = run("tpu");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--device") && stderr.contains("auto, cpu, cuda"), "{stderr}");
+    if !verity::device::cuda_built() {
+        let out = run("cuda:0");
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--device") && stderr.contains("--features cuda"), "{stderr}");
+    }
+    let out = run("cpu");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("device:        cpu (asked for: cpu)"), "{stdout}");
+}
