@@ -1,0 +1,313 @@
+//! The decode entry point, [`Transformer::forward_step`]: a batch of sequences, each at its
+//! own position with its own KV cache and LoRA adapter, through fused kernels and quantized
+//! matmuls; attention over shared and own KV segments; per-adapter LoRA row groups.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+
+use super::{Block, Transformer};
+use crate::error::{Error, Result};
+use crate::model::kv::SeqKv;
+use crate::model::lora::{LoraAdapter, LoraSnapshot, LoraTarget};
+use crate::model::ops;
+use crate::model::weights::Weight;
+
+/// One sequence's part of a decode step.
+pub struct StepInput<'a> {
+    /// New tokens to append (a prompt chunk when prefilling, one token when decoding).
+    pub tokens: &'a [u32],
+    /// The sequence's KV cache; the new tokens' keys and values are appended to it.
+    pub kv: &'a mut SeqKv,
+    /// LoRA adapter for this sequence, or None for the base model. Rows of one batch may
+    /// use different adapters.
+    pub adapter: Option<&'a LoraAdapter>,
+    /// Return a logits row for every new token instead of only the last.
+    pub all_logits: bool,
+}
+
+/// Rows of the batch that use one adapter.
+struct LoraGroup {
+    /// Taken once per step: a concurrent update shows from the next step on.
+    adapter: Arc<LoraSnapshot>,
+    /// None when every row of the batch uses this adapter.
+    rows: Option<Tensor>,
+}
+
+impl Transformer {
+    fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.embed {
+            Weight::Quantized(q) => Ok(q.embedding(ids)?.to_dtype(self.dtype)?),
+            Weight::Dense(t) => Ok(t.index_select(ids, 0)?),
+        }
+    }
+
+    /// Appends each sequence's new tokens to its KV cache and returns logits, f32, one row
+    /// per sequence (its last new token) or one per new token where `all_logits` is set,
+    /// in batch order.
+    pub fn forward_step(&self, batch: &mut [StepInput<'_>]) -> Result<Tensor> {
+        let c = &self.config;
+        if batch.is_empty() {
+            return Err(Error::InvalidArgument(
+                "forward_step needs at least one sequence".into(),
+            ));
+        }
+        // Positions, bounds and KV room first, so a bad input changes nothing.
+        let mut positions: Vec<u32> = Vec::new();
+        let mut tokens: Vec<u32> = Vec::new();
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a sequence in the batch has no new tokens".into(),
+                ));
+            }
+            let start = s.kv.len();
+            if start + s.tokens.len() > c.max_position_embeddings {
+                return Err(Error::PromptTooLong {
+                    tokens: start + s.tokens.len(),
+                    context: c.max_position_embeddings,
+                });
+            }
+            if let Some(bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {bad} is outside the vocabulary of {} tokens",
+                    c.vocab_size
+                )));
+            }
+            if let Some(a) = s.adapter {
+                if a.num_layers() != c.num_layers {
+                    return Err(Error::InvalidArgument(format!(
+                        "adapter has {} layers, the model {}",
+                        a.num_layers(),
+                        c.num_layers
+                    )));
+                }
+            }
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+            tokens.extend_from_slice(s.tokens);
+        }
+        for s in batch.iter_mut() {
+            s.kv.reserve(s.tokens.len())?;
+        }
+        let total = tokens.len();
+        let ids = Tensor::from_vec(tokens, total, &self.device)?;
+        let pos = Tensor::from_vec(positions, total, &self.device)?;
+        let cos = self.rope_cos.index_select(&pos, 0)?;
+        let sin = self.rope_sin.index_select(&pos, 0)?;
+        let groups = self.lora_groups(batch)?;
+        // Causal masks for sequences that add more than one token (prefill chunks).
+        let masks: Vec<Option<Tensor>> = batch
+            .iter()
+            .map(|s| {
+                let n = s.tokens.len();
+                if n == 1 {
+                    return Ok(None);
+                }
+                let own = s.kv.own_len();
+                ops::causal_mask(n, own, own + n, self.dtype, &self.device).map(Some)
+            })
+            .collect::<Result<_>>()?;
+
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let eps = c.rms_norm_eps as f32;
+        let mut x = self.embed_rows(&ids)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &block.input_norm, eps)?;
+            let q = self.linear_step(block, l, LoraTarget::Q, &h, &groups)?;
+            let k = self.linear_step(block, l, LoraTarget::K, &h, &groups)?;
+            let v = self.linear_step(block, l, LoraTarget::V, &h, &groups)?;
+            let q = candle_nn::rotary_emb::rope_thd(&q.reshape((1, total, nh, hd))?, &cos, &sin)?
+                .squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k.reshape((1, total, nkv, hd))?, &cos, &sin)?
+                .squeeze(0)?;
+            let v = v.reshape((total, nkv, hd))?;
+            let mut outs = Vec::with_capacity(batch.len());
+            let mut row = 0;
+            for (s, mask) in batch.iter().zip(&masks) {
+                let n = s.tokens.len();
+                let out = self.attend(
+                    l,
+                    s.kv,
+                    &q.narrow(0, row, n)?,
+                    &k.narrow(0, row, n)?,
+                    &v.narrow(0, row, n)?,
+                    mask.as_ref(),
+                )?;
+                outs.push(out);
+                row += n;
+            }
+            // (`cat` of a single tensor is a cheap clone.)
+            let attn = Tensor::cat(&outs, 0)?;
+            x = (x + self.linear_step(block, l, LoraTarget::O, &attn, &groups)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
+            let gate = self.linear_step(block, l, LoraTarget::Gate, &h, &groups)?;
+            let up = self.linear_step(block, l, LoraTarget::Up, &h, &groups)?;
+            let mlp = ops::swiglu(&gate, &up)?;
+            x = (x + self.linear_step(block, l, LoraTarget::Down, &mlp, &groups)?)?;
+        }
+        for s in batch.iter_mut() {
+            s.kv.commit(s.tokens.len());
+        }
+
+        let mut rows: Vec<u32> = Vec::new();
+        let mut row = 0u32;
+        for s in batch.iter() {
+            let n = s.tokens.len() as u32;
+            if s.all_logits {
+                rows.extend(row..row + n);
+            } else {
+                rows.push(row + n - 1);
+            }
+            row += n;
+        }
+        let x = if rows.len() == total {
+            x
+        } else {
+            let idx = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
+            x.index_select(&idx, 0)?
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self
+            .lm_head
+            .forward(&x, self.dense_rows)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Attention of one sequence's new rows over its cache (shared segments, then its own,
+    /// where the new keys and values are written first). q: (n, H, d); k, v: (n, KV, d).
+    fn attend(
+        &self,
+        layer: usize,
+        kv: &SeqKv,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (n, nh, hd) = q.dims3()?;
+        let nkv = c.num_kv_heads;
+        let groups = nh / nkv;
+        let own = kv.own_segment();
+        own.write(layer, k, v)?;
+        // (n, H, d) → (KV, G·n, d): query rows of one KV head side by side.
+        let q = (q
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((nkv, groups * n, hd))?
+            * (1.0 / (hd as f64).sqrt()))?;
+        let mut keys = Vec::with_capacity(kv.shared_segments().len() + 1);
+        let mut values = Vec::with_capacity(keys.capacity());
+        for seg in kv.shared_segments() {
+            keys.push(seg.keys(layer)?);
+            values.push(seg.values(layer)?);
+        }
+        keys.push(own.keys_with_pending(layer, n)?);
+        values.push(own.values_with_pending(layer, n)?);
+
+        let mut scores = Vec::with_capacity(keys.len());
+        for key in &keys {
+            // (len, KV, d) → (KV, d, len)
+            scores.push(q.matmul(&key.permute((1, 2, 0))?)?);
+        }
+        let scores = Tensor::cat(&scores, 2)?;
+        let total_keys = scores.dim(2)?;
+        let scores = match mask {
+            Some(mask) => {
+                // The mask covers the own segment, the last columns.
+                let shared = total_keys - mask.dim(1)?;
+                let full = if shared > 0 {
+                    let zeros = Tensor::zeros((n, shared), scores.dtype(), &self.device)?;
+                    Tensor::cat(&[&zeros, mask], 1)?
+                } else {
+                    mask.clone()
+                };
+                scores
+                    .reshape((nkv, groups, n, total_keys))?
+                    .broadcast_add(&full)?
+                    .reshape((nkv, groups * n, total_keys))?
+            }
+            None => scores,
+        };
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let mut out: Option<Tensor> = None;
+        let mut offset = 0;
+        for value in &values {
+            let len = value.dim(0)?;
+            let w = weights.narrow(2, offset, len)?;
+            let part = w.matmul(&value.transpose(0, 1)?)?; // (KV, G·n, d)
+            out = Some(match out {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+            offset += len;
+        }
+        let out =
+            out.ok_or_else(|| Error::InvalidArgument("attention over an empty cache".into()))?;
+        Ok(out
+            .reshape((nh, n, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, nh * hd))?)
+    }
+
+    fn lora_groups(&self, batch: &[StepInput<'_>]) -> Result<Vec<LoraGroup>> {
+        let mut by_adapter: Vec<(&LoraAdapter, Vec<u32>)> = Vec::new();
+        let mut row = 0u32;
+        let mut total = 0usize;
+        for s in batch {
+            let n = s.tokens.len() as u32;
+            if let Some(a) = s.adapter {
+                match by_adapter.iter_mut().find(|(b, _)| std::ptr::eq(*b, a)) {
+                    Some((_, rows)) => rows.extend(row..row + n),
+                    None => by_adapter.push((a, (row..row + n).collect())),
+                }
+            }
+            row += n;
+            total += n as usize;
+        }
+        by_adapter
+            .into_iter()
+            .map(|(adapter, rows)| {
+                let rows = if rows.len() == total {
+                    None
+                } else {
+                    Some(Tensor::from_vec(rows.clone(), rows.len(), &self.device)?)
+                };
+                Ok(LoraGroup {
+                    adapter: adapter.snapshot(),
+                    rows,
+                })
+            })
+            .collect()
+    }
+
+    fn linear_step(
+        &self,
+        block: &Block,
+        layer: usize,
+        target: LoraTarget,
+        x: &Tensor,
+        groups: &[LoraGroup],
+    ) -> Result<Tensor> {
+        let mut y = block.linear(target).forward(x, self.dense_rows)?;
+        for g in groups {
+            match &g.rows {
+                None => {
+                    if let Some(d) = g.adapter.delta(layer, target, x)? {
+                        let d = d.to_dtype(y.dtype())?;
+                        y = (y + d)?;
+                    }
+                }
+                Some(rows) => {
+                    let xs = x.index_select(rows, 0)?;
+                    if let Some(d) = g.adapter.delta(layer, target, &xs)? {
+                        let d = d.to_dtype(y.dtype())?;
+                        y = y.index_add(rows, &d, 0)?;
+                    }
+                }
+            }
+        }
+        Ok(y)
+    }
+}
