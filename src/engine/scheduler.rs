@@ -1,0 +1,455 @@
+//! The engine thread's loop: it takes commands from the handles, admits waiting requests
+//! while they fit the KV budget and the batch, runs one `forward_step` per step for every
+//! running sample and one prompt chunk, samples and streams each token, and retires finished
+//! or cancelled requests, freeing their KV and budget.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::logits::{apply_penalties, top_logprobs};
+use super::{
+    Command, Completion, Event, FinishReason, Request, Shared, StopMatcher, Trace, TraceMonitor,
+};
+use crate::error::{Error, Result};
+use crate::model::{LoraAdapter, SeqKv, StepInput};
+use crate::sampling::{sample, Rng};
+use crate::stats::{token_stats, TokenStats};
+use crate::tokenizer::Utf8Buffer;
+
+/// One sample of a running request.
+struct Sample {
+    index: usize,
+    kv: SeqKv,
+    rng: Rng,
+    last_token: u32,
+    trace: Trace,
+    utf8: Utf8Buffer,
+    stop: StopMatcher,
+    monitor: Option<Box<dyn TraceMonitor>>,
+    counts: HashMap<u32, u32>,
+    done: bool,
+}
+
+/// An admitted request.
+struct Active {
+    id: u64,
+    request: Box<Request>,
+    events: UnboundedSender<Event>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    prefilled: usize,
+    prompt_kv: Option<SeqKv>,
+    adapter: Option<Arc<LoraAdapter>>,
+    samples: Vec<Sample>,
+    reserved: usize,
+    /// The caller is gone or asked to stop.
+    cancelled: bool,
+}
+
+/// A checked, tokenized request queued for KV or batch room.
+pub(super) struct Waiting {
+    pub(super) id: u64,
+    pub(super) request: Box<Request>,
+    pub(super) adapter: Option<Arc<LoraAdapter>>,
+    pub(super) events: UnboundedSender<Event>,
+    pub(super) prompt: Vec<u32>,
+    /// After the context cap.
+    pub(super) max_tokens: usize,
+    /// KV positions it reserves when admitted.
+    pub(super) need: usize,
+}
+
+/// Where a logits row goes.
+enum RowOwner {
+    Prefill(usize),
+    Sample(usize, usize),
+}
+
+/// The state of the engine thread: the queue, the admitted requests, the KV reserved.
+pub(super) struct Scheduler {
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<Command>,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Active>,
+    reserved: usize,
+}
+
+impl Scheduler {
+    pub(super) fn new(shared: Arc<Shared>, commands: mpsc::Receiver<Command>) -> Self {
+        Self {
+            shared,
+            commands,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            reserved: 0,
+        }
+    }
+
+    /// The loop: runs until shutdown or until every handle and the engine are gone.
+    pub(super) fn run(mut self) {
+        loop {
+            // Block only when there is nothing to do.
+            let idle = self.active.is_empty() && self.waiting.is_empty();
+            let first = if idle {
+                match self.commands.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            let pending: Vec<Command> = first.into_iter().chain(self.commands.try_iter()).collect();
+            for command in pending {
+                match command {
+                    Command::Submit(waiting) => self.waiting.push_back(*waiting),
+                    Command::Abort(id) => self.abort(id),
+                    Command::Shutdown => {
+                        for a in self
+                            .active
+                            .drain(..)
+                            .map(|a| a.events)
+                            .chain(self.waiting.drain(..).map(|w| w.events))
+                        {
+                            let _ = a.send(Event::Error(Error::Unavailable(
+                                "the engine shut down before the request finished".into(),
+                            )));
+                        }
+                        return;
+                    }
+                }
+            }
+            self.admit();
+            if !self.active.is_empty() {
+                if let Err(e) = self.step() {
+                    // A failed step fails the requests in it, never the engine.
+                    for a in self.active.drain(..) {
+                        let _ = a.events.send(Event::Error(Error::Internal(format!(
+                            "decode step failed: {e}"
+                        ))));
+                    }
+                    self.reserved = 0;
+                }
+            }
+            self.publish_stats();
+        }
+    }
+
+    fn publish_stats(&self) {
+        let mut s = self.shared.stats.lock();
+        s.kv_reserved = self.reserved;
+        s.kv_peak = s.kv_peak.max(self.reserved);
+        s.running_requests = self.active.len();
+        s.waiting_requests = self.waiting.len();
+    }
+
+    /// Admits waiting requests in order while they fit the budget and the batch.
+    fn admit(&mut self) {
+        let budget = self.shared.config.kv_budget_tokens;
+        let max_batch = self.shared.config.max_batch;
+        while let Some(front) = self.waiting.front() {
+            let running: usize = self.active.iter().map(|a| a.request.n).sum();
+            if front.events.is_closed() {
+                self.waiting.pop_front();
+                continue;
+            }
+            if self.reserved + front.need > budget || running + front.request.n > max_batch {
+                break;
+            }
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            let mut prompt_kv = self.shared.model.transformer.new_kv();
+            if let Err(e) = prompt_kv.reserve(w.prompt.len()) {
+                let _ = w.events.send(Event::Error(e));
+                continue;
+            }
+            self.reserved += w.need;
+            self.active.push(Active {
+                id: w.id,
+                request: w.request,
+                events: w.events,
+                prompt: w.prompt,
+                max_tokens: w.max_tokens,
+                prefilled: 0,
+                prompt_kv: Some(prompt_kv),
+                adapter: w.adapter,
+                samples: Vec::new(),
+                reserved: w.need,
+                cancelled: false,
+            });
+        }
+    }
+
+    fn abort(&mut self, id: u64) {
+        if let Some(pos) = self.waiting.iter().position(|w| w.id == id) {
+            if let Some(w) = self.waiting.remove(pos) {
+                let _ = w.events.send(Event::Done(Completion {
+                    prompt_tokens: w.prompt.len(),
+                    traces: Vec::new(),
+                }));
+            }
+        }
+        if let Some(a) = self.active.iter_mut().find(|a| a.id == id) {
+            a.cancelled = true;
+        }
+        self.retire();
+    }
+
+    /// One forward step for every running sample and one prompt chunk budget.
+    fn step(&mut self) -> Result<()> {
+        #[cfg(feature = "test-hooks")]
+        if self
+            .shared
+            .fail_steps
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok()
+        {
+            return Err(Error::Internal(
+                "a decode step failed (forced by a test)".into(),
+            ));
+        }
+        let config = &self.shared.config;
+        let mut chunk_left = config.prefill_chunk;
+        let mut batch_left = config.max_batch;
+        let mut owners = Vec::new();
+        let mut inputs: Vec<StepInput<'_>> = Vec::new();
+        let mut rows_per_input = Vec::new();
+        for (ai, a) in self.active.iter_mut().enumerate() {
+            let Active {
+                prompt,
+                prefilled,
+                prompt_kv,
+                adapter,
+                samples,
+                ..
+            } = a;
+            let adapter = adapter.as_deref();
+            if let Some(kv) = prompt_kv.as_mut() {
+                if chunk_left == 0 {
+                    continue;
+                }
+                let end = (*prefilled + chunk_left).min(prompt.len());
+                chunk_left -= end - *prefilled;
+                inputs.push(StepInput {
+                    tokens: &prompt[*prefilled..end],
+                    kv,
+                    adapter,
+                    all_logits: false,
+                });
+                owners.push(RowOwner::Prefill(ai));
+                rows_per_input.push(end - *prefilled);
+                continue;
+            }
+            for (si, s) in samples.iter_mut().enumerate() {
+                if s.done || batch_left == 0 {
+                    continue;
+                }
+                batch_left -= 1;
+                let Sample { last_token, kv, .. } = s;
+                inputs.push(StepInput {
+                    tokens: std::slice::from_ref(last_token),
+                    kv,
+                    adapter,
+                    all_logits: false,
+                });
+                owners.push(RowOwner::Sample(ai, si));
+                rows_per_input.push(1);
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        // Each adapter's weights are read from one snapshot for the whole step, so an update
+        // published meanwhile shows from the next step on, never halfway.
+        let logits = self.shared.model.transformer.forward_step(&mut inputs)?;
+        drop(inputs);
+        let (rows, vocab) = logits.dims2()?;
+        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        debug_assert_eq!(rows, owners.len());
+        let mut prefilled_tokens = 0u64;
+        let mut generated = 0u64;
+        for (r, (owner, n)) in owners.iter().zip(&rows_per_input).enumerate() {
+            let row = &flat[r * vocab..(r + 1) * vocab];
+            match *owner {
+                RowOwner::Prefill(ai) => {
+                    prefilled_tokens += *n as u64;
+                    let a = &mut self.active[ai];
+                    a.prefilled += n;
+                    if a.prefilled == a.prompt.len() {
+                        self.start_samples(ai)?;
+                        let a = &mut self.active[ai];
+                        for si in 0..a.samples.len() {
+                            generated += 1;
+                            Self::advance(&self.shared, a, si, row);
+                        }
+                    }
+                }
+                RowOwner::Sample(ai, si) => {
+                    generated += 1;
+                    Self::advance(&self.shared, &mut self.active[ai], si, row);
+                }
+            }
+        }
+        {
+            let mut s = self.shared.stats.lock();
+            s.steps += 1;
+            s.prompt_tokens_prefilled += prefilled_tokens;
+            s.generated_tokens += generated;
+        }
+        self.retire();
+        Ok(())
+    }
+
+    /// The prompt is in the KV: fork it once per sample (shared, not copied).
+    fn start_samples(&mut self, ai: usize) -> Result<()> {
+        let a = &mut self.active[ai];
+        let Some(mut parent) = a.prompt_kv.take() else {
+            return Ok(());
+        };
+        for i in 0..a.request.n {
+            let mut kv = parent.fork()?;
+            kv.reserve(a.max_tokens)?;
+            a.samples.push(Sample {
+                index: i,
+                kv,
+                rng: Rng::new(a.request.sampling.seed.wrapping_add(i as u64)),
+                last_token: 0,
+                trace: Trace {
+                    index: i,
+                    tokens: Vec::new(),
+                    text: String::new(),
+                    stats: Vec::new(),
+                    token_end: Vec::new(),
+                    top_logprobs: Vec::new(),
+                    finish: FinishReason::Length,
+                    adapter_version: a.adapter.as_ref().map(|x| x.version()).unwrap_or(0),
+                },
+                utf8: Utf8Buffer::default(),
+                stop: StopMatcher::new(&a.request.stop),
+                monitor: a.request.early_stop.as_ref().map(|make| make(i)),
+                counts: HashMap::new(),
+                done: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of one sample from its logits row and streams it.
+    fn advance(shared: &Shared, a: &mut Active, si: usize, row: &[f32]) {
+        let request = &a.request;
+        let s = &mut a.samples[si];
+        let tokenizer = &shared.model.tokenizer;
+        let token = if request.penalties.is_noop() {
+            sample(row, &request.sampling, &mut s.rng)
+        } else {
+            let adjusted = apply_penalties(row, &request.penalties, &s.counts);
+            sample(&adjusted, &request.sampling, &mut s.rng)
+        };
+        let stats = if shared.config.token_stats {
+            token_stats(row, token, shared.config.confidence_top_k)
+        } else {
+            TokenStats::default()
+        };
+        *s.counts.entry(token).or_default() += 1;
+        s.trace.tokens.push(token);
+        s.trace.stats.push(stats);
+        if request.top_logprobs > 0 {
+            s.trace
+                .top_logprobs
+                .push(top_logprobs(row, request.top_logprobs));
+        }
+        let is_stop_token = (!request.ignore_eos && tokenizer.is_eog(token))
+            || request.stop_tokens.contains(&token);
+        let (delta, hit_stop) = if is_stop_token {
+            (String::new(), false)
+        } else if tokenizer.is_control(token) {
+            s.stop.push("")
+        } else {
+            let piece = s.utf8.push(tokenizer.token_bytes(token));
+            s.stop.push(&piece)
+        };
+        s.trace.token_end.push(s.stop.text().len());
+        let mut finish = None;
+        if is_stop_token || hit_stop {
+            finish = Some(FinishReason::Stop);
+        } else if s
+            .monitor
+            .as_mut()
+            .map(|m| m.observe(&stats))
+            .unwrap_or(false)
+        {
+            finish = Some(FinishReason::AbortedLowConfidence);
+        } else if s.trace.tokens.len() >= a.max_tokens {
+            finish = Some(FinishReason::Length);
+        }
+        let mut text = delta;
+        if finish.is_some() && !hit_stop {
+            let tail = s.utf8.finish();
+            let (more, _) = s.stop.push(&tail);
+            text.push_str(&more);
+            text.push_str(&s.stop.finish());
+        }
+        let sent = a.events.send(Event::Token {
+            index: s.index,
+            token,
+            text,
+            stats,
+        });
+        if sent.is_err() {
+            a.cancelled = true;
+        }
+        s.last_token = token;
+        if let Some(reason) = finish {
+            s.done = true;
+            s.trace.finish = reason;
+            s.trace.text = s.stop.text().to_string();
+            let len = s.trace.text.len();
+            s.trace
+                .token_end
+                .iter_mut()
+                .for_each(|e| *e = (*e).min(len));
+            // Free this sample's KV now; the shared prompt goes with the last sample.
+            s.kv = shared.model.transformer.new_kv();
+        }
+    }
+
+    /// Removes finished or cancelled requests, sends their traces, frees their budget.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &self.active[i];
+            let finished = a.prompt_kv.is_none() && a.samples.iter().all(|s| s.done);
+            if !(finished || a.cancelled) {
+                i += 1;
+                continue;
+            }
+            let a = self.active.swap_remove(i);
+            self.reserved -= a.reserved;
+            // Publish before the caller hears it is done, so what it reads next is current.
+            self.shared.stats.lock().requests_finished += 1;
+            self.publish_stats();
+            let traces = a
+                .samples
+                .into_iter()
+                .map(|mut s| {
+                    if !s.done {
+                        s.trace.finish = FinishReason::Aborted;
+                        s.trace.text = s.stop.text().to_string();
+                    }
+                    s.trace
+                })
+                .collect();
+            let _ = a.events.send(Event::Done(Completion {
+                prompt_tokens: a.prompt.len(),
+                traces,
+            }));
+        }
+    }
+}
