@@ -1,12 +1,40 @@
-#![warn(missing_docs)]
 //! verity: an embeddable inference-time reasoning runtime.
 //!
 //! One process holds a language model and decodes in batches, scores every generated token
 //! from the logits it already has, selects among N samples, and learns LoRA adapters from
-//! verified rollouts while it serves. See `DESIGN.md` for the data flow.
+//! verified rollouts while it serves. `ARCHITECTURE.md` maps the code; `DESIGN.md` (beside
+//! the checkout) has the formulas.
 //!
 //! Start with [`Runtime::builder`] (or [`Runtime::new`]): it loads the model on the device
 //! the config names and is what every surface (CLI, HTTP server, C ABI) is built on.
+//!
+//! ```no_run
+//! use verity::engine::Request;
+//! use verity::select::SelectionRule;
+//! use verity::{ChatMessage, DeviceSpec, GenerateRequest, Runtime, RuntimeConfig};
+//!
+//! let runtime = Runtime::new(RuntimeConfig {
+//!     model: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+//!     device: DeviceSpec::Auto,
+//!     ..RuntimeConfig::default()
+//! })?;
+//! // 8 samples of one prompt (prefilled once), voted on by Borda count over self-certainty.
+//! let mut request = Request::chat(vec![ChatMessage::user("What is 17 * 23? Use \\boxed{}.")]);
+//! request.n = 8;
+//! request.sampling.temperature = 0.8;
+//! let result = runtime.generate(GenerateRequest {
+//!     selection: Some(SelectionRule::Borda { power: 0.5 }),
+//!     verify: Some(("math".into(), "391".into())),
+//!     ..GenerateRequest::new(request)
+//! })?;
+//! println!("answer {:?} from {} traces", result.answer, result.traces.len());
+//! // The verifier's rewards were recorded as feedback: one GRPO step on them; the next
+//! // request decodes with the updated adapter.
+//! let report = runtime.learn_step()?;
+//! println!("applied: {} (adapter version {})", report.applied, report.version);
+//! # Ok::<(), verity::Error>(())
+//! ```
+#![warn(missing_docs)]
 
 pub mod adapter;
 pub mod chat;

@@ -75,7 +75,7 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     /// Forward steps run.
     pub steps: u64,
-    /// KV positions reserved by admitted requests now, and the most ever.
+    /// KV positions reserved by admitted requests now.
     pub kv_reserved: usize,
     /// The most KV positions ever reserved at once.
     pub kv_peak: usize,

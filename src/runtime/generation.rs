@@ -143,7 +143,6 @@ pub enum GenerationEvent {
     Finished(Box<GenerateResult>),
 }
 
-
 /// A request in flight: read its events ([`Self::next`]) or wait for its result
 /// ([`Self::result`]). Dropping it cancels the request.
 pub struct Generation {

@@ -74,15 +74,28 @@ fn an_unusable_device_is_an_error_naming_the_flag() {
     let out = run("tpu");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--device") && stderr.contains("auto, cpu, cuda"), "{stderr}");
+    assert!(
+        stderr.contains("--device") && stderr.contains("auto, cpu, cuda"),
+        "{stderr}"
+    );
     if !verity::device::cuda_built() {
         let out = run("cuda:0");
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("--device") && stderr.contains("--features cuda"), "{stderr}");
+        assert!(
+            stderr.contains("--device") && stderr.contains("--features cuda"),
+            "{stderr}"
+        );
     }
     let out = run("cpu");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("device:        cpu (asked for: cpu)"), "{stdout}");
+    assert!(
+        stdout.contains("device:        cpu (asked for: cpu)"),
+        "{stdout}"
+    );
 }
