@@ -215,8 +215,8 @@ fn mul_add(a: f32, b: f32, c: f32) -> f32 {
 
 /// [`token_stats`] of every row of `logits` (rows × V, any float dtype) for the tokens in
 /// `chosen` (rows, u32), written with candle ops so that it runs on the logits' device and
-/// only four numbers per row leave it: the reference the GPU decode path's own kernel is
-/// tested against. Same formulas, reduced in f32 on the device (the CPU function adds in
+/// only four numbers per row leave it: the reference a GPU kernel for the decode path is
+/// to be tested against (the engine does not call it yet). Same formulas, reduced in f32 on the device (the CPU function adds in
 /// f64): lse = max + ln Σ e^(z − max), entropy = lse − Σ p z, self-certainty =
 /// lse − mean z − ln V, confidence = lse − mean of the top k logits, log-prob = z_c − lse.
 /// Masked (−∞) logits count as p = 0, as in [`token_stats`]. The top k are found by k

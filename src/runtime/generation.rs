@@ -192,10 +192,6 @@ impl Generation {
     pub fn request_id(&self) -> u64 {
         self.handle.id
     }
-    /// The adapter the request decodes with (`None`: the base model).
-    pub fn adapter(&self) -> Option<&str> {
-        self.pending.as_ref().and_then(|p| p.adapter.as_deref())
-    }
     /// Prompt length in tokens.
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens

@@ -210,12 +210,7 @@ impl RuntimeBuilder {
             runtime.register_verifier(&name, verifier)?;
         }
         for (id, dir) in &self.adapters {
-            runtime.adapter_load(id, dir).map_err(|e| match e {
-                Error::Io { .. } | Error::NotFound(_) | Error::InvalidArgument(_) => {
-                    Error::InvalidArgument(format!("adapter '{id}' ({}): {e}", dir.display()))
-                }
-                other => other,
-            })?;
+            runtime.adapter_load(id, dir)?;
         }
         Ok(runtime)
     }

@@ -73,13 +73,12 @@ pub fn run(args: Args) -> Result<(), String> {
     if items.is_empty() {
         return Err(format!("{} holds no items", args.data.display()));
     }
-    let mut builder = ModelArgs::builder(args.model.config())?;
+    let runtime = ModelArgs::build(args.model.config())?;
     if let Some(dir) = &args.adapter {
-        builder = builder.adapter("eval", dir);
+        runtime
+            .adapter_load("eval", dir)
+            .map_err(|e| format!("--adapter {}: {e}", dir.display()))?;
     }
-    let runtime = builder
-        .build()
-        .map_err(|e| format!("--adapter / --model: {e}"))?;
     let config = EvalConfig {
         n: args.n,
         max_tokens: args.max_tokens,
