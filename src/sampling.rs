@@ -119,12 +119,18 @@ pub fn argmax(row: &[f32]) -> u32 {
 /// but only the few candidates the cut can keep are sorted (see `nucleus_window`), since
 /// a full sort of a 150k-entry vocabulary costs milliseconds per token.
 pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    sample_with(row, params, || rng.next_f64())
+}
+
+/// [`sample`] with the uniform draw given as a function, called once when sampling and
+/// never for greedy decoding (the engine draws before a device step and passes the value).
+pub fn sample_with(row: &[f32], params: &SamplingParams, draw: impl FnOnce() -> f64) -> u32 {
     if params.temperature == 0.0 || row.len() <= 1 {
         return argmax(row);
     }
     let inv_t = 1.0 / params.temperature as f64;
-    if params.top_k == 0 && params.top_p >= 1.0 && params.min_p == 0.0 {
-        return sample_full(row, inv_t, rng);
+    if !has_cut(params) {
+        return sample_full(row, inv_t, draw());
     }
     let top_k_cut = params.top_k > 0 && params.top_k < row.len();
     // The candidates: the top-k cut first (a linear selection), or the whole row.
@@ -154,14 +160,48 @@ pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
     };
     let mut idx = nucleus_window(row, candidates, max, inv_t, total, params);
     idx.sort_unstable_by(|&a, &b| by_logit(row, a, b).then(a.cmp(&b)));
-    let probs: Vec<f64> = idx
+    let sorted: Vec<f32> = idx.iter().map(|&i| row[i as usize]).collect();
+    // The window holds every token the cuts keep, so the draw is always decided.
+    let at = draw_sorted(&sorted, max, inv_t, total, params, true, draw()).unwrap_or(0);
+    idx[at]
+}
+
+/// Whether `params` ask for a cut (top-k, top-p, min-p) before drawing: the draw then walks
+/// the candidates in sorted order; without one it walks the whole softmax in vocabulary
+/// order. (A top-k at or above the vocabulary cuts nothing but still draws in sorted order.)
+pub(crate) fn has_cut(params: &SamplingParams) -> bool {
+    params.top_k > 0 || params.top_p < 1.0 || params.min_p > 0.0
+}
+
+/// The cuts and the draw over a prefix of the candidates sorted by logit (ties by id):
+/// `sorted` holds their logits, `max` the largest logit and `total` Σ e^((z − max)/T) over
+/// every candidate the draw normalizes by (the whole row, or the top-k set). Returns the
+/// position in `sorted` of the drawn token, or None when the prefix is too short to decide
+/// the cuts (some token past it could still be kept); `complete` says that no candidate
+/// lies past the prefix. `u` is the uniform draw in [0, 1).
+pub(crate) fn draw_sorted(
+    sorted: &[f32],
+    max: f32,
+    inv_t: f64,
+    total: f64,
+    params: &SamplingParams,
+    complete: bool,
+    u: f64,
+) -> Option<usize> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let probs: Vec<f64> = sorted
         .iter()
-        .map(|&i| ((row[i as usize] as f64 - max as f64) * inv_t).exp() / total)
+        .map(|&z| ((z as f64 - max as f64) * inv_t).exp() / total)
         .collect();
     let mut keep = probs.len();
+    let mut decided = complete;
     if params.min_p > 0.0 {
         let floor = params.min_p as f64 * probs[0];
-        keep = keep.min(probs.iter().take_while(|&&p| p >= floor).count().max(1));
+        let above = probs.iter().take_while(|&&p| p >= floor).count();
+        decided |= above < probs.len();
+        keep = keep.min(above.max(1));
     }
     if params.top_p < 1.0 {
         let mut cum = 0.0;
@@ -170,20 +210,24 @@ pub fn sample(row: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
             cum += p;
             n += 1;
             if cum >= params.top_p as f64 {
+                decided = true;
                 break;
             }
         }
         keep = n.max(1);
     }
+    if !decided {
+        return None;
+    }
     let kept: f64 = probs[..keep].iter().sum();
-    let mut u = rng.next_f64() * kept;
+    let mut u = u * kept;
     for (i, p) in probs[..keep].iter().enumerate() {
         u -= p;
         if u < 0.0 {
-            return idx[i];
+            return Some(i);
         }
     }
-    idx[keep - 1]
+    Some(keep - 1)
 }
 
 /// Larger logit first.
@@ -244,15 +288,15 @@ fn nucleus_window(
     all()
 }
 
-/// Samples from softmax(row / T) over the whole vocabulary, without sorting: the draw
-/// skips whole blocks by their mass and scans only the block it lands in.
-fn sample_full(row: &[f32], inv_t: f64, rng: &mut Rng) -> u32 {
+/// Samples from softmax(row / T) over the whole vocabulary for the uniform draw `u`, without
+/// sorting: the draw skips whole blocks by their mass and scans only the block it lands in.
+pub(crate) fn sample_full(row: &[f32], inv_t: f64, u: f64) -> u32 {
     use crate::stats::{exp_scaled, sum_exp_scaled, BLOCK};
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let scale = inv_t as f32;
     // Block masses are computed exactly as the total sums them, so the walk ends inside.
     let total = sum_exp_scaled(row, max, scale);
-    let mut u = rng.next_f64() * total;
+    let mut u = u * total;
     for (b, block) in row.chunks(BLOCK).enumerate() {
         let mass = sum_exp_scaled(block, max, scale);
         if u >= mass {

@@ -106,6 +106,80 @@ fn batched_decode_equals_one_at_a_time_on_the_tiny_model() {
     }
 }
 
+/// The device reduction (the path a GPU takes: statistics, candidates and draws reduced
+/// where the logits live, the host finishing cuts) run on the CPU gives what the host path
+/// gives: the same tokens for every kind of request, the same statistics and top log-probs.
+/// Covers n samples sharing a prompt row, cuts the candidates decide, a nucleus wider than
+/// them and penalties (both copy their row), and top log-probs.
+#[test]
+fn device_reduction_path_equals_the_host_path() {
+    let model = tiny_model("engine-device-reduce");
+    type Kind = Box<dyn Fn(&mut Request)>;
+    let kinds: Vec<Kind> = vec![
+        Box::new(|r| r.sampling.temperature = 0.0),
+        Box::new(|r| r.sampling.top_p = 1.0),
+        Box::new(|_| {}),
+        Box::new(|r| {
+            r.sampling.top_k = 20;
+            r.sampling.min_p = 0.02;
+        }),
+        Box::new(|r| {
+            r.sampling.temperature = 3.0;
+            r.sampling.top_p = 0.999;
+        }),
+        Box::new(|r| r.penalties.repetition = 1.3),
+        Box::new(|r| r.top_logprobs = 5),
+    ];
+    let host = engine(&model, EngineConfig::default());
+    let device = engine(
+        &model,
+        EngineConfig {
+            device_reduce: Some(true),
+            ..Default::default()
+        },
+    );
+    for (k, kind) in kinds.iter().enumerate() {
+        let make = |p: &[u32], i: usize| {
+            let mut r = req(p, 10, 0.9, 70 + i as u64);
+            r.n = 3;
+            kind(&mut r);
+            r
+        };
+        let submit = |e: &Engine| -> Vec<_> {
+            prompts()
+                .iter()
+                .enumerate()
+                .map(|(i, p)| e.submit(make(p, i), None).unwrap())
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.blocking_completion().unwrap())
+                .collect()
+        };
+        let (a, b) = (submit(&host), submit(&device));
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            for (ta, tb) in a.traces.iter().zip(&b.traces) {
+                assert_eq!(ta.tokens, tb.tokens, "kind {k}, prompt {i}");
+                assert_stats_close(&ta.stats, &tb.stats, 1e-5);
+                assert_eq!(ta.top_logprobs.len(), tb.top_logprobs.len());
+                for (x, y) in ta.top_logprobs.iter().zip(&tb.top_logprobs) {
+                    assert_eq!(x.len(), y.len());
+                    for (p, q) in x.iter().zip(y) {
+                        assert_eq!(p.0, q.0, "kind {k}");
+                        assert!((p.1 - q.1).abs() < 1e-5, "kind {k}: {p:?} vs {q:?}");
+                    }
+                }
+            }
+        }
+        // The kinds differ: a test that compares equal outputs of one kind proves little.
+        if k == 1 {
+            assert_ne!(
+                a[0].traces[0].tokens, a[0].traces[1].tokens,
+                "samples differ"
+            );
+        }
+    }
+}
+
 /// The formulas again, in f64, straight from a logits row (independent of src/stats.rs).
 fn reference_stats(row: &[f64], token: usize, k: usize) -> [f64; 4] {
     let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -17,6 +17,7 @@
 //! and event types in `request`, stop-sequence matching in `stop`.
 
 mod logits;
+mod reduce;
 mod request;
 mod scheduler;
 mod stop;
@@ -52,6 +53,11 @@ pub struct EngineConfig {
     pub confidence_top_k: usize,
     /// Compute per-token statistics (off only to measure what they cost).
     pub token_stats: bool,
+    /// Where each step's logits are reduced to tokens and statistics. None: on the model's
+    /// device when it is a GPU (only a few numbers per row reach the host), on the host
+    /// otherwise. `Some(true)` takes the device path on the CPU too, the code path a GPU
+    /// takes, so tests on any machine exercise it.
+    pub device_reduce: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +68,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             confidence_top_k: DEFAULT_TOP_K,
             token_stats: true,
+            device_reduce: None,
         }
     }
 }

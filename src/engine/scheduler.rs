@@ -10,12 +10,13 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::logits::{apply_penalties, top_logprobs};
+use super::reduce::{reduce_rows, RowParams, CANDIDATES};
 use super::{
     Command, Completion, Event, FinishReason, Request, Shared, StopMatcher, Trace, TraceMonitor,
 };
 use crate::error::{Error, Result};
 use crate::model::{LoraAdapter, SeqKv, StepInput};
-use crate::sampling::{sample, Rng};
+use crate::sampling::{sample_with, Rng, SamplingParams};
 use crate::stats::{token_stats, TokenStats};
 use crate::tokenizer::Utf8Buffer;
 
@@ -60,6 +61,14 @@ pub(super) struct Waiting {
     pub(super) max_tokens: usize,
     /// KV positions it reserves when admitted.
     pub(super) need: usize,
+}
+
+/// The token chosen for one sample in a step, with what it tells.
+struct Choice {
+    token: u32,
+    stats: TokenStats,
+    /// The request's top log-probs at this position, when it asks for them.
+    top_logprobs: Option<Vec<(u32, f32)>>,
 }
 
 /// Where a logits row goes.
@@ -270,13 +279,12 @@ impl Scheduler {
         // published meanwhile shows from the next step on, never halfway.
         let logits = self.shared.model.transformer.forward_step(&mut inputs)?;
         drop(inputs);
-        let (rows, vocab) = logits.dims2()?;
-        let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        debug_assert_eq!(rows, owners.len());
+        debug_assert_eq!(logits.dim(0)?, owners.len());
+        // Which (row, sample) pairs choose a token this step: a finished prompt's row once
+        // per sample (they share it), a decoding sample's own row.
+        let mut picks: Vec<(usize, usize, usize)> = Vec::new();
         let mut prefilled_tokens = 0u64;
-        let mut generated = 0u64;
         for (r, (owner, n)) in owners.iter().zip(&rows_per_input).enumerate() {
-            let row = &flat[r * vocab..(r + 1) * vocab];
             match *owner {
                 RowOwner::Prefill(ai) => {
                     prefilled_tokens += *n as u64;
@@ -284,18 +292,28 @@ impl Scheduler {
                     a.prefilled += n;
                     if a.prefilled == a.prompt.len() {
                         self.start_samples(ai)?;
-                        let a = &mut self.active[ai];
-                        for si in 0..a.samples.len() {
-                            generated += 1;
-                            Self::advance(&self.shared, a, si, row);
-                        }
+                        picks.extend((0..self.active[ai].samples.len()).map(|si| (r, ai, si)));
                     }
                 }
-                RowOwner::Sample(ai, si) => {
-                    generated += 1;
-                    Self::advance(&self.shared, &mut self.active[ai], si, row);
-                }
+                RowOwner::Sample(ai, si) => picks.push((r, ai, si)),
             }
+        }
+        let choices = if self.reduce_on_device() {
+            self.choose_on_device(&logits, &picks)?
+        } else {
+            let (_, vocab) = logits.dims2()?;
+            let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            picks
+                .iter()
+                .map(|&(r, ai, si)| {
+                    let row = &flat[r * vocab..(r + 1) * vocab];
+                    Self::choose_on_host(&self.shared, &mut self.active[ai], si, row, None)
+                })
+                .collect()
+        };
+        let generated = picks.len() as u64;
+        for (&(_, ai, si), choice) in picks.iter().zip(choices) {
+            Self::advance(&self.shared, &mut self.active[ai], si, choice);
         }
         {
             let mut s = self.shared.stats.lock();
@@ -341,29 +359,141 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Samples the next token of one sample from its logits row and streams it.
-    fn advance(shared: &Shared, a: &mut Active, si: usize, row: &[f32]) {
+    /// Whether this step's rows are reduced on the model's device (see [`super::reduce`]).
+    fn reduce_on_device(&self) -> bool {
+        let config = &self.shared.config;
+        let possible = (1..=CANDIDATES).contains(&config.confidence_top_k);
+        possible
+            && config
+                .device_reduce
+                .unwrap_or(!self.shared.model.transformer.device().is_cpu())
+    }
+
+    /// Chooses the token of every pick from a reduction of the rows on their device; the
+    /// few picks the candidates cannot serve (penalties, a wide nucleus, many top log-probs)
+    /// copy their own row to the host.
+    fn choose_on_device(
+        &mut self,
+        logits: &candle_core::Tensor,
+        picks: &[(usize, usize, usize)],
+    ) -> Result<Vec<Choice>> {
+        let (rows, vocab) = logits.dims2()?;
+        let mut params = Vec::with_capacity(picks.len());
+        let mut whole_row = Vec::with_capacity(picks.len());
+        for &(_, ai, si) in picks {
+            let a = &mut self.active[ai];
+            let request = &a.request;
+            let s = &mut a.samples[si];
+            // Penalties change the row itself; many top log-probs need more than the
+            // candidates: both take the host path with the sample's own generator.
+            let host = !request.penalties.is_noop() || request.top_logprobs > CANDIDATES;
+            whole_row.push(host);
+            params.push(if host {
+                RowParams::new(&SamplingParams::default(), vocab, || 0.0)
+            } else {
+                RowParams::new(&request.sampling, vocab, || s.rng.next_f64())
+            });
+        }
+        let identity = picks.len() == rows && picks.iter().enumerate().all(|(i, p)| p.0 == i);
+        let input = if identity {
+            logits.clone()
+        } else {
+            let idx: Vec<u32> = picks.iter().map(|p| p.0 as u32).collect();
+            let idx = candle_core::Tensor::from_vec(idx, picks.len(), logits.device())?;
+            logits.index_select(&idx, 0)?
+        };
+        let reduced = reduce_rows(&input, &params, self.shared.config.confidence_top_k)?;
+        let mut choices = Vec::with_capacity(picks.len());
+        for (i, (&(r, ai, si), red)) in picks.iter().zip(reduced).enumerate() {
+            let a = &mut self.active[ai];
+            let sampling = &a.request.sampling;
+            let picked = if whole_row[i] {
+                None
+            } else if let Some(token) = red.token {
+                Some((token, red.stats))
+            } else {
+                red.pick(sampling, vocab, params[i].u)
+                    .map(|(token, logprob)| {
+                        (
+                            token,
+                            TokenStats {
+                                logprob,
+                                ..red.stats
+                            },
+                        )
+                    })
+            };
+            let top = a.request.top_logprobs;
+            let choice = match picked {
+                Some((token, stats)) => Choice {
+                    token,
+                    stats: if self.shared.config.token_stats {
+                        stats
+                    } else {
+                        TokenStats::default()
+                    },
+                    top_logprobs: (top > 0).then(|| {
+                        red.top_logprobs(top.min(red.candidates.len()))
+                            .unwrap_or_default()
+                    }),
+                },
+                None => {
+                    let row: Vec<f32> = logits.get(r)?.to_vec1()?;
+                    let u = (!whole_row[i]).then_some(params[i].u);
+                    Self::choose_on_host(&self.shared, a, si, &row, u)
+                }
+            };
+            choices.push(choice);
+        }
+        Ok(choices)
+    }
+
+    /// Chooses the next token of one sample from its logits row on the host; `drawn` is the
+    /// uniform draw already taken from the sample's generator for this token, if any.
+    fn choose_on_host(
+        shared: &Shared,
+        a: &mut Active,
+        si: usize,
+        row: &[f32],
+        drawn: Option<f64>,
+    ) -> Choice {
         let request = &a.request;
         let s = &mut a.samples[si];
-        let tokenizer = &shared.model.tokenizer;
+        let mut draw = || drawn.unwrap_or_else(|| s.rng.next_f64());
         let token = if request.penalties.is_noop() {
-            sample(row, &request.sampling, &mut s.rng)
+            sample_with(row, &request.sampling, &mut draw)
         } else {
             let adjusted = apply_penalties(row, &request.penalties, &s.counts);
-            sample(&adjusted, &request.sampling, &mut s.rng)
+            sample_with(&adjusted, &request.sampling, &mut draw)
         };
         let stats = if shared.config.token_stats {
             token_stats(row, token, shared.config.confidence_top_k)
         } else {
             TokenStats::default()
         };
+        Choice {
+            token,
+            stats,
+            top_logprobs: (request.top_logprobs > 0)
+                .then(|| top_logprobs(row, request.top_logprobs)),
+        }
+    }
+
+    /// Records one sample's chosen token and streams it; finishes the sample on a stop.
+    fn advance(shared: &Shared, a: &mut Active, si: usize, choice: Choice) {
+        let request = &a.request;
+        let s = &mut a.samples[si];
+        let tokenizer = &shared.model.tokenizer;
+        let Choice {
+            token,
+            stats,
+            top_logprobs,
+        } = choice;
         *s.counts.entry(token).or_default() += 1;
         s.trace.tokens.push(token);
         s.trace.stats.push(stats);
-        if request.top_logprobs > 0 {
-            s.trace
-                .top_logprobs
-                .push(top_logprobs(row, request.top_logprobs));
+        if let Some(top) = top_logprobs {
+            s.trace.top_logprobs.push(top);
         }
         let is_stop_token = (!request.ignore_eos && tokenizer.is_eog(token))
             || request.stop_tokens.contains(&token);
