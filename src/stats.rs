@@ -213,62 +213,6 @@ fn mul_add(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// [`token_stats`] of every row of `logits` (rows × V, any float dtype) for the tokens in
-/// `chosen` (rows, u32), written with candle ops so that it runs on the logits' device and
-/// only four numbers per row leave it: the reference a GPU kernel for the decode path is
-/// to be tested against (the engine does not call it yet). Same formulas, reduced in f32 on the device (the CPU function adds in
-/// f64): lse = max + ln Σ e^(z − max), entropy = lse − Σ p z, self-certainty =
-/// lse − mean z − ln V, confidence = lse − mean of the top k logits, log-prob = z_c − lse.
-/// Masked (−∞) logits count as p = 0, as in [`token_stats`]. The top k are found by k
-/// passes of an arg-max (ties: the lowest index first), which every device supports.
-pub fn token_stats_rows(
-    logits: &candle_core::Tensor,
-    chosen: &candle_core::Tensor,
-    top_k: usize,
-) -> candle_core::Result<Vec<TokenStats>> {
-    use candle_core::{DType, Tensor, D};
-    let z = logits.to_dtype(DType::F32)?;
-    let (rows, v) = z.dims2()?;
-    if rows == 0 || v == 0 {
-        return Ok(vec![TokenStats::default(); rows]);
-    }
-    let k = top_k.clamp(1, v);
-    let max = z.max_keepdim(D::Minus1)?;
-    let d = z.broadcast_sub(&max)?;
-    let e = d.exp()?;
-    let sum_e = e.sum_keepdim(D::Minus1)?;
-    let ln_s = sum_e.log()?;
-    // e · d with masked entries as 0 (exp(−∞) = 0, but 0 · −∞ is NaN).
-    let finite_d = d.clamp(f32::MIN, 0f32)?;
-    let sum_ed = (&e * &finite_d)?.sum_keepdim(D::Minus1)?;
-    let entropy = (&ln_s - sum_ed.div(&sum_e)?)?;
-    let self_certainty = ((&ln_s - d.mean_keepdim(D::Minus1)?)? - (v as f64).ln())?;
-    let chosen_d = d.gather(&chosen.to_dtype(DType::U32)?.reshape((rows, 1))?, D::Minus1)?;
-    let logprob = (chosen_d - &ln_s)?;
-    let positions = Tensor::arange(0u32, v as u32, d.device())?.reshape((1, v))?;
-    let neg_inf = Tensor::full(f32::NEG_INFINITY, (rows, v), d.device())?;
-    let mut rest = d.clone();
-    let mut top_sum = Tensor::zeros((rows, 1), DType::F32, d.device())?;
-    for _ in 0..k {
-        let at = rest.argmax_keepdim(D::Minus1)?;
-        top_sum = (top_sum + rest.gather(&at, D::Minus1)?)?;
-        let taken = positions.broadcast_eq(&at)?;
-        rest = taken.where_cond(&neg_inf, &rest)?;
-    }
-    let confidence = (&ln_s - (top_sum / k as f64)?)?;
-    let all: Vec<Vec<f32>> =
-        Tensor::cat(&[logprob, entropy, self_certainty, confidence], 1)?.to_vec2()?;
-    Ok(all
-        .into_iter()
-        .map(|r| TokenStats {
-            logprob: r[0],
-            entropy: r[1],
-            self_certainty: r[2],
-            confidence: r[3],
-        })
-        .collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,56 +324,6 @@ mod tests {
                 "v {v}: {:.1} us per row ({acc})",
                 t.elapsed().as_secs_f64() * 1e6 / n as f64
             );
-        }
-    }
-
-    /// The candle-ops version (what the device path runs) gives what `token_stats` and the
-    /// f64 reference give, row by row, also with masked entries and a k above V.
-    #[test]
-    fn rows_on_a_device_match_the_cpu_function() {
-        use candle_core::{Device, Tensor};
-        let (rows, v) = (5usize, 3000usize);
-        let mut data = Vec::with_capacity(rows * v);
-        let mut x = 0x2545_f491u64;
-        for _ in 0..rows * v {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            data.push(((x >> 11) as f64 / (1u64 << 53) as f64 * 16.0 - 8.0) as f32);
-        }
-        data[3 * v + 17] = f32::NEG_INFINITY;
-        data[4 * v + 5] = 30.0;
-        let chosen = [0u32, 2999, 1234, 18, 5];
-        for k in [1, 20, 5000] {
-            let logits = Tensor::from_vec(data.clone(), (rows, v), &Device::Cpu).unwrap();
-            let picked = Tensor::new(&chosen[..], &Device::Cpu).unwrap();
-            let got = token_stats_rows(&logits, &picked, k).unwrap();
-            for (r, g) in got.iter().enumerate() {
-                let row = &data[r * v..(r + 1) * v];
-                let cpu = token_stats(row, chosen[r], k);
-                let exact = reference(row, chosen[r] as usize, k.min(v));
-                let pairs = [
-                    (g.logprob, cpu.logprob, exact[0]),
-                    (g.entropy, cpu.entropy, exact[1]),
-                    (g.self_certainty, cpu.self_certainty, exact[2]),
-                    (g.confidence, cpu.confidence, exact[3]),
-                ];
-                for (i, (dev, cpu, exact)) in pairs.into_iter().enumerate() {
-                    if exact.is_infinite() {
-                        assert_eq!(dev as f64, exact, "row {r} stat {i} k {k}");
-                        continue;
-                    }
-                    let tol = 1e-4 * (1.0 + exact.abs());
-                    assert!(
-                        (dev as f64 - exact).abs() < tol,
-                        "row {r} stat {i} k {k}: {dev} vs {exact}"
-                    );
-                    assert!(
-                        (dev - cpu).abs() as f64 <= 2.0 * tol,
-                        "row {r} stat {i} k {k}: {dev} vs {cpu}"
-                    );
-                }
-            }
         }
     }
 }

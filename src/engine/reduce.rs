@@ -6,7 +6,7 @@
 //! top-k / top-p / min-p cuts over the candidates ([`draw_sorted`]), top log-probs; a row
 //! the candidates cannot decide (a wide nucleus, penalties) is copied whole, alone.
 //!
-//! On CUDA the reduction is one kernel launch for the whole batch (`row_reduce.cu`,
+//! On CUDA the reduction is one kernel launch for the whole batch (`src/kernels/row_reduce.cu`,
 //! compiled at run time with NVRTC); elsewhere [`RowReduce::cpu_fwd`] computes the same
 //! outputs with the host's own functions, so it is the kernel's reference, and the engine
 //! can run this very path on the CPU (the `device_reduce` engine option) in every test.
@@ -287,8 +287,7 @@ impl CustomOp2 for RowReduce {
             candle_core::bail!("row reduction: inputs must be contiguous")
         }
         let dev = logits.device();
-        let ptx = cuda::row_reduce_ptx().map_err(candle_core::Error::msg)?;
-        let func = dev.get_or_load_custom_func("verity_row_reduce", "verity_row_reduce", ptx)?;
+        let func = crate::kernels::ROW_REDUCE.function(dev, "verity_row_reduce")?;
         let z = logits
             .as_cuda_slice::<f32>()?
             .slice(logits_layout.start_offset()..);
@@ -316,35 +315,6 @@ impl CustomOp2 for RowReduce {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from((rows, OUT_WIDTH)),
         ))
-    }
-}
-
-/// The CUDA C source of the row reduction.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub const ROW_REDUCE_CU: &str = include_str!("row_reduce.cu");
-
-/// Run-time compilation of verity's kernels (NVRTC needs no GPU, so CI compiles them too).
-#[cfg(feature = "cuda")]
-pub mod cuda {
-    use std::sync::OnceLock;
-
-    /// The PTX of [`super::ROW_REDUCE_CU`], compiled once per process; the error names
-    /// NVRTC's log.
-    pub fn row_reduce_ptx() -> Result<&'static str, String> {
-        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| compile(super::ROW_REDUCE_CU))
-            .as_deref()
-            .map_err(Clone::clone)
-    }
-
-    /// Compiles CUDA C to PTX for the GPUs verity targets (compute capability 9.0 PTX is
-    /// not required: the driver JIT-compiles the default virtual architecture for any newer
-    /// device).
-    pub fn compile(source: &str) -> Result<String, String> {
-        use candle_core::cuda_backend::cudarc::nvrtc;
-        nvrtc::compile_ptx_with_opts(source, nvrtc::CompileOptions::default())
-            .map(|ptx| ptx.to_src())
-            .map_err(|e| format!("NVRTC could not compile a verity kernel: {e}"))
     }
 }
 
@@ -499,14 +469,6 @@ mod tests {
         // Confidence over k > V takes all V, as token_stats does.
         assert!((red.stats.confidence - token_stats(&z, 1, 20).confidence).abs() < 1e-6);
     }
-    /// NVRTC compiles the kernels without a GPU: a syntax error fails every CUDA build's tests.
-    #[cfg(feature = "cuda")]
-    #[test]
-    fn kernels_compile_to_ptx() {
-        let ptx = cuda::row_reduce_ptx().unwrap();
-        assert!(ptx.contains(".entry verity_row_reduce"), "{ptx:.300}");
-    }
-
     /// The kernel against [`RowReduce::cpu_fwd`] on the same rows (Qwen's vocabulary width,
     /// 64 rows, every mode). Sums differ in order, so statistics agree to 1e-4 and draws
     /// through the whole softmax may differ only where the draw falls within rounding of a

@@ -70,6 +70,18 @@ impl KvSegment {
         Ok(self.values[layer].narrow(0, 0, self.len)?)
     }
 
+    /// The whole key buffer of `layer`, (capacity, kv_heads, head_dim), for kernels that
+    /// address the segment directly.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn key_buffer(&self, layer: usize) -> &Tensor {
+        &self.keys[layer]
+    }
+    /// The whole value buffer of `layer`, as [`Self::key_buffer`].
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn value_buffer(&self, layer: usize) -> &Tensor {
+        &self.values[layer]
+    }
+
     /// Keys for stored positions plus `extra` pending ones written by [`Self::write`] in this step.
     pub(crate) fn keys_with_pending(&self, layer: usize, extra: usize) -> Result<Tensor> {
         Ok(self.keys[layer].narrow(0, 0, self.len + extra)?)

@@ -162,15 +162,17 @@ impl RuntimeConfig {
         Ok(())
     }
 
-    /// How the model file is loaded (weights on `device`).
+    /// How the model file is loaded (weights on `device`). On a GPU, GGUF weights are
+    /// dequantized at load (to bf16): verity's quantized matmul kernels are CPU kernels.
     pub fn load_options(&self) -> Result<LoadOptions> {
+        let device = self.device.resolve()?;
         Ok(LoadOptions {
-            device: self.device.resolve()?,
-            format: if self.dense {
+            format: if self.dense || !device.is_cpu() {
                 WeightFormat::Dense
             } else {
                 WeightFormat::Quantized
             },
+            device,
             dense_rows: self.dense_rows,
             ..LoadOptions::default()
         })

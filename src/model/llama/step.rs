@@ -108,6 +108,8 @@ impl Transformer {
             })
             .collect::<Result<_>>()?;
 
+        // A decode step on a GPU: one attention launch per layer for the whole batch.
+        let plan = self.decode_plan(batch)?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
         let mut x = self.embed_rows(&ids)?;
@@ -121,23 +123,28 @@ impl Transformer {
             let k = candle_nn::rotary_emb::rope_thd(&k.reshape((1, total, nkv, hd))?, &cos, &sin)?
                 .squeeze(0)?;
             let v = v.reshape((total, nkv, hd))?;
-            let mut outs = Vec::with_capacity(batch.len());
-            let mut row = 0;
-            for (s, mask) in batch.iter().zip(&masks) {
-                let n = s.tokens.len();
-                let out = self.attend(
-                    l,
-                    s.kv,
-                    &q.narrow(0, row, n)?,
-                    &k.narrow(0, row, n)?,
-                    &v.narrow(0, row, n)?,
-                    mask.as_ref(),
-                )?;
-                outs.push(out);
-                row += n;
-            }
-            // (`cat` of a single tensor is a cheap clone.)
-            let attn = Tensor::cat(&outs, 0)?;
+            let attn = match &plan {
+                Some(plan) => self.attend_decode(plan, l, &q, &k, &v)?,
+                None => {
+                    let mut outs = Vec::with_capacity(batch.len());
+                    let mut row = 0;
+                    for (s, mask) in batch.iter().zip(&masks) {
+                        let n = s.tokens.len();
+                        let out = self.attend(
+                            l,
+                            s.kv,
+                            &q.narrow(0, row, n)?,
+                            &k.narrow(0, row, n)?,
+                            &v.narrow(0, row, n)?,
+                            mask.as_ref(),
+                        )?;
+                        outs.push(out);
+                        row += n;
+                    }
+                    // (`cat` of a single tensor is a cheap clone.)
+                    Tensor::cat(&outs, 0)?
+                }
+            };
             x = (x + self.linear_step(block, l, LoraTarget::O, &attn, &groups)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
             let gate = self.linear_step(block, l, LoraTarget::Gate, &h, &groups)?;

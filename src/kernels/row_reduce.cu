@@ -1,6 +1,6 @@
 // What the decode step needs of each logits row, reduced on the GPU so that only a few
 // numbers per row cross to the host (64 rows of a 152k vocabulary are 39 MB a step).
-// Compiled at run time with NVRTC; `RowReduce::cpu_fwd` in reduce.rs is the reference it is
+// Compiled at run time with NVRTC; `RowReduce::cpu_fwd` in src/engine/reduce.rs is the reference it is
 // tested against (same outputs, same tie rules). Output row layout (doubles):
 //   [0] token (-1: the host picks it)   [1] its log-prob     [2] entropy
 //   [3] self-certainty                  [4] top-k confidence [5] max logit
