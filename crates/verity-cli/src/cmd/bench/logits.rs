@@ -110,7 +110,9 @@ pub fn run(args: Args) -> Result<(), String> {
     let mut next: Vec<u32> = ids.clone();
     let mut first_row = Vec::new();
     let mut greedy = Vec::new();
-    for step in 0..=args.steps {
+    // One step per greedy token (the prompt's step gives the first); with --steps 0 the
+    // prompt's step still runs, for its row.
+    for step in 0..args.steps.max(1) {
         let logits = t
             .forward_step(&mut [StepInput {
                 tokens: &next,
@@ -123,64 +125,63 @@ pub fn run(args: Args) -> Result<(), String> {
             .flatten_all()
             .and_then(|r| r.to_vec1())
             .map_err(|e| e.to_string())?;
-        if step == args.steps {
-            // (The row after the last greedy token is not needed: stop before it.)
-            if step == 0 {
-                first_row = row;
+        if step < args.steps {
+            let (chosen, gap) = argmax_gap(&row);
+            let stats = token_stats(&row, chosen, DEFAULT_TOP_K);
+            // A failure here is recorded, not fatal: the logits are the main result.
+            let device_stats = Tensor::new(&[chosen], t.device())
+                .and_then(|c| token_stats_rows(&logits, &c, DEFAULT_TOP_K))
+                .map(|mut s| s.pop());
+            let mut entry = json!({
+                "id": chosen,
+                "logprob": stats.logprob,
+                "top2_gap": gap,
+                "top5": top(&row, 5),
+                "stats": stats,
+            });
+            match device_stats {
+                Ok(s) => entry["device_stats"] = json!(s),
+                Err(e) => entry["device_stats_error"] = json!(e.to_string()),
             }
-            break;
+            greedy.push(entry);
+            next = vec![chosen];
         }
-        let (chosen, gap) = argmax_gap(&row);
-        let stats = token_stats(&row, chosen, DEFAULT_TOP_K);
-        let chosen_t = Tensor::new(&[chosen], t.device()).map_err(|e| e.to_string())?;
-        let device_stats = token_stats_rows(&logits, &chosen_t, DEFAULT_TOP_K)
-            .map_err(|e| e.to_string())?
-            .pop();
-        greedy.push(json!({
-            "id": chosen,
-            "logprob": stats.logprob,
-            "top2_gap": gap,
-            "top5": top(&row, 5),
-            "stats": stats,
-            "device_stats": device_stats,
-        }));
         if step == 0 {
             first_row = row;
         }
-        next = vec![chosen];
     }
     let direct_seconds = start.elapsed().as_secs_f64();
 
-    // The engine: the same greedy continuation through the runtime.
+    // The engine: the same greedy continuation through the runtime (an error is recorded
+    // in the report rather than losing the logits above).
     let engine = if args.steps > 0 {
         let mut request = Request::new(Prompt::Tokens(ids.clone()));
         request.max_tokens = args.steps;
         request.ignore_eos = true;
         let start = Instant::now();
-        let result = runtime
-            .generate(GenerateRequest {
-                adapter: Some(
-                    if args.adapter.is_some() {
-                        CHECK_ADAPTER
-                    } else {
-                        BASE_ADAPTER
-                    }
-                    .into(),
-                ),
-                remember: false,
-                ..GenerateRequest::new(request)
-            })
-            .map_err(|e| e.to_string())?;
-        let trace = &result
-            .traces
-            .first()
-            .ok_or("the engine returned no trace")?
-            .trace;
-        json!({
-            "tokens": trace.tokens,
-            "stats": trace.stats,
-            "seconds": start.elapsed().as_secs_f64(),
-        })
+        let result = runtime.generate(GenerateRequest {
+            adapter: Some(
+                if args.adapter.is_some() {
+                    CHECK_ADAPTER
+                } else {
+                    BASE_ADAPTER
+                }
+                .into(),
+            ),
+            remember: false,
+            ..GenerateRequest::new(request)
+        });
+        match result {
+            Ok(result) => match result.traces.first() {
+                Some(t) => json!({
+                    "tokens": t.trace.tokens,
+                    "stats": t.trace.stats,
+                    "seconds": start.elapsed().as_secs_f64(),
+                }),
+                None => json!({ "error": "the engine returned no trace" }),
+            },
+            Err(e) => json!({ "error": e.to_string() }),
+        }
     } else {
         serde_json::Value::Null
     };
