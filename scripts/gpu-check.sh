@@ -156,11 +156,16 @@ except Exception:
     pass
 PY
 
-# The binaries.
+# The binaries (xz, or Python's lzma where the machine has no xz).
+unxz() { # unxz FILE.xz OUT
+    if command -v xz >/dev/null; then xz -dc "$1" >"$2"; else
+        "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+    fi
+}
 verity=""
 mkdir -p "$work/bin"
 if [ -f "$bins/verity.xz" ]; then
-    xz -dc "$bins/verity.xz" >"$work/bin/verity" && chmod +x "$work/bin/verity" && verity="$work/bin/verity"
+    unxz "$bins/verity.xz" "$work/bin/verity" && chmod +x "$work/bin/verity" && verity="$work/bin/verity"
 elif [ -x "$bins/verity" ]; then
     verity="$bins/verity"
 fi
@@ -176,7 +181,7 @@ fi
 tok_dir="$work/tokenizers"
 mkdir -p "$tok_dir"
 if [ -f "$bins/tokenizers.tar.xz" ]; then
-    tar -xJf "$bins/tokenizers.tar.xz" -C "$tok_dir"
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$bins/tokenizers.tar.xz" "$tok_dir"
 fi
 env_line carried_tokenizers "$(ls "$tok_dir" 2>/dev/null | xargs)"
 
@@ -187,8 +192,8 @@ echo '{"binaries": []}' >"$tests_json"
 for xzf in "$bins"/*.xz; do
     [ -e "$xzf" ] || continue
     name=$(basename "$xzf" .xz)
-    [ "$name" = verity ] && continue
-    xz -dc "$xzf" >"$work/bin/$name" && chmod +x "$work/bin/$name"
+    case "$name" in verity | *.tar) continue ;; esac
+    unxz "$xzf" "$work/bin/$name" && chmod +x "$work/bin/$name"
     args=()
     [ -f "$bins/$name.args" ] && read -r -a args <"$bins/$name.args"
     part "test_$name" 90 bash -c 'cd "$1" && shift && exec "$@"' _ "$root" "$work/bin/$name" ${args[@]+"${args[@]}"}

@@ -38,7 +38,9 @@ def main():
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+    # (`torch_dtype` is called `dtype` from transformers 5 on.)
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **{key: torch.bfloat16})
     model = model.to(device="cuda", dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
     eos = model.generation_config.eos_token_id

@@ -16,6 +16,7 @@ logits), in the same layout `verity bench logits` writes:
 """
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -26,19 +27,34 @@ def log(*args):
 
 
 def load(path, torch, transformers):
-    # `torch_dtype` (renamed `dtype` in newer versions, which default to the stored dtype
-    # anyway); then cast, to be sure: the file holds bf16, so no value changes.
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+    """The HF folder in bf16 on the GPU (`torch_dtype` is called `dtype` from transformers 5
+    on; the cast after it is exact: the file holds bf16)."""
+    major = int(transformers.__version__.split(".")[0])
+    key = "dtype" if major >= 5 else "torch_dtype"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, **{key: torch.bfloat16})
     return model.to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def cache_argument(model):
+    """The forward's name for the KV cache: `cache` from transformers 5.x (where
+    `past_key_values` is deprecated), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    past = getattr(output, "cache", None)
+    return past if past is not None else output.past_key_values
 
 
 def greedy(model, ids, steps, torch):
     """Last-position logits of `ids` and `steps` greedy tokens, one forward each (KV cache)."""
     out = {"logits": None, "greedy": []}
+    cache = cache_argument(model)
     with torch.no_grad():
         x = torch.tensor([ids], device="cuda")
         res = model(input_ids=x, use_cache=True)
-        past = res.past_key_values
+        past = cache_of(res)
         row = res.logits[0, -1].float()
         out["logits"] = row.cpu().tolist()
         for _ in range(steps):
@@ -52,8 +68,9 @@ def greedy(model, ids, steps, torch):
                 "top2_gap": vals[0] - vals[1],
                 "top5": [[int(i), float(v)] for i, v in zip(top.indices.tolist(), vals)],
             })
-            res = model(input_ids=torch.tensor([[chosen]], device="cuda"), past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            step = torch.tensor([[chosen]], device="cuda")
+            res = model(input_ids=step, use_cache=True, **{cache: past})
+            past = cache_of(res)
             row = res.logits[0, -1].float()
     return out
 

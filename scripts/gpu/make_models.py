@@ -27,6 +27,7 @@ Speed does not depend on the values, and both sides load the very same file.
 """
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -143,9 +144,9 @@ def check_effective(config, shape, where):
 def fix_config_for_verity(folder, shape):
     """Makes sure config.json carries, at top level, every field verity reads.
 
-    Newer transformers versions move rope_theta into `rope_parameters` and may write a
-    `rope_scaling` of type "default"; verity reads `rope_theta` at top level and accepts only
-    llama3 scaling. The values written are the ones the model was built with.
+    transformers 5 moves rope_theta into `rope_parameters` (seen with 5.24: no top-level
+    `rope_theta` in config.json) and may write a `rope_scaling` of type "default"; verity
+    reads `rope_theta` at top level and accepts only llama3 scaling. The values written are the ones the model was built with.
     Returns the list of changes made.
     """
     path = os.path.join(folder, "config.json")
@@ -160,6 +161,10 @@ def fix_config_for_verity(folder, shape):
         ):
             data[key] = want
             changes.append("%s: %r -> %r" % (key, have, want))
+    arch = "Qwen2ForCausalLM" if shape["kind"] == "qwen2" else "LlamaForCausalLM"
+    if data.get("architectures") != [arch]:
+        changes.append("architectures: %r -> %r" % (data.get("architectures"), [arch]))
+        data["architectures"] = [arch]
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     if data.get("head_dim") not in (None, head_dim):
         raise SystemExit("config.json has head_dim %r, expected %d" % (data["head_dim"], head_dim))
@@ -266,7 +271,11 @@ def main():
         model, config = build_model(shape, args.seed)
         check_effective(model.config, shape, name + " (built)")
         params = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(folder, safe_serialization=True)
+        # safetensors (the only format transformers 5 writes; 4.x needs the flag).
+        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+            model.save_pretrained(folder, safe_serialization=True)
+        else:
+            model.save_pretrained(folder)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
