@@ -2,7 +2,7 @@
 """Compares logits files: verity (`verity bench logits`) against transformers
 (hf_logits.py), and verity's devices against each other. Plain Python (no torch, no numpy).
 
-    compare.py --name qwen2.5-1.5b --hf HF.json --verity-cuda V.json [--verity-cpu C.json]
+    compare.py --name qwen2.5-1.5b --hf HF.json [--verity-cuda V.json] [--verity-cpu C.json]
                [--hf-base HB.json --verity-base VB.json] --out RESULT.json
 
 Every number is in units of the f32 reference's standard deviation over the vocabulary
@@ -235,7 +235,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", required=True)
     ap.add_argument("--hf", required=True)
-    ap.add_argument("--verity-cuda", required=True)
+    ap.add_argument("--verity-cuda")
     ap.add_argument("--verity-cpu")
     ap.add_argument("--hf-base", help="transformers without the adapter (adapter runs)")
     ap.add_argument("--verity-base", help="verity without the adapter (adapter runs)")
@@ -246,7 +246,8 @@ def main():
         json.dump(out, f, indent=2)
     for name, c in out["checks"].items():
         print("%-20s %s" % (name, "pass" if c.get("pass") else ("skipped" if "skipped" in c else "FAIL")))
-    sys.exit(0 if out["pass"] else 1)
+    # Exit 0 once the result is written: a failed check is a result, shown in the report.
+    print("overall: %s" % ("pass" if out["pass"] else "FAIL"))
 
 
 if __name__ == "__main__":

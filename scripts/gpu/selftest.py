@@ -70,9 +70,10 @@ def hf_file(path, ref_rows, bf16_rows, ids):
 
 def compare(tmp, name, extra):
     out = os.path.join(tmp, "cmp_%s.json" % name)
-    rc = subprocess.call([sys.executable, os.path.join(HERE, "compare.py"), "--name", name, "--out", out] + extra,
-                         stdout=subprocess.DEVNULL)
-    return rc, json.load(open(out))
+    subprocess.check_call([sys.executable, os.path.join(HERE, "compare.py"), "--name", name, "--out", out] + extra,
+                          stdout=subprocess.DEVNULL)
+    result = json.load(open(out))
+    return (0 if result["pass"] else 1), result
 
 
 def main():
@@ -98,6 +99,10 @@ def main():
         rc, r = compare(tmp, "good", ["--hf", p("hf.json"), "--verity-cuda", p("cuda.json"), "--verity-cpu", p("cpu.json")])
         check(rc == 0 and r["pass"], "close rows pass (%s)" % {k: v.get("pass") for k, v in r["checks"].items()})
         check(r["checks"]["f32_logits"]["verity"] < 1e-5, "f32 error is tiny")
+
+        rc, r = compare(tmp, "cpuonly", ["--hf", p("hf.json"), "--verity-cpu", p("cpu.json")])
+        check(rc == 0 and "f32_logits" in r["checks"] and "bf16_logits" not in r["checks"],
+              "without a CUDA file the CPU one is still compared")
 
         # A broken implementation: a logit off by 0.5σ fails the bf16 bound.
         bad = [list(x) for x in cuda]
