@@ -13,7 +13,7 @@
 # - gpu-bin/tokenizers.tar.xz: qwen2.5/ and smollm2/ tokenizer folders written by
 #   `verity bench tokenizer` from the GGUF files in models/ (models/fetch.sh smollm2
 #   qwen-coder-0.5b), so that the random-weight models made on the GPU machine have the real
-#   vocabularies (Qwen2.5: 151,665 ids under 151,936 embedding rows).
+#   vocabularies (the Qwen2.5 GGUF lists 151,936 ids, padding included: the embedding's rows).
 #
 # Environment: CUDA_TARGET (default /work/cuda-target) holds release/verity; VERITY_BIN
 # overrides the binary; MODELS (default models/ of this checkout) holds the GGUF files;

@@ -9,8 +9,9 @@ numerics checks:
 
 - DIR/qwen2.5-1.5b: Qwen2ForCausalLM with Qwen2.5-1.5B's shapes (28 layers, hidden 1536,
   12 query / 2 KV heads, FFN 8960, 151,936 embedding rows, tied embeddings), with the
-  Qwen2.5 tokenizer when --tokenizers has it (its 151,665 ids fit the 151,936 rows: verity
-  accepts a tokenizer smaller than the embedding, never larger).
+  Qwen2.5 tokenizer when --tokenizers has it (exported from the Qwen2.5-Coder GGUF, it
+  lists 151,936 ids: the 151,665 of the HF tokenizer plus padding entries; verity accepts
+  a tokenizer up to the embedding's row count, never more).
 - DIR/llama-small: LlamaForCausalLM with SmolLM2-135M's shapes (30 layers, hidden 576, 9/3
   heads, FFN 1536, 49,152 rows, tied), with the SmolLM2 tokenizer when available.
 
