@@ -299,7 +299,7 @@ def main():
         rng = random.Random(args.seed * 1000 + len(name))
         hi = min(vocab, shape["vocab_size"])
         low = 256 if hi > 1024 else 0
-        prompts[name] = [rng.randrange(low, hi - 32 if hi > 1024 else hi) for _ in range(PROMPT_TOKENS)]
+        prompts[name] = [rng.randrange(low, hi - 512 if hi > 1024 else hi) for _ in range(PROMPT_TOKENS)]
         size = sum(
             os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
         )
