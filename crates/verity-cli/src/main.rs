@@ -1,6 +1,6 @@
 //! The `verity` command line: `generate` streams a completion, `info` describes a model,
 //! `sample`/`eval`/`tasks`/`rl` run the reasoning and learning loops, `serve` the HTTP API,
-//! `bench` measures decode speed. Every subcommand builds its runtime through
+//! `bench` measures decode speed, logits and trainer steps. Every subcommand builds its runtime through
 //! [`args::ModelArgs`] (model, device, weight format) and lives in its own file in `cmd/`.
 
 mod args;
@@ -35,7 +35,7 @@ enum Command {
     Tasks(cmd::tasks::Args),
     /// Learn a LoRA adapter online from rollouts (GRPO), with held-out evaluation.
     Rl(cmd::rl::Args),
-    /// Benchmarks.
+    /// Benchmarks and the measurements the GPU check compares (decode, logits, train).
     Bench {
         #[command(subcommand)]
         what: cmd::bench::Command,

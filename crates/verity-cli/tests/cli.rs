@@ -99,3 +99,334 @@ fn an_unusable_device_is_an_error_naming_the_flag() {
         "{stdout}"
     );
 }
+
+fn run_ok(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "verity {:?} failed: {}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn f32s(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// The tiny Qwen2 model as a GGUF file and, through `bench tokenizer`, as a Hugging Face
+/// folder with the GGUF's tokenizer: the way the GPU check makes its random models.
+fn tiny_gguf_and_hf(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = temp_dir(name);
+    let config = tiny_config(Architecture::Qwen2);
+    let weights = tiny_weights(&config, 5);
+    let gguf = dir.join("tiny.gguf");
+    write_tiny_gguf(&gguf, &config, &weights, None);
+    let hf = dir.join("hf");
+    verity::model::testing::save(&hf, &config, &weights).unwrap();
+    run_ok(&[
+        "bench".as_ref(),
+        "tokenizer".as_ref(),
+        "--model".as_ref(),
+        gguf.as_os_str(),
+        "--out".as_ref(),
+        hf.as_os_str(),
+    ]);
+    (gguf, hf)
+}
+
+#[test]
+fn bench_tokenizer_writes_a_folder_that_loads_like_the_gguf() {
+    let (gguf, hf) = tiny_gguf_and_hf("bench-tokenizer");
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(hf.join(f).is_file(), "{f} missing");
+    }
+    let config = read_json(&hf.join("tokenizer_config.json"));
+    assert_eq!(config["chat_template"].as_str(), Some(TINY_TEMPLATE));
+    assert_eq!(config["eos_token"].as_str(), Some("<|im_end|>"));
+    let from_gguf = verity::Tokenizer::from_gguf_file(&gguf).unwrap();
+    let from_hf = verity::Tokenizer::from_hf_dir(&hf).unwrap();
+    assert_eq!(from_hf.vocab_size(), from_gguf.vocab_size());
+    let text = "the thin hen";
+    assert_eq!(
+        from_hf.encode(text, false).unwrap(),
+        from_gguf.encode(text, false).unwrap()
+    );
+    // A file that is no model is an error naming the flag.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .args([
+            "bench",
+            "tokenizer",
+            "--model",
+            "/nonexistent.gguf",
+            "--out",
+        ])
+        .arg(hf.join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model /nonexistent.gguf"));
+}
+
+#[test]
+fn bench_logits_writes_the_row_and_a_greedy_continuation_the_engine_agrees_with() {
+    let (gguf, hf) = tiny_gguf_and_hf("bench-logits");
+    let dir = hf.parent().unwrap().to_path_buf();
+    let logits = |model: &std::path::Path, out: &std::path::Path| {
+        run_ok(&[
+            "bench".as_ref(),
+            "logits".as_ref(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--ids".as_ref(),
+            "5,17,200,42,9".as_ref(),
+            "--steps".as_ref(),
+            "6".as_ref(),
+            "--model".as_ref(),
+            model.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        read_json(out)
+    };
+    let a = logits(&hf, &dir.join("hf.json"));
+    let row = f32s(&a["logits"]);
+    assert_eq!(row.len(), 300);
+    assert_eq!(a["vocab_size"], 300);
+    assert_eq!(a["device"], "cpu");
+    assert_eq!(a["prompt_ids"], serde_json::json!([5, 17, 200, 42, 9]));
+    let greedy = a["greedy"].as_array().unwrap();
+    assert_eq!(greedy.len(), 6);
+    // The first greedy token is the row's arg-max, its log-prob the row's log-softmax.
+    let (best, &max) = row
+        .iter()
+        .enumerate()
+        .max_by(|x, y| x.1.total_cmp(y.1))
+        .unwrap();
+    assert_eq!(greedy[0]["id"], best);
+    let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+    let logprob = greedy[0]["logprob"].as_f64().unwrap() as f32;
+    assert!(
+        (logprob - (max - lse)).abs() < 1e-4,
+        "{logprob} vs {}",
+        max - lse
+    );
+    assert!(greedy[0]["top2_gap"].as_f64().unwrap() >= 0.0);
+    // The engine decodes the same tokens with the same statistics; the device statistics
+    // (candle ops) match src/stats.rs.
+    let engine_tokens: Vec<u64> = a["engine"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    let direct_tokens: Vec<u64> = greedy.iter().map(|g| g["id"].as_u64().unwrap()).collect();
+    assert_eq!(engine_tokens, direct_tokens);
+    for (i, g) in greedy.iter().enumerate() {
+        for field in ["logprob", "entropy", "self_certainty", "confidence"] {
+            let host = g["stats"][field].as_f64().unwrap();
+            let device = g["device_stats"][field].as_f64().unwrap();
+            let engine = a["engine"]["stats"][i][field].as_f64().unwrap();
+            assert!((host - device).abs() < 1e-3, "{field}: {host} vs {device}");
+            assert!((host - engine).abs() < 1e-3, "{field}: {host} vs {engine}");
+        }
+    }
+    // The GGUF of the same weights gives the same row.
+    let b = logits(&gguf, &dir.join("gguf.json"));
+    let diff = row
+        .iter()
+        .zip(f32s(&b["logits"]))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-3, "HF folder vs GGUF: max |Δ| {diff}");
+
+    // An id outside the vocabulary is an error naming the flag.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .args(["bench", "logits", "--device", "cpu", "--ids", "1,300"])
+        .arg("--model")
+        .arg(&hf)
+        .arg("--out")
+        .arg(dir.join("bad.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ids") && stderr.contains("300"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_train_saves_an_adapter_that_bench_logits_applies() {
+    let (_, hf) = tiny_gguf_and_hf("bench-train");
+    let dir = hf.parent().unwrap().to_path_buf();
+    let peft = dir.join("peft");
+    let report = dir.join("train.json");
+    let out = run_ok(&[
+        "bench".as_ref(),
+        "train".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--model".as_ref(),
+        hf.as_os_str(),
+        "--prompts".as_ref(),
+        "2".as_ref(),
+        "--group".as_ref(),
+        "2".as_ref(),
+        "--prompt-tokens".as_ref(),
+        "6".as_ref(),
+        "--completion-tokens".as_ref(),
+        "5".as_ref(),
+        "--rank".as_ref(),
+        "2".as_ref(),
+        "--alpha".as_ref(),
+        "4".as_ref(),
+        "--micro-batch".as_ref(),
+        "2".as_ref(),
+        "--lr".as_ref(),
+        "0.05".as_ref(),
+        "--steps".as_ref(),
+        "2".as_ref(),
+        "--save-peft".as_ref(),
+        peft.as_os_str(),
+        "--json".as_ref(),
+        report.as_os_str(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hand-off"));
+    let r = read_json(&report);
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for s in steps {
+        assert_eq!(s["applied"], true, "{s}");
+        assert_eq!(s["tokens"], 2 * 2 * 5);
+        assert!(s["handoff_seconds"].as_f64().unwrap() >= 0.0);
+    }
+    assert!(r["step_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["rank"], 2);
+    let config = read_json(&peft.join("adapter_config.json"));
+    assert_eq!(config["r"], 2);
+    assert_eq!(config["target_modules"].as_array().unwrap().len(), 7);
+
+    // The adapter changes the logits, and the engine applies it like the direct path.
+    let logits = |adapter: Option<&std::path::Path>, out: &std::path::Path| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "bench".as_ref(),
+            "logits".as_ref(),
+            "--device".as_ref(),
+            "cpu".as_ref(),
+            "--ids".as_ref(),
+            "3,1,4,1,5".as_ref(),
+            "--steps".as_ref(),
+            "4".as_ref(),
+            "--model".as_ref(),
+            hf.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".as_ref(), a.as_os_str()]);
+        }
+        run_ok(&args);
+        read_json(out)
+    };
+    let base = logits(None, &dir.join("base.json"));
+    let tuned = logits(Some(&peft), &dir.join("tuned.json"));
+    assert_eq!(tuned["adapter"].as_str(), Some(peft.to_str().unwrap()));
+    let moved = f32s(&base["logits"])
+        .iter()
+        .zip(f32s(&tuned["logits"]))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-3, "the adapter does not change the logits");
+    let direct: Vec<&serde_json::Value> = tuned["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| &g["id"])
+        .collect();
+    let engine: Vec<&serde_json::Value> = tuned["engine"]["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(direct, engine);
+}
+
+#[test]
+fn bench_decode_writes_json_with_a_prompt_of_the_given_length() {
+    let gguf = tiny_files(Architecture::Qwen2, "bench-decode");
+    let report = gguf.parent().unwrap().join("decode.json");
+    let out = run_ok(&[
+        "bench".as_ref(),
+        "decode".as_ref(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+        "--model".as_ref(),
+        gguf.as_os_str(),
+        "--batches".as_ref(),
+        "1,3".as_ref(),
+        "--stats-batches".as_ref(),
+        "3".as_ref(),
+        "--repeats".as_ref(),
+        "1".as_ref(),
+        "--tokens".as_ref(),
+        "4".as_ref(),
+        "--prompt-tokens".as_ref(),
+        "20".as_ref(),
+        "--json".as_ref(),
+        report.as_os_str(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("batch   3"), "{stdout}");
+    assert!(stdout.contains("after a prompt of 20 tokens"), "{stdout}");
+    let r = read_json(&report);
+    assert_eq!(r["device"], "cpu");
+    assert_eq!(r["prompt_tokens"], 20);
+    assert_eq!(r["new_tokens"], 4);
+    assert!(r["weight_bytes_per_token"].as_u64().unwrap() > 0);
+    let batches = r["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 2);
+    for (row, b) in batches.iter().zip([1u64, 3]) {
+        assert_eq!(row["batch"], b);
+        assert_eq!(
+            row["generated_tokens"],
+            b * 4,
+            "EOS must not end a sequence"
+        );
+        assert!(row["tokens_per_second"].as_f64().unwrap() > 0.0);
+    }
+    let stats = r["stats"].as_array().unwrap();
+    assert_eq!(stats.len(), 1);
+    assert_eq!(stats[0]["batch"], 3);
+    assert_eq!(stats[0]["with_stats"]["generated_tokens"], 12);
+    assert_eq!(stats[0]["without_stats"]["generated_tokens"], 12);
+    assert!(stats[0]["extra_time_percent"].as_f64().unwrap().is_finite());
+    assert_eq!(r["shared_prompt"]["n"], 16);
+
+    // A zero batch is an error naming the flag.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .args(["bench", "decode", "--device", "cpu", "--batches", "0"])
+        .arg("--model")
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batches"));
+}
