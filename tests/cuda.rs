@@ -84,12 +84,24 @@ fn decode_attention_kernel_equals_the_reference_and_the_cpu() {
     std::env::set_var("VERITY_REFERENCE_ATTENTION", "1");
     let reference = run(&model, EngineConfig::default());
     std::env::remove_var("VERITY_REFERENCE_ATTENTION");
-    assert_same(&kernel, &reference, 1e-4, "kernel vs reference attention (f32)");
-    let cpu = run(&tiny("cuda-attention-cpu", Device::Cpu, DType::F32), EngineConfig::default());
+    assert_same(
+        &kernel,
+        &reference,
+        1e-4,
+        "kernel vs reference attention (f32)",
+    );
+    let cpu = run(
+        &tiny("cuda-attention-cpu", Device::Cpu, DType::F32),
+        EngineConfig::default(),
+    );
     assert_same(&kernel, &cpu, 1e-3, "CUDA vs CPU (f32)");
     // bf16 runs and stays close to f32 on the first tokens (greedy, before any near-tie).
     let bf16 = run(
-        &tiny("cuda-attention-bf16", Device::new_cuda(0).unwrap(), DType::BF16),
+        &tiny(
+            "cuda-attention-bf16",
+            Device::new_cuda(0).unwrap(),
+            DType::BF16,
+        ),
         EngineConfig::default(),
     );
     assert_eq!(bf16[0].traces[0].tokens[..4], cpu[0].traces[0].tokens[..4]);

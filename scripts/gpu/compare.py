@@ -29,7 +29,7 @@ The bounds, and why:
   larger of the observed max |Δ| between the implementations and the logits bound above
   (a near-tie); after that the sequences continue from different tokens and are not
   compared.
-- Statistics: `device_stats` (computed on the logits' device with candle ops) against
+- Statistics: `device_stats` (the engine's row reduction on the logits' device: the CUDA kernel) against
   `stats` (`src/stats.rs` on the row copied to the host, f64 sums): the same row, only the
   reduction order and precision differ. Bound: |Δ| ≤ 2e-3 nats (entropy, log-prob,
   self-certainty, confidence are O(10) nats for a 152k vocabulary; f32 reductions of 152k

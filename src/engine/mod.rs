@@ -22,6 +22,7 @@ mod request;
 mod scheduler;
 mod stop;
 
+pub use reduce::greedy_stats_on_device;
 pub use request::{
     Completion, EarlyStop, Event, FinishReason, Penalties, Prompt, Request, Trace, TraceMonitor,
 };

@@ -179,6 +179,25 @@ pub(crate) fn reduce_rows(
     Ok(out.chunks(OUT_WIDTH).map(Reduced::parse).collect())
 }
 
+/// The arg-max of each row of `logits` (rows, V) with its statistics, reduced on the
+/// logits' device exactly as a decode step reduces them (on CUDA, by the row-reduction
+/// kernel): for diagnostics that hold the device path to [`token_stats`] on a copied row.
+pub fn greedy_stats_on_device(
+    logits: &Tensor,
+    confidence_top_k: usize,
+) -> Result<Vec<(u32, TokenStats)>> {
+    let (rows, vocab) = logits.dims2()?;
+    let params = vec![RowParams::new(&SamplingParams::default(), vocab, || 0.0); rows];
+    reduce_rows(logits, &params, confidence_top_k)?
+        .into_iter()
+        .map(|r| {
+            r.token
+                .map(|t| (t, r.stats))
+                .ok_or_else(|| Error::Internal("a greedy row came back without a token".into()))
+        })
+        .collect()
+}
+
 /// The reduction as a candle op: (logits f32 (rows, V), params f64 (rows, 3)) → f64
 /// (rows, [`OUT_WIDTH`]).
 pub(crate) struct RowReduce {

@@ -82,7 +82,9 @@ mod tests {
                 ][..],
             ),
         ] {
-            let ptx = kernel.ptx().unwrap_or_else(|e| panic!("{}: {e}", kernel.module));
+            let ptx = kernel
+                .ptx()
+                .unwrap_or_else(|e| panic!("{}: {e}", kernel.module));
             for entry in entries {
                 assert!(ptx.contains(&format!(".entry {entry}")), "{entry}");
             }

@@ -7,7 +7,7 @@
 //!   the chosen token's log-prob, the gap between the two largest logits (a near-tie makes
 //!   a different greedy choice legitimate), the top 5, the statistics of `verity::stats`
 //!   on the row copied to the host (`stats`) and the same statistics computed on the row's
-//!   device (`device_stats`, `token_stats_rows`);
+//!   device (`device_stats`, the engine's row reduction: the CUDA kernel on a GPU);
 //! - `engine`: the same greedy continuation decoded by the runtime's engine (its batching,
 //!   prefill and statistics path), tokens and per-token statistics.
 //!
@@ -16,12 +16,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use serde_json::json;
 use verity::engine::{Prompt, Request};
 use verity::model::StepInput;
 use verity::runtime::BASE_ADAPTER;
-use verity::stats::{token_stats, token_stats_rows, DEFAULT_TOP_K};
+use verity::stats::{token_stats, DEFAULT_TOP_K};
 use verity::GenerateRequest;
 
 use super::{parse_list, write_json};
@@ -129,9 +128,9 @@ pub fn run(args: Args) -> Result<(), String> {
             let (chosen, gap) = argmax_gap(&row);
             let stats = token_stats(&row, chosen, DEFAULT_TOP_K);
             // A failure here is recorded, not fatal: the logits are the main result.
-            let device_stats = Tensor::new(&[chosen], t.device())
-                .and_then(|c| token_stats_rows(&logits, &c, DEFAULT_TOP_K))
-                .map(|mut s| s.pop());
+            let device_stats = verity::engine::greedy_stats_on_device(&logits, DEFAULT_TOP_K)
+                .map(|mut s| s.pop())
+                .map(|s| s.filter(|(token, _)| *token == chosen).map(|(_, st)| st));
             let mut entry = json!({
                 "id": chosen,
                 "logprob": stats.logprob,
