@@ -316,7 +316,8 @@ impl CustomOp2 for RowReduce {
         // SAFETY: every element is written by the kernel below.
         let out = unsafe { dev.alloc::<f64>(rows * OUT_WIDTH)? };
         let (vocab, stride, k) = (v as i32, v as i32, self.confidence_top_k as i32);
-        let mut b = func.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
         b.arg(&z);
         b.arg(&vocab);
         b.arg(&stride);

@@ -12,6 +12,11 @@
 // seg_start[b] .. seg_start[b+1]-1, its own segment last; the new row goes at that segment's
 // last position.
 
+// NVRTC has no <math.h>.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #define WARPS_A 4
 #define GMAX 8
 #define PER 4

@@ -43,14 +43,17 @@ impl Kernel {
         entry.as_deref().map_err(Clone::clone)
     }
 
-    /// `function` of this kernel's module on `device`, loaded once per device.
+    /// `function` of this kernel's module on `device`, loaded once per device; launch it
+    /// on `device.cuda_stream()` (candle's one stream, which orders it with candle's ops).
     pub fn function(
         &self,
         device: &candle_core::CudaDevice,
         function: &str,
-    ) -> candle_core::Result<candle_core::cuda_backend::CudaFunc> {
+    ) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
         let ptx = self.ptx().map_err(candle_core::Error::msg)?;
-        device.get_or_load_custom_func(function, self.module, ptx)
+        Ok(device
+            .get_or_load_custom_func(function, self.module, ptx)?
+            .into_cuda_function())
     }
 }
 

@@ -9,6 +9,11 @@
 // One block per row; thread t owns the contiguous chunk [t*chunk, (t+1)*chunk), so the
 // block-wide scans below run in vocabulary order and every result is deterministic.
 
+// NVRTC has no <math.h>.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 #define THREADS 1024
 #define WARPS (THREADS / 32)
 #define CANDIDATES 64

@@ -139,7 +139,7 @@ impl Transformer {
             .slice(layer * plan.per_layer..(layer + 1) * plan.per_layer);
         let (nh_i, nkv_i, hd_i) = (nh as i32, nkv as i32, hd as i32);
         let scale = 1.0f32 / (hd as f32).sqrt();
-        let mut builder = func.builder();
+        let mut builder = stream.launch_builder(&func);
         builder.arg(&qa);
         builder.arg(&ka);
         builder.arg(&va);
