@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-check.sh OUT_DIR
 #
-# From a session with the device tool, after scripts/gpu-pack.sh on the CPU machine:
+# From a session with the device tool, after scripts/gpu-prepare.sh on the CPU machine:
 #   run(command="bash scripts/gpu-check.sh $OUT", carry=["gpu-bin"], timeout_s=540)
 #
 # It builds nothing: the `cuda` release binary (and optionally test binaries) come prebuilt

@@ -1,6 +1,7 @@
 //! The GPU path against its references, on a CUDA device: the batched decode attention
 //! kernel against the per-sequence candle-ops attention, CUDA against the CPU on the same
-//! weights, and the engine's on-device reduction against the host path. These need a GPU:
+//! weights, the engine's on-device reduction against the host path, and a GRPO step on the
+//! GPU against the same step on the CPU. These need a GPU:
 //! `scripts/gpu-check.sh` runs them (`--ignored`); a CUDA build without one compiles them.
 #![cfg(feature = "cuda")]
 
@@ -12,8 +13,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use verity::engine::{Completion, Engine, EngineConfig, Prompt, Request};
 use verity::model::config::Architecture;
-use verity::model::WeightFormat;
+use verity::model::{LoraAdapter, LoraSpec, LoraTarget, WeightFormat};
 use verity::sampling::SamplingParams;
+use verity::train::{completion_logprobs, AdamWConfig, Rollout, TrainConfig, Trainer};
 use verity::{LoadOptions, Model};
 
 fn tiny(name: &str, device: Device, dtype: DType) -> Arc<Model> {
@@ -122,4 +124,96 @@ fn on_device_reduction_equals_the_host_path_on_the_gpu() {
     // Sums run in another order on the GPU: statistics agree to rounding; a draw lands on
     // another token only within rounding of a boundary (not expected in these few draws).
     assert_same(&device, &host, 1e-4, "device vs host reduction");
+}
+
+/// One adapter's log-probs of `completions` after the prompt [5, 6, 7], summed per
+/// completion, on the host.
+fn logprobs(model: &Model, adapter: &LoraAdapter, completions: &[&[u32]]) -> Vec<f64> {
+    completions
+        .iter()
+        .map(|c| {
+            completion_logprobs(&model.transformer, &[5, 6, 7], &[c], Some(adapter))
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The training forward, backward and AdamW on the GPU give the CPU's step: the same
+/// adapter (saved on the CPU, loaded on the GPU), the same rollouts, three steps; the
+/// log-probs after agree to f32 rounding and moved the way the rewards say.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
+fn grpo_steps_on_the_gpu_equal_the_cpu_steps() {
+    let gpu = Device::new_cuda(0).unwrap();
+    let cpu_model = tiny("cuda-train-cpu", Device::Cpu, DType::F32);
+    let gpu_model = tiny("cuda-train-gpu", gpu.clone(), DType::F32);
+    let spec = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: LoraTarget::ALL.to_vec(),
+        use_rslora: false,
+    };
+    let on_cpu =
+        Arc::new(LoraAdapter::new(cpu_model.config(), spec, DType::F32, &Device::Cpu).unwrap());
+    let dir = temp_dir("cuda-train-adapter");
+    verity::adapter::save_peft(&on_cpu, cpu_model.config(), &dir, "tiny").unwrap();
+    let on_gpu =
+        Arc::new(verity::adapter::load_peft(&dir, gpu_model.config(), DType::F32, &gpu).unwrap());
+    let good: &[u32] = &[10, 11, 12];
+    let bad: &[u32] = &[20, 21, 22];
+    let rollouts = |model: &Model, adapter: &LoraAdapter| -> Vec<Rollout> {
+        [(good, 1.0), (bad, 0.0)]
+            .into_iter()
+            .map(|(c, reward)| Rollout {
+                group: 0,
+                prompt: vec![5, 6, 7],
+                completion: c.to_vec(),
+                decode_logprobs: completion_logprobs(
+                    &model.transformer,
+                    &[5, 6, 7],
+                    &[c],
+                    Some(adapter),
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+                adapter_version: 0,
+                reward,
+            })
+            .collect()
+    };
+    let config = TrainConfig {
+        optimizer: AdamWConfig {
+            lr: 5e-3,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let before = logprobs(&cpu_model, &on_cpu, &[good, bad]);
+    for (model, adapter) in [(&cpu_model, &on_cpu), (&gpu_model, &on_gpu)] {
+        let mut trainer = Trainer::new(adapter.clone(), config.clone());
+        let batch = rollouts(model, adapter);
+        for _ in 0..3 {
+            assert!(trainer.step(&model.transformer, &batch).unwrap().applied);
+        }
+    }
+    let (after_cpu, after_gpu) = (
+        logprobs(&cpu_model, &on_cpu, &[good, bad]),
+        logprobs(&gpu_model, &on_gpu, &[good, bad]),
+    );
+    for i in 0..2 {
+        assert!(
+            (after_cpu[i] - after_gpu[i]).abs() < 1e-3,
+            "{after_cpu:?} vs {after_gpu:?}"
+        );
+    }
+    assert!(after_gpu[0] > before[0] + 0.01 && after_gpu[1] < before[1] - 0.01);
 }
