@@ -13,24 +13,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use verity::engine::{Completion, Engine, EngineConfig, Prompt, Request};
 use verity::model::config::Architecture;
-use verity::model::{LoraAdapter, LoraSpec, LoraTarget, WeightFormat};
+use verity::model::{LoraAdapter, LoraSpec, LoraTarget};
 use verity::sampling::SamplingParams;
 use verity::train::{completion_logprobs, AdamWConfig, Rollout, TrainConfig, Trainer};
-use verity::{LoadOptions, Model};
+use verity::Model;
 
 fn tiny(name: &str, device: Device, dtype: DType) -> Arc<Model> {
-    let dir = temp_dir(name);
-    let config = tiny_config(Architecture::Qwen2);
-    let weights = tiny_weights(&config, 11);
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, &config, &weights, None);
-    let options = LoadOptions {
-        device,
-        format: WeightFormat::Dense,
-        dtype: Some(dtype),
-        ..Default::default()
-    };
-    Arc::new(Model::load(&path, &options).unwrap())
+    tiny_dense_model(name, Architecture::Qwen2, 11, &device, dtype)
 }
 
 /// Three prompts, n = 3 samples each (shared prompt segments), greedy and sampled.
@@ -126,21 +115,11 @@ fn on_device_reduction_equals_the_host_path_on_the_gpu() {
     assert_same(&device, &host, 1e-4, "device vs host reduction");
 }
 
-/// One adapter's log-probs of `completions` after the prompt [5, 6, 7], summed per
-/// completion, on the host.
+/// One adapter's log-probs of `completions` after the prompt [5, 6, 7].
 fn logprobs(model: &Model, adapter: &LoraAdapter, completions: &[&[u32]]) -> Vec<f64> {
     completions
         .iter()
-        .map(|c| {
-            completion_logprobs(&model.transformer, &[5, 6, 7], &[c], Some(adapter))
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        })
+        .map(|c| completion_logprob(model, adapter, &[5, 6, 7], c))
         .collect()
 }
 

@@ -10,22 +10,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use verity::engine::{Engine, EngineConfig, Event, FinishReason, Prompt, Request, TraceMonitor};
 use verity::model::config::Architecture;
-use verity::model::WeightFormat;
 use verity::sampling::SamplingParams;
 use verity::stats::TokenStats;
-use verity::{LoadOptions, Model};
+use verity::Model;
 
 fn tiny_model(name: &str) -> Arc<Model> {
-    let dir = temp_dir(name);
-    let config = tiny_config(Architecture::Qwen2);
-    let weights = tiny_weights(&config, 11);
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, &config, &weights, None);
-    let options = LoadOptions {
-        format: WeightFormat::Dense,
-        ..Default::default()
-    };
-    Arc::new(Model::load(&path, &options).unwrap())
+    tiny_dense_model(name, Architecture::Qwen2, 11, &Device::Cpu, DType::F32)
 }
 
 fn engine(model: &Arc<Model>, config: EngineConfig) -> Engine {

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use verity::engine::{Engine, EngineConfig, Prompt, Request};
 use verity::model::config::Architecture;
-use verity::model::{LoraAdapter, LoraSpec, LoraTarget, WeightFormat};
+use verity::model::{LoraAdapter, LoraSpec, LoraTarget};
 use verity::train::*;
-use verity::{LoadOptions, Model};
+use verity::Model;
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
@@ -103,22 +103,7 @@ fn clipped_loss_matches_hand_computed_values() {
 }
 
 fn tiny(dtype: DType, name: &str) -> Arc<Model> {
-    let dir = temp_dir(name);
-    let config = tiny_config(Architecture::Llama);
-    let weights = tiny_weights(&config, 5);
-    let path = dir.join("tiny.gguf");
-    write_tiny_gguf(&path, &config, &weights, None);
-    Arc::new(
-        Model::load(
-            &path,
-            &LoadOptions {
-                format: WeightFormat::Dense,
-                dtype: Some(dtype),
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    )
+    tiny_dense_model(name, Architecture::Llama, 5, &Device::Cpu, dtype)
 }
 
 fn adapter(model: &Model, dtype: DType) -> Arc<LoraAdapter> {
@@ -143,14 +128,7 @@ fn rollout(completion: &[u32], reward: f64) -> Rollout {
 }
 
 fn seq_logprob(model: &Model, adapter: &LoraAdapter, completion: &[u32]) -> f64 {
-    completion_logprobs(&model.transformer, &[5, 6, 7], &[completion], Some(adapter))
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    completion_logprob(model, adapter, &[5, 6, 7], completion)
 }
 
 /// The training forward computes the prompt once for a whole group; the log-probs must

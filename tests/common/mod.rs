@@ -183,6 +183,46 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
 
 pub const TINY_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// The tiny random model of `arch` (weights from `seed`) written as GGUF under a fresh
+/// temporary folder `name`, loaded dense on `device` in `dtype`.
+pub fn tiny_dense_model(
+    name: &str,
+    arch: Architecture,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> std::sync::Arc<verity::Model> {
+    let dir = temp_dir(name);
+    let config = tiny_config(arch);
+    let weights = tiny_weights(&config, seed);
+    let path = dir.join("tiny.gguf");
+    write_tiny_gguf(&path, &config, &weights, None);
+    let options = verity::LoadOptions {
+        device: device.clone(),
+        format: verity::model::WeightFormat::Dense,
+        dtype: Some(dtype),
+        ..Default::default()
+    };
+    std::sync::Arc::new(verity::Model::load(&path, &options).unwrap())
+}
+
+/// Σ log p of `completion` after `prompt` under `adapter`, from the training forward.
+pub fn completion_logprob(
+    model: &verity::Model,
+    adapter: &verity::model::LoraAdapter,
+    prompt: &[u32],
+    completion: &[u32],
+) -> f64 {
+    verity::train::completion_logprobs(&model.transformer, prompt, &[completion], Some(adapter))
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// Writes `weights` as a GGUF file, as llama.cpp's converter would (Q/K rows permuted for
 /// `llama`), with a byte-level tokenizer; weights stored as f32 or quantized to `dtype`.
 pub fn write_tiny_gguf(
