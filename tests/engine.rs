@@ -168,6 +168,34 @@ fn device_reduction_path_equals_the_host_path() {
             );
         }
     }
+    // Without statistics the device path skips the candidates for uncut rows: same tokens.
+    let quiet = |device_reduce| {
+        engine(
+            &model,
+            EngineConfig {
+                token_stats: false,
+                device_reduce,
+                ..Default::default()
+            },
+        )
+    };
+    let (host, device) = (quiet(Some(false)), quiet(Some(true)));
+    for temperature in [0.0, 0.9] {
+        for (i, p) in prompts().iter().enumerate() {
+            let make = || {
+                let mut r = req(p, 10, temperature, 90 + i as u64);
+                r.sampling.top_p = 1.0;
+                r
+            };
+            let a = host.generate(make(), None).unwrap();
+            let b = device.generate(make(), None).unwrap();
+            assert_eq!(a.traces[0].tokens, b.traces[0].tokens, "T = {temperature}");
+            assert!(b.traces[0]
+                .stats
+                .iter()
+                .all(|s| *s == TokenStats::default()));
+        }
+    }
 }
 
 /// The formulas again, in f64, straight from a logits row (independent of src/stats.rs).

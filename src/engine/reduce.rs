@@ -23,8 +23,8 @@ pub(crate) const CANDIDATES: usize = 64;
 const HEADER: usize = 10;
 /// Numbers per output row.
 pub(crate) const OUT_WIDTH: usize = HEADER + 2 * CANDIDATES;
-/// Numbers per parameter row: 1/T, the uniform draw, the mode.
-const PARAMS: usize = 3;
+/// Numbers per parameter row: 1/T, the uniform draw, the mode, whether candidates are wanted.
+const PARAMS: usize = 4;
 
 /// How a row's token is chosen on the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,9 @@ pub(crate) struct RowParams {
     pub inv_t: f64,
     /// The uniform draw in [0, 1) the row's generator gave for this token (0 when greedy).
     pub u: f64,
+    /// Select the candidates (and so the top-k confidence): needed for cuts, top log-probs
+    /// and statistics; without them the reduction skips its costliest part.
+    pub candidates: bool,
 }
 
 impl RowParams {
@@ -59,6 +62,7 @@ impl RowParams {
                 mode: Mode::Greedy,
                 inv_t: 0.0,
                 u: 0.0,
+                candidates: true,
             };
         }
         let mode = if has_cut(params) {
@@ -70,6 +74,7 @@ impl RowParams {
             mode,
             inv_t: 1.0 / params.temperature as f64,
             u: draw(),
+            candidates: true,
         }
     }
 }
@@ -168,7 +173,7 @@ pub(crate) fn reduce_rows(
     }
     let params: Vec<f64> = rows
         .iter()
-        .flat_map(|r| [r.inv_t, r.u, r.mode as u8 as f64])
+        .flat_map(|r| [r.inv_t, r.u, r.mode as u8 as f64, r.candidates as u8 as f64])
         .collect();
     let params = Tensor::from_vec(params, (n, PARAMS), logits.device())?;
     let out = logits
@@ -198,7 +203,7 @@ pub fn greedy_stats_on_device(
         .collect()
 }
 
-/// The reduction as a candle op: (logits f32 (rows, V), params f64 (rows, 3)) → f64
+/// The reduction as a candle op: (logits f32 (rows, V), params f64 (rows, 4)) → f64
 /// (rows, [`OUT_WIDTH`]).
 pub(crate) struct RowReduce {
     pub confidence_top_k: usize,
@@ -210,7 +215,7 @@ impl RowReduce {
         let v = z.len();
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let best = argmax(z);
-        let (inv_t, u, mode) = (p[0], p[1], p[2] as u8);
+        let (inv_t, u, mode, candidates) = (p[0], p[1], p[2] as u8, p[3] != 0.0);
         let tempered_mass = if mode == Mode::Greedy as u8 {
             0.0
         } else {
@@ -223,10 +228,12 @@ impl RowReduce {
         };
         let stats = token_stats(z, token.unwrap_or(best), self.confidence_top_k);
         let lse = max as f64 + sum_exp_scaled(z, max, 1.0).ln();
-        let want = CANDIDATES.min(v);
+        let want = if candidates { CANDIDATES.min(v) } else { 0 };
         let mut ids: Vec<u32> = (0..v as u32).collect();
         let by = |a: &u32, b: &u32| z[*b as usize].total_cmp(&z[*a as usize]).then(a.cmp(b));
-        if want < v {
+        if want == 0 {
+            ids.clear();
+        } else if want < v {
             ids.select_nth_unstable_by(want - 1, by);
             ids.truncate(want);
         }
@@ -239,7 +246,11 @@ impl RowReduce {
         };
         out[2] = stats.entropy as f64;
         out[3] = stats.self_certainty as f64;
-        out[4] = stats.confidence as f64;
+        out[4] = if candidates {
+            stats.confidence as f64
+        } else {
+            0.0
+        };
         out[5] = max as f64;
         out[6] = lse;
         out[7] = tempered_mass;
@@ -505,6 +516,7 @@ mod tests {
                 mode: [Mode::Greedy, Mode::Full, Mode::Host][r % 3],
                 inv_t: if r % 3 == 0 { 0.0 } else { 1.25 },
                 u: Rng::new(r as u64).next_f64(),
+                candidates: r % 5 != 4,
             })
             .collect();
         let cpu = reduce_rows(

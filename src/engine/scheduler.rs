@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::logits::{apply_penalties, top_logprobs};
-use super::reduce::{reduce_rows, RowParams, CANDIDATES};
+use super::reduce::{reduce_rows, Mode, RowParams, CANDIDATES};
 use super::{
     Command, Completion, Event, FinishReason, Request, Shared, StopMatcher, Trace, TraceMonitor,
 };
@@ -388,11 +388,16 @@ impl Scheduler {
             // candidates: both take the host path with the sample's own generator.
             let host = !request.penalties.is_noop() || request.top_logprobs > CANDIDATES;
             whole_row.push(host);
-            params.push(if host {
+            let mut row = if host {
                 RowParams::new(&SamplingParams::default(), vocab, || 0.0)
             } else {
                 RowParams::new(&request.sampling, vocab, || s.rng.next_f64())
-            });
+            };
+            // Without statistics, cuts or top log-probs, the candidates are not needed.
+            row.candidates = self.shared.config.token_stats
+                || row.mode == Mode::Host
+                || request.top_logprobs > 0;
+            params.push(row);
         }
         let identity = picks.len() == rows && picks.iter().enumerate().all(|(i, p)| p.0 == i);
         let input = if identity {

@@ -18,7 +18,7 @@
 #define WARPS (THREADS / 32)
 #define CANDIDATES 64
 #define HEADER 10
-#define PARAMS 3
+#define PARAMS 4
 #define FULL_MASK 0xffffffffu
 
 // Larger float, larger key (finite values and infinities; NaN is not expected).
@@ -96,9 +96,9 @@ __device__ T block_sum(T x, T *s) {
     return total;
 }
 
-// logits: rows x vocab f32, rows `row_stride` apart. params: rows x 3 doubles
+// logits: rows x vocab f32, rows `row_stride` apart. params: rows x 4 doubles
 // (1/T, uniform draw u in [0,1), mode: 0 greedy, 1 sample the whole softmax, 2 the host
-// picks). conf_k: k of the top-k confidence, 1 <= conf_k <= CANDIDATES.
+// picks; candidates wanted: 0 or 1). conf_k: k of the top-k confidence, 1 <= conf_k <= CANDIDATES.
 extern "C" __global__ void verity_row_reduce(const float *__restrict__ logits, int vocab,
                                              int row_stride, const double *__restrict__ params,
                                              int conf_k, double *__restrict__ out) {
@@ -119,6 +119,7 @@ extern "C" __global__ void verity_row_reduce(const float *__restrict__ logits, i
     const double inv_t = params[row * PARAMS + 0];
     const double u = params[row * PARAMS + 1];
     const int mode = (int)params[row * PARAMS + 2];
+    const bool with_candidates = params[row * PARAMS + 3] != 0.0;
     const int chunk = (vocab + THREADS - 1) / THREADS;
     const int lo = min(tid * chunk, vocab), hi = min(lo + chunk, vocab);
 
@@ -144,8 +145,10 @@ extern "C" __global__ void verity_row_reduce(const float *__restrict__ logits, i
     const double ST = block_sum((double)st, s_d);
     const double ln_s = log(S);
 
-    // 3. The top candidates: a radix select of the want-th largest key, 8 bits a pass.
-    const int want = min(CANDIDATES, vocab);
+    // 3. The top candidates: a radix select of the want-th largest key, 8 bits a pass
+    // (the costliest part: skipped when the row needs no cut, top log-probs or statistics).
+    const int want = with_candidates ? min(CANDIDATES, vocab) : 0;
+    if (want > 0) {
     unsigned prefix = 0u, mask = 0u;
     int remaining = want;
     for (int shift = 24; shift >= 0; shift -= 8) {
@@ -212,6 +215,7 @@ extern "C" __global__ void verity_row_reduce(const float *__restrict__ logits, i
         cand_z[rank] = my_z;
         cand_i[rank] = my_i;
     }
+    } // want > 0
     if (tid == 0) s_token = -1;
     __syncthreads();
 
@@ -245,14 +249,14 @@ extern "C" __global__ void verity_row_reduce(const float *__restrict__ logits, i
     }
 
     if (tid == 0) {
-        const int k = max(1, min(conf_k, want));
+        const int k = min(conf_k, want);
         double top = 0.0;
         for (int j = 0; j < k; ++j) top += (double)(cand_z[j] - m);
         o[0] = (double)token;
         o[1] = token >= 0 ? (double)(z[token] - m) - ln_s : 0.0;
         o[2] = ln_s - SED / S;
         o[3] = ln_s - SD / (double)vocab - log((double)vocab);
-        o[4] = ln_s - top / (double)k;
+        o[4] = k > 0 ? ln_s - top / (double)k : 0.0;
         o[5] = (double)m;
         o[6] = (double)m + ln_s;
         o[7] = ST;
