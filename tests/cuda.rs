@@ -86,7 +86,8 @@ fn decode_attention_kernel_equals_the_reference_and_the_cpu() {
         EngineConfig::default(),
     );
     assert_same(&kernel, &cpu, 1e-3, "CUDA vs CPU (f32)");
-    // bf16 runs and stays close to f32 on the first tokens (greedy, before any near-tie).
+    // bf16 (the kernel's bf16 entry) runs every request to the end and stays close to f32
+    // where no near-tie can intervene: the first token's entropy depends on the prompt only.
     let bf16 = run(
         &tiny(
             "cuda-attention-bf16",
@@ -95,7 +96,13 @@ fn decode_attention_kernel_equals_the_reference_and_the_cpu() {
         ),
         EngineConfig::default(),
     );
-    assert_eq!(bf16[0].traces[0].tokens[..4], cpu[0].traces[0].tokens[..4]);
+    for (b, c) in bf16.iter().zip(&cpu) {
+        for (tb, tc) in b.traces.iter().zip(&c.traces) {
+            assert_eq!(tb.tokens.len(), tc.tokens.len());
+            let (eb, ec) = (tb.stats[0].entropy, tc.stats[0].entropy);
+            assert!((eb - ec).abs() < 0.05, "bf16 entropy {eb} vs f32 {ec}");
+        }
+    }
 }
 
 #[test]
