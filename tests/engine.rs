@@ -121,10 +121,12 @@ fn device_reduction_path_equals_the_host_path() {
         Box::new(|r| r.top_logprobs = 5),
     ];
     let host = engine(&model, EngineConfig::default());
+    // Prompt chunks of 2 tokens: steps that prefill without choosing any token occur too.
     let device = engine(
         &model,
         EngineConfig {
             device_reduce: Some(true),
+            prefill_chunk: 2,
             ..Default::default()
         },
     );

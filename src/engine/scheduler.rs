@@ -298,7 +298,10 @@ impl Scheduler {
                 RowOwner::Sample(ai, si) => picks.push((r, ai, si)),
             }
         }
-        let choices = if self.reduce_on_device() {
+        // A step of prompt chunks alone chooses nothing (and launches nothing on a device).
+        let choices = if picks.is_empty() {
+            Vec::new()
+        } else if self.reduce_on_device() {
             self.choose_on_device(&logits, &picks)?
         } else {
             let (_, vocab) = logits.dims2()?;
