@@ -288,7 +288,7 @@ if [ -n "$verity" ] && why=$(need models); then
     # noise (the PEFT check below is meaningless for an adapter that does nothing); the
     # step time does not depend on it.
     part train 150 "$verity" bench train --device cuda --model "$qwen" --prompts 8 --group 8 \
-        --prompt-tokens 128 --completion-tokens 256 --rank 16 --alpha 32 --lr 1e-2 --steps 2 \
+        --prompt-tokens 128 --completion-tokens 256 --rank 16 --alpha 32 --lr 3e-2 --steps 2 \
         --save-peft "$peft_dir" --json "$out/parts/train.json"
 else
     skip train "${why:-no verity binary}"

@@ -19,6 +19,12 @@ cd "$root"
 # shellcheck disable=SC1091
 source "$toolkit/env.sh"
 export CARGO_TARGET_DIR=$CUDA_TARGET
+# The GPU machine is another x86-64 processor: .cargo/config.toml's target-cpu=native
+# (this machine's AMD extensions) stops there with SIGILL. x86-64-v3 is AVX2 + FMA, which
+# candle's quantized CPU kernels use and every current server has. The binaries are
+# stripped for the trip, so no debug information is built.
+export RUSTFLAGS=${VERITY_GPU_RUSTFLAGS:--C target-cpu=x86-64-v3}
+export CARGO_PROFILE_RELEASE_DEBUG=false
 cargo build --release --features cuda
 # The test executables, as cargo names them (the JSON lines of --no-run).
 mapfile -t tests < <(cargo test --release --features cuda -p verity --lib --test cuda --no-run \

@@ -115,6 +115,18 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// A strided view made fit to be a matmul operand on the tensor's device. candle's CPU
+/// matmul takes any strides; its CUDA one (cuBLAS) only row- or column-major matrices whose
+/// leading dimension is the row length, so a permuted KV cache or a narrowed row of
+/// attention weights is copied there (and left a view on the CPU, where copying costs).
+pub fn gemm_operand(t: Tensor) -> Result<Tensor> {
+    Ok(if t.device().is_cpu() {
+        t
+    } else {
+        t.contiguous()?
+    })
+}
+
 /// SwiGLU MLP body: silu(gate) · up.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
@@ -165,8 +177,8 @@ pub fn causal_attention_after(
         .broadcast_add(&mask)?
         .reshape((b, kv, groups * t, t))?;
     let weights = softmax(&Tensor::cat(&[&to_prefix, &to_self], D::Minus1)?)?;
-    let out = (weights.narrow(D::Minus1, 0, p)?.matmul(&pv)?
-        + weights.narrow(D::Minus1, p, t)?.matmul(&v.contiguous()?)?)?;
+    let out = (gemm_operand(weights.narrow(D::Minus1, 0, p)?)?.matmul(&pv)?
+        + gemm_operand(weights.narrow(D::Minus1, p, t)?)?.matmul(&v.contiguous()?)?)?;
     Ok(out.reshape((b, h, t, d))?)
 }
 

@@ -215,7 +215,7 @@ impl Transformer {
         let mut scores = Vec::with_capacity(keys.len());
         for key in &keys {
             // (len, KV, d) → (KV, d, len)
-            scores.push(q.matmul(&key.permute((1, 2, 0))?)?);
+            scores.push(q.matmul(&ops::gemm_operand(key.permute((1, 2, 0))?)?)?);
         }
         let scores = Tensor::cat(&scores, 2)?;
         let total_keys = scores.dim(2)?;
@@ -241,8 +241,8 @@ impl Transformer {
         let mut offset = 0;
         for value in &values {
             let len = value.dim(0)?;
-            let w = weights.narrow(2, offset, len)?;
-            let part = w.matmul(&value.transpose(0, 1)?)?; // (KV, G·n, d)
+            let w = ops::gemm_operand(weights.narrow(2, offset, len)?)?;
+            let part = w.matmul(&ops::gemm_operand(value.transpose(0, 1)?)?)?; // (KV, G·n, d)
             out = Some(match out {
                 Some(acc) => (acc + part)?,
                 None => part,
