@@ -65,10 +65,15 @@ fn assert_same(a: &[Completion], b: &[Completion], stats_tol: f32, what: &str) {
     }
 }
 
+/// CUDA device 0 as the runtime opens it (`DeviceSpec::resolve`: no event tracking).
+fn cuda_device() -> Device {
+    verity::DeviceSpec::Cuda(0).resolve().unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
 fn decode_attention_kernel_equals_the_reference_and_the_cpu() {
-    let gpu = Device::new_cuda(0).unwrap();
+    let gpu = cuda_device();
     let model = tiny("cuda-attention", gpu, DType::F32);
     let kernel = run(&model, EngineConfig::default());
     // The only test in this binary that touches the switch; read per step.
@@ -89,11 +94,7 @@ fn decode_attention_kernel_equals_the_reference_and_the_cpu() {
     // bf16 (the kernel's bf16 entry) runs every request to the end and stays close to f32
     // where no near-tie can intervene: the first token's entropy depends on the prompt only.
     let bf16 = run(
-        &tiny(
-            "cuda-attention-bf16",
-            Device::new_cuda(0).unwrap(),
-            DType::BF16,
-        ),
+        &tiny("cuda-attention-bf16", cuda_device(), DType::BF16),
         EngineConfig::default(),
     );
     for (b, c) in bf16.iter().zip(&cpu) {
@@ -107,8 +108,8 @@ fn decode_attention_kernel_equals_the_reference_and_the_cpu() {
 
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
-fn on_device_reduction_equals_the_host_path_on_the_gpu() {
-    let model = tiny("cuda-reduce", Device::new_cuda(0).unwrap(), DType::F32);
+fn on_device_reduction_equals_the_host_path_on_the_cuda_device() {
+    let model = tiny("cuda-reduce", cuda_device(), DType::F32);
     let device = run(&model, EngineConfig::default());
     let host = run(
         &model,
@@ -136,7 +137,7 @@ fn logprobs(model: &Model, adapter: &LoraAdapter, completions: &[&[u32]]) -> Vec
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
 fn grpo_steps_on_the_gpu_equal_the_cpu_steps() {
-    let gpu = Device::new_cuda(0).unwrap();
+    let gpu = cuda_device();
     let cpu_model = tiny("cuda-train-cpu", Device::Cpu, DType::F32);
     let gpu_model = tiny("cuda-train-gpu", gpu.clone(), DType::F32);
     let spec = LoraSpec {

@@ -510,7 +510,7 @@ mod tests {
     fn kernel_matches_reference_on_gpu() {
         let (n, v) = (64, 151_936);
         let z = rows(n, v, 5);
-        let gpu = Device::new_cuda(0).unwrap();
+        let gpu = crate::DeviceSpec::Cuda(0).resolve().unwrap();
         let params: Vec<RowParams> = (0..n)
             .map(|r| RowParams {
                 mode: [Mode::Greedy, Mode::Full, Mode::Host][r % 3],

@@ -45,7 +45,7 @@ impl Transformer {
             return Ok(None);
         };
         let fits = batch.iter().all(|s| s.tokens.len() == 1)
-            && c.num_heads % c.num_kv_heads == 0
+            && c.num_heads.is_multiple_of(c.num_kv_heads)
             && c.num_heads / c.num_kv_heads <= MAX_GROUPS
             && c.head_dim <= MAX_HEAD_DIM
             && matches!(self.dtype, DType::BF16 | DType::F16 | DType::F32)
