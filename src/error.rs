@@ -59,6 +59,10 @@ pub enum Error {
     /// A value the caller passed is not acceptable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A number the caller passed is outside what it may be (a LoRA rank above what the
+    /// model's layers can hold, a value that is not finite in the type it is used as).
+    #[error("out of range: {0}")]
+    OutOfRange(String),
     /// A trace, adapter or other object named by id does not exist (any more).
     #[error("not found: {0}")]
     NotFound(String),
@@ -85,6 +89,7 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         match self {
             Error::InvalidArgument(_)
+            | Error::OutOfRange(_)
             | Error::PromptTooLong { .. }
             | Error::Tokenizer(_)
             | Error::ChatTemplate(_)

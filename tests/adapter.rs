@@ -1012,3 +1012,35 @@ fn versioned_saves_count_up_and_latest_follows() {
     let err = latest_version(&root, "math").expect_err("bad LATEST");
     assert!(err_text(&err).contains("LATEST"), "{err}");
 }
+
+/// A rank above the smaller side of a targeted layer (K here: 32 → 16) or above
+/// `MAX_LORA_RANK`, or an α that is not a finite f32, is refused before anything is
+/// allocated; the largest rank that fits is accepted.
+#[test]
+fn lora_ranks_and_alphas_the_model_cannot_hold_are_refused() {
+    let config = tiny_config(Architecture::Llama);
+    let make = |rank: usize, alpha: f64| {
+        LoraAdapter::new(
+            &config,
+            spec(rank, alpha, &[LoraTarget::Q, LoraTarget::K], false),
+            DType::F32,
+            &Device::Cpu,
+        )
+    };
+    assert_eq!(make(16, 32.0).unwrap().spec.rank, 16);
+    for rank in [17, 1 << 28, usize::MAX] {
+        match make(rank, 32.0) {
+            Err(Error::OutOfRange(m)) => assert!(m.contains(&format!("rank {rank}")), "{m}"),
+            Err(e) => panic!("rank {rank}: {e}"),
+            Ok(_) => panic!("rank {rank} accepted"),
+        }
+    }
+    // 1e308 is finite as f64 but +inf as the f32 the update is computed in.
+    for alpha in [f64::NAN, f64::INFINITY, 1e308, -1e300] {
+        match make(4, alpha) {
+            Err(Error::OutOfRange(m)) => assert!(m.contains("alpha"), "{m}"),
+            Err(e) => panic!("alpha {alpha}: {e}"),
+            Ok(_) => panic!("alpha {alpha} accepted"),
+        }
+    }
+}

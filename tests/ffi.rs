@@ -240,6 +240,37 @@ fn c_status_codes_tell_internal_failures_from_bad_arguments() {
 
         let cpu = CString::new("cpu").unwrap();
         params.device = cpu.as_ptr();
+        // A LoRA rank or α a host passes is bounded before anything is allocated: 1<<28
+        // used to abort the whole process (allocation failure), SIZE_MAX to panic.
+        for rank in [1usize << 28, usize::MAX, 577] {
+            let mut p = params;
+            p.lora_rank = rank;
+            let status = verity_runtime_new(model.as_ptr(), p, &mut rt);
+            assert_eq!(
+                status,
+                VERITY_ERR_OUT_OF_RANGE,
+                "rank {rank}: {}",
+                last_error()
+            );
+            assert!(
+                last_error().contains(&format!("rank {rank}")),
+                "{}",
+                last_error()
+            );
+            assert!(rt.is_null());
+        }
+        for alpha in [f64::NAN, f64::INFINITY, 1e308] {
+            let mut p = params;
+            p.lora_alpha = alpha;
+            let status = verity_runtime_new(model.as_ptr(), p, &mut rt);
+            assert_eq!(
+                status,
+                VERITY_ERR_OUT_OF_RANGE,
+                "alpha {alpha}: {}",
+                last_error()
+            );
+            assert!(last_error().contains("alpha"), "{}", last_error());
+        }
         assert_eq!(
             verity_runtime_new(model.as_ptr(), params, &mut rt),
             VERITY_OK,
@@ -286,6 +317,7 @@ fn c_status_codes_tell_internal_failures_from_bad_arguments() {
             Error::InvalidArgument("x".into()),
             VERITY_ERR_INVALID_ARGUMENT,
         ),
+        (Error::OutOfRange("x".into()), VERITY_ERR_OUT_OF_RANGE),
         (Error::NotFound("x".into()), VERITY_ERR_NOT_FOUND),
         (Error::Busy("x".into()), VERITY_ERR_BUSY),
     ] {

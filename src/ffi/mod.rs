@@ -139,6 +139,7 @@ pub fn status_of(e: &Error) -> verity_status {
         | Error::Tokenizer(_)
         | Error::ChatTemplate(_) => VERITY_ERR_MODEL,
         Error::PromptTooLong { .. } | Error::InvalidArgument(_) => VERITY_ERR_INVALID_ARGUMENT,
+        Error::OutOfRange(_) => VERITY_ERR_OUT_OF_RANGE,
         Error::NotFound(_) => VERITY_ERR_NOT_FOUND,
         Error::Busy(_) => VERITY_ERR_BUSY,
         Error::Unavailable(_) => VERITY_ERR_UNAVAILABLE,

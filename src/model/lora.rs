@@ -126,16 +126,55 @@ pub struct LoraSpec {
     pub use_rslora: bool,
 }
 
+/// The largest rank any adapter may have, whatever the model: above every hidden size in
+/// use. [`LoraSpec::check_fits`] bounds it by the model's own layers.
+pub const MAX_LORA_RANK: usize = 1 << 16;
+
 impl LoraSpec {
-    /// Errors with [`Error::InvalidArgument`] on rank 0 or an empty target list.
+    /// Errors with [`Error::InvalidArgument`] on rank 0 or an empty target list, and with
+    /// [`Error::OutOfRange`] on a rank above [`MAX_LORA_RANK`] or an α (or α/r) that is
+    /// not finite as the f32 the update is computed in.
     pub fn validate(&self) -> Result<()> {
         if self.rank == 0 {
             return Err(Error::InvalidArgument("LoRA rank must be positive".into()));
+        }
+        if self.rank > MAX_LORA_RANK {
+            return Err(Error::OutOfRange(format!(
+                "LoRA rank {} is above the largest supported, {MAX_LORA_RANK}",
+                self.rank
+            )));
         }
         if self.targets.is_empty() {
             return Err(Error::InvalidArgument(
                 "LoRA needs at least one target module".into(),
             ));
+        }
+        let finite_f32 = |x: f64| x.is_finite() && (x as f32).is_finite();
+        if !finite_f32(self.alpha) || !finite_f32(self.scale()) {
+            return Err(Error::OutOfRange(format!(
+                "LoRA alpha {} is not a finite f32 (nor is its scale α/r = {})",
+                self.alpha,
+                self.scale()
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`Self::validate`], and a rank no larger than the smaller side of every targeted
+    /// layer of `config` (a larger one adds nothing a full-rank update lacks, and sizes an
+    /// allocation by the caller's number).
+    pub fn check_fits(&self, config: &ModelConfig) -> Result<()> {
+        self.validate()?;
+        for &t in &self.targets {
+            let (fan_in, fan_out) = t.dims(config);
+            let most = fan_in.min(fan_out);
+            if self.rank > most {
+                return Err(Error::OutOfRange(format!(
+                    "LoRA rank {} is above {most}, the smaller side of {} ({fan_in} → {fan_out})",
+                    self.rank,
+                    t.module_name()
+                )));
+            }
         }
         Ok(())
     }
@@ -204,7 +243,7 @@ impl LoraAdapter {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        spec.validate()?;
+        spec.check_fits(config)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
@@ -347,7 +386,7 @@ impl LoraAdapter {
         spec: LoraSpec,
         pairs: impl IntoIterator<Item = (usize, LoraTarget, LoraPair)>,
     ) -> Result<Self> {
-        spec.validate()?;
+        spec.check_fits(config)?;
         let mut layers: Vec<[Option<LoraPair>; 7]> = vec![Default::default(); config.num_layers];
         for (layer, target, pair) in pairs {
             let name = target.module_name();
