@@ -1044,3 +1044,42 @@ fn lora_ranks_and_alphas_the_model_cannot_hold_are_refused() {
         }
     }
 }
+
+/// A weight that is not finite as the dtype it is loaded in (NaN, or 1e5 as f16) is refused,
+/// naming the tensor: such an adapter used to load and turn every output into noise.
+#[test]
+fn adapters_with_non_finite_weights_are_refused() {
+    let config = tiny_config(Architecture::Llama);
+    let root = temp_dir("adapter-non-finite");
+    let adapter = seeded_adapter(&config, spec(4, 8.0, &[LoraTarget::Q], false), 3);
+    let json = serde_json::json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+    });
+    for (name, value, dtype) in [
+        ("nan", f32::NAN, DType::F32),
+        ("inf", f32::NEG_INFINITY, DType::F32),
+        ("f16-overflow", 1e5, DType::F16),
+    ] {
+        let mut tensors = named_tensors(&adapter, None, DType::F32);
+        let key = peft_key(1, LoraTarget::Q, true);
+        let b = &tensors[&key];
+        let mut values = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values[5] = value;
+        tensors.insert(
+            key.clone(),
+            Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap(),
+        );
+        let dir = root.join(name);
+        write_peft_folder(&dir, &json, &tensors);
+        match load_peft(&dir, &config, dtype, &Device::Cpu) {
+            Err(e) => {
+                let m = e.to_string();
+                assert!(m.contains(&key) && m.contains("non-finite"), "{name}: {m}");
+            }
+            Ok(_) => panic!("{name}: loaded"),
+        }
+        // The same folder without the bad value loads.
+        write_peft_folder(&dir, &json, &named_tensors(&adapter, None, DType::F32));
+        load_peft(&dir, &config, dtype, &Device::Cpu).unwrap();
+    }
+}

@@ -55,6 +55,15 @@ fn verifier_rewards_drive_background_learning() {
     }
     assert_eq!(rt.feedback_pending(), 4);
     let ids: Vec<u64> = result.traces.iter().map(|t| t.id).collect();
+    // A reward the group statistics cannot take is refused and consumes nothing (1e308
+    // used to be stored, and the next step's loss was NaN).
+    for bad in [1e308, -2e6, f64::INFINITY] {
+        match rt.feedback(ids[0], bad) {
+            Err(Error::OutOfRange(m)) => assert!(m.contains("reward"), "{m}"),
+            other => panic!("reward {bad}: {other:?}"),
+        }
+    }
+    assert_eq!(rt.feedback_pending(), 4);
     assert_eq!(ids.windows(2).filter(|w| w[1] == w[0] + 1).count(), 3);
 
     // Background learning steps once 4 rewarded traces are pending (they already are).
@@ -115,7 +124,7 @@ fn adapters_round_trip_and_errors_are_typed() {
     ));
     assert!(matches!(
         rt.feedback(1, f64::NAN),
-        Err(Error::InvalidArgument(_))
+        Err(Error::OutOfRange(_))
     ));
     assert!(matches!(
         rt.adapter_select(Some("missing")),

@@ -502,6 +502,58 @@ fn a_nan_gradient_skips_the_step_and_leaves_the_adapter_unchanged() {
     assert_eq!(now, snapshot);
 }
 
+/// Settings that would write non-finite or meaningless weights are refused by name (`verity
+/// rl --lr nan` used to run and save an all-NaN adapter), by the runtime's config check
+/// too; a rollout's reward outside ±MAX_ABS_REWARD stops the step before anything moves.
+#[test]
+fn optimizer_settings_and_rewards_outside_their_ranges_are_refused() {
+    TrainConfig::default().validate().unwrap();
+    type Set = fn(&mut TrainConfig);
+    let cases: [(&str, Set); 11] = [
+        ("learning rate", |c| c.optimizer.lr = f64::NAN),
+        ("learning rate", |c| c.optimizer.lr = 0.0),
+        ("learning rate", |c| c.optimizer.lr = 1e308),
+        ("beta2", |c| c.optimizer.beta2 = 1.0),
+        ("eps", |c| c.optimizer.eps = 1e-50),
+        ("weight decay", |c| c.optimizer.weight_decay = f64::INFINITY),
+        ("min_lr_ratio", |c| c.optimizer.min_lr_ratio = 2.0),
+        ("max_grad_norm", |c| c.optimizer.max_grad_norm = f64::NAN),
+        ("tis_cap", |c| c.tis_cap = 0.5),
+        ("eps_high", |c| c.clip.eps_high = -0.1),
+        ("micro_batch", |c| c.micro_batch = 0),
+    ];
+    for (what, set) in cases {
+        let mut c = TrainConfig::default();
+        set(&mut c);
+        match c.validate() {
+            Err(verity::Error::OutOfRange(m)) => assert!(m.contains(what), "{what}: {m}"),
+            other => panic!("{what}: {other:?}"),
+        }
+        let runtime = verity::RuntimeConfig {
+            train: c,
+            ..Default::default()
+        };
+        assert!(matches!(
+            runtime.validate(),
+            Err(verity::Error::OutOfRange(_))
+        ));
+    }
+
+    let model = tiny(DType::F32, "train-reward-range");
+    let adapter = adapter(&model, DType::F32);
+    let mut trainer = Trainer::new(adapter.clone(), TrainConfig::default());
+    for bad in [1e308, -1e7, f64::NAN] {
+        let rollouts = vec![rollout(&[10, 11], bad), rollout(&[20, 21], 0.0)];
+        match trainer.step(&model.transformer, &rollouts) {
+            Err(verity::Error::OutOfRange(m)) => assert!(m.contains("reward"), "{m}"),
+            other => panic!("reward {bad}: {other:?}"),
+        }
+    }
+    assert_eq!(adapter.version(), 0);
+    let rollouts = vec![rollout(&[10, 11], MAX_ABS_REWARD), rollout(&[20, 21], 0.0)];
+    assert!(trainer.step(&model.transformer, &rollouts).unwrap().applied);
+}
+
 /// Mean probability of `answer` after `prefix`, through the inference path (one decode
 /// step over the whole sequence, softmax in f64): independent of the training forward
 /// that `rlpr_rewards` uses.

@@ -503,7 +503,7 @@ verity_status verity_register_verifier(const verity_runtime *rt,
                                        verity_verifier_fn callback,
                                        void *user_data);
 
-// Records a reward (any finite number; 1 = good) for a finished trace, by the id from
+// Records a reward (a finite number within ±1e6; 1 = good) for a finished trace, by the id from
 // `verity_result_trace_id`. `VERITY_ERR_NOT_FOUND` for an unknown, already trained-on
 // or forgotten trace.
 //

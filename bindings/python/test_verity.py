@@ -124,7 +124,7 @@ class RuntimeTest(unittest.TestCase):
         self.assertIn("123456789", e.exception.message)
         with self.assertRaises(VerityError) as e:
             self.rt.feedback(r.traces[0].id, math.nan)
-        self.assertEqual(e.exception.name, "VERITY_ERR_INVALID_ARGUMENT")
+        self.assertEqual(e.exception.name, "VERITY_ERR_OUT_OF_RANGE")
         for i, t in enumerate(r.traces):
             self.rt.feedback(t.id, float(i % 2))
         adapter = self.rt.learning_adapter

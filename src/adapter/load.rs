@@ -78,6 +78,20 @@ pub fn load_peft(
                 ))
             }
         };
+        // Finite as the dtype the adapter is used in: one NaN (or an f32 beyond f16's range
+        // loaded as f16) turns every output of the model into noise.
+        let used = tensor.to_dtype(dtype)?.to_dtype(DType::F32)?;
+        if let Some(bad) = used
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .find(|x| !x.is_finite())
+        {
+            return Err(Error::bad_file(
+                &weights_path,
+                format!("tensor '{key}' holds a non-finite value ({bad}) as {dtype:?}"),
+            ));
+        }
         adapter_names.insert(parsed.adapter_name.unwrap_or_default());
         let slot = slots.entry((parsed.layer, parsed.target)).or_default();
         let place = if parsed.b { &mut slot.1 } else { &mut slot.0 };

@@ -7,7 +7,7 @@ use super::handles::{runtime_of, verity_runtime};
 use super::verity_status;
 use super::{ffi_call, scratch};
 
-/// Records a reward (any finite number; 1 = good) for a finished trace, by the id from
+/// Records a reward (a finite number within ±1e6; 1 = good) for a finished trace, by the id from
 /// `verity_result_trace_id`. `VERITY_ERR_NOT_FOUND` for an unknown, already trained-on
 /// or forgotten trace.
 ///

@@ -159,6 +159,7 @@ impl RuntimeConfig {
             ));
         }
         self.lora.spec()?;
+        self.train.validate()?;
         Ok(())
     }
 

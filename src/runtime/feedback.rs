@@ -44,11 +44,7 @@ impl Inner {
 
     /// Records a reward (any finite value) for a remembered trace.
     pub(crate) fn feedback(&self, trace_id: u64, reward: f64) -> Result<()> {
-        if !reward.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "reward must be a finite number, got {reward}"
-            )));
-        }
+        crate::train::check_reward(reward)?;
         let mut traces = self.traces.lock();
         let record = traces.get_mut(&trace_id).ok_or_else(|| {
             Error::NotFound(format!(

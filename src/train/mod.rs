@@ -89,6 +89,55 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Errors with [`Error::OutOfRange`] on a setting that would make a step non-finite or
+    /// meaningless (the optimizer's, see [`AdamWConfig::validate`]; clip distances, the KL
+    /// coefficient and the importance-weight cap), and on zero sizes.
+    pub fn validate(&self) -> Result<()> {
+        self.optimizer.validate()?;
+        let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        for (what, x) in [
+            ("clip eps_low", self.clip.eps_low),
+            ("clip eps_high", self.clip.eps_high),
+            ("beta (KL coefficient)", self.beta),
+        ] {
+            if !finite_non_negative(x) {
+                return Err(Error::OutOfRange(format!(
+                    "training {what} must be finite and non-negative, got {x}"
+                )));
+            }
+        }
+        if !(self.tis_cap.is_finite() && self.tis_cap >= 1.0) {
+            return Err(Error::OutOfRange(format!(
+                "training tis_cap must be finite and at least 1, got {}",
+                self.tis_cap
+            )));
+        }
+        if self.micro_batch == 0 || self.max_completion_len == 0 {
+            return Err(Error::OutOfRange(
+                "training micro_batch and max_completion_len must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest reward magnitude accepted, from feedback or in a rollout. Group statistics
+/// square reward differences: beyond this they stop being meaningful long before f64
+/// overflows (a reward of 1e308 made the next step's loss NaN).
+pub const MAX_ABS_REWARD: f64 = 1e6;
+
+/// A reward is a finite number within ±[`MAX_ABS_REWARD`]; else [`Error::OutOfRange`].
+pub fn check_reward(reward: f64) -> Result<()> {
+    if reward.is_finite() && reward.abs() <= MAX_ABS_REWARD {
+        Ok(())
+    } else {
+        Err(Error::OutOfRange(format!(
+            "a reward must be a finite number within ±{MAX_ABS_REWARD:e}, got {reward}"
+        )))
+    }
+}
+
 /// What one step did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StepReport {
@@ -249,6 +298,7 @@ impl Trainer {
             ..Default::default()
         };
         for r in rollouts {
+            check_reward(r.reward)?;
             if r.completion.is_empty() || r.prompt.is_empty() {
                 return Err(Error::InvalidArgument(
                     "a rollout has an empty prompt or completion".into(),

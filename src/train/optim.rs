@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::LoraAdapter;
 
 /// The learning-rate curve after warm-up.
@@ -66,6 +66,48 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// Errors with [`Error::OutOfRange`] on a setting that would write non-finite or
+    /// meaningless weights: lr outside (0, 1], β outside [0, 1), ε not a positive f32,
+    /// negative or non-finite weight decay, a floor ratio outside [0, 1], a negative or
+    /// non-finite clip norm.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, value: f64, range: &str| {
+            Err(Error::OutOfRange(format!(
+                "optimizer {what} must be {range}, got {value}"
+            )))
+        };
+        if !(self.lr > 0.0 && self.lr <= 1.0) {
+            return bad("learning rate", self.lr, "in (0, 1]");
+        }
+        for (what, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(what, beta, "in [0, 1)");
+            }
+        }
+        // ε is added in f32 on the device: one that rounds to 0 there divides by zero.
+        if !(self.eps.is_finite() && self.eps as f32 >= f32::MIN_POSITIVE) {
+            return bad("eps", self.eps, "a positive f32");
+        }
+        if !(self.weight_decay >= 0.0 && self.lr * self.weight_decay <= 1.0) {
+            return bad(
+                "weight decay",
+                self.weight_decay,
+                "non-negative with lr · weight_decay ≤ 1",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("min_lr_ratio", self.min_lr_ratio, "in [0, 1]");
+        }
+        if !(self.max_grad_norm >= 0.0 && self.max_grad_norm.is_finite()) {
+            return bad(
+                "max_grad_norm",
+                self.max_grad_norm,
+                "finite and non-negative",
+            );
+        }
+        Ok(())
+    }
+
     /// Learning rate at optimizer step `step` (0-based).
     pub fn lr_at(&self, step: u64) -> f64 {
         if step < self.warmup_steps {

@@ -355,8 +355,9 @@ static void with_runtime(const char *model) {
     EXPECT(verity_feedback(rt, 0, 1.0), VERITY_ERR_NOT_FOUND);
     EXPECT(verity_feedback(rt, (uint64_t)-1, 1.0), VERITY_ERR_NOT_FOUND);
     EXPECT(verity_result_trace_id(res, 0, &u), VERITY_OK);
-    EXPECT(verity_feedback(rt, u, NAN), VERITY_ERR_INVALID_ARGUMENT);
-    EXPECT(verity_feedback(rt, u, INFINITY), VERITY_ERR_INVALID_ARGUMENT);
+    EXPECT(verity_feedback(rt, u, NAN), VERITY_ERR_OUT_OF_RANGE);
+    EXPECT(verity_feedback(rt, u, 1e308), VERITY_ERR_OUT_OF_RANGE);
+    EXPECT(verity_feedback(rt, u, INFINITY), VERITY_ERR_OUT_OF_RANGE);
     EXPECT(verity_feedback(rt, u, 1.0), VERITY_OK);
 
     /* A freed result is an error, not a crash; so is a result passed as a runtime. */
