@@ -15,6 +15,7 @@
 //! - `save.rs`: [`save_peft`], writing the two files of an adapter.
 //! - `load.rs`: [`load_peft`], reading a folder and checking it against the model.
 //! - `versions.rs`: [`save_versioned`] and the `LATEST` file.
+//! - `confine.rs`: [`confine`], keeping folders that clients name inside one root.
 //! - `atomic.rs`: crash-safe replacement of a folder or file and [`recover`], knowing nothing
 //!   of adapters; the process-wide lock that serializes saves.
 //!
@@ -22,12 +23,14 @@
 //! processes saving into the same folder at once are not supported.
 
 mod atomic;
+mod confine;
 mod load;
 mod peft;
 mod save;
 mod versions;
 
 pub use atomic::recover;
+pub use confine::confine;
 pub use load::load_peft;
 pub use peft::{peft_config_json, peft_key, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 pub use save::save_peft;

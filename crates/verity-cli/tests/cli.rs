@@ -100,6 +100,42 @@ fn an_unusable_device_is_an_error_naming_the_flag() {
     );
 }
 
+/// `serve` on an address other machines reach needs an API key or an explicit opt-out, and
+/// says so before loading anything (the model path here does not even exist).
+#[test]
+fn serve_refuses_a_public_address_without_an_api_key() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .args([
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--model",
+            "/nonexistent/model.gguf",
+        ])
+        .env_remove("VERITY_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--api-key") && stderr.contains("--insecure-no-api-key"),
+        "{stderr}"
+    );
+    // With the opt-out the address is accepted and the (missing) model is the next error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .args(["serve", "--host", "0.0.0.0", "--insecure-no-api-key"])
+        .args(["--model", "/nonexistent/model.gguf"])
+        .env_remove("VERITY_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("--insecure-no-api-key") && stderr.contains("/nonexistent"),
+        "{stderr}"
+    );
+}
+
 fn run_ok(args: &[&std::ffi::OsStr]) -> std::process::Output {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
         .args(args)

@@ -1,7 +1,7 @@
 //! The endpoint handlers: completions and chat completions (streamed through
 //! [`crate::stream`]), models, feedback, learning control, adapters and health.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -231,6 +231,30 @@ struct AdapterBody {
     path: Option<PathBuf>,
 }
 
+/// A folder a client names, inside the runtime's `adapter_dir` (clients cannot read or
+/// write anywhere else on the server's disk).
+fn confined(state: &Shared, path: &Path) -> ApiResult<PathBuf> {
+    let root = state
+        .runtime
+        .config()
+        .adapter_dir
+        .as_deref()
+        .ok_or_else(|| {
+            ApiError::from(BadRequest {
+                message: "this server has no adapter folder, so it loads and saves no adapter by \
+                      path (start it with --adapter-dir DIR; paths are then relative to DIR)"
+                    .into(),
+                param: Some("path".into()),
+            })
+        })?;
+    verity::adapter::confine(root, path).map_err(|e| {
+        ApiError::from(BadRequest {
+            message: e.to_string(),
+            param: Some("path".into()),
+        })
+    })
+}
+
 pub(super) async fn adapter_action(
     State(state): State<Shared>,
     body: Bytes,
@@ -246,12 +270,13 @@ pub(super) async fn adapter_action(
                     param: Some("path".into()),
                 })
             })?;
+            let path = confined(&state, &path)?;
             let id = body.id.clone();
             tokio::task::spawn_blocking(move || runtime.adapter_load(&id, &path)).await??;
         }
         "save" => {
             let id = body.id.clone();
-            let path = body.path;
+            let path = body.path.map(|p| confined(&state, &p)).transpose()?;
             let dir =
                 tokio::task::spawn_blocking(move || runtime.adapter_save(&id, path.as_deref()))
                     .await??;

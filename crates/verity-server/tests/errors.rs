@@ -1,6 +1,7 @@
 //! Error kinds over HTTP, in process: a decode step that fails is a 500 `server_error`
 //! (also as the last event of a stream that already started), a bad parameter a 400
-//! naming it, and the server keeps serving after the failure.
+//! naming it, and the server keeps serving after the failure; adapter paths that leave the
+//! adapter folder are 400s.
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
@@ -35,6 +36,36 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A server on a free local port for `runtime`; stop it with the sender, then join.
+fn serve(
+    runtime: Arc<Runtime>,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            verity_server::serve_on(listener, runtime, ServerConfig::default(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    (addr, stop, server)
+}
+
 #[test]
 fn decode_failures_are_500_and_bad_parameters_400() {
     let runtime = Arc::new(
@@ -44,26 +75,7 @@ fn decode_failures_are_500_and_bad_parameters_400() {
         })
         .expect("runtime"),
     );
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let served = runtime.clone();
-    let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            verity_server::serve_on(listener, served, ServerConfig::default(), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-    });
+    let (addr, stop, server) = serve(runtime.clone());
     let body = r#"{"prompt": "Hello", "max_tokens": 4}"#;
 
     runtime.fail_next_decode_steps(1);
@@ -107,6 +119,73 @@ fn decode_failures_are_500_and_bad_parameters_400() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("temperature"), "{text}");
 
+    let _ = stop.send(());
+    server.join().unwrap();
+}
+
+/// Clients name adapter folders inside the server's adapter_dir only: an absolute path,
+/// `..` or a link out of it is a 400 that writes and reads nothing (`"path": "/"` used to
+/// create `/learned/v1`); without an adapter_dir no path is accepted at all.
+#[test]
+fn adapter_paths_stay_inside_the_adapter_dir() {
+    let root = common::temp_dir("server-adapter-root");
+    let outside = common::temp_dir("server-adapter-outside");
+    std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            model: common::real_model(common::SMOLLM2),
+            adapter_dir: Some(root.clone()),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
+    );
+    let (addr, stop, server) = serve(runtime);
+    let action = |action: &str, path: &str| {
+        post(
+            addr,
+            "/v1/adapters",
+            &serde_json::json!({"action": action, "id": "learned", "path": path}).to_string(),
+        )
+    };
+    for bad in ["/", "/tmp", "../x", "a/../../x", "escape", "escape/deeper"] {
+        for verb in ["save", "load"] {
+            let (status, text) = action(verb, bad);
+            assert_eq!(status, 400, "{verb} {bad}: {text}");
+            assert!(text.contains("path"), "{verb} {bad}: {text}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside"
+    );
+
+    // Inside the root: saved under root/kept/learned/v1, and loaded back from there.
+    let (status, text) = action("save", "kept");
+    assert_eq!(status, 200, "{text}");
+    let saved = root.canonicalize().unwrap().join("kept/learned/v1");
+    assert!(saved.join("adapter_config.json").is_file(), "{text}");
+    let (status, text) = action("load", "kept/learned/v1");
+    assert_eq!(status, 200, "{text}");
+    let _ = stop.send(());
+    server.join().unwrap();
+
+    // No adapter_dir: paths are refused, saying how to allow them.
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            model: common::real_model(common::SMOLLM2),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
+    );
+    let (addr, stop, server) = serve(runtime);
+    let (status, text) = post(
+        addr,
+        "/v1/adapters",
+        r#"{"action": "load", "id": "x", "path": "kept"}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("--adapter-dir"), "{text}");
     let _ = stop.send(());
     server.join().unwrap();
 }

@@ -24,6 +24,10 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` (or set VERITY_API_KEY).
     #[arg(long, env = "VERITY_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Serve on a non-loopback --host without an API key: anyone who reaches the port can
+    /// generate, train the adapter and save it.
+    #[arg(long)]
+    insecure_no_api_key: bool,
     /// Largest n a request may ask for.
     #[arg(long, default_value_t = 64)]
     max_n: usize,
@@ -42,6 +46,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), String> {
+    // Checked before the model loads: a mistake costs nothing.
+    if !args.host.is_loopback() && args.api_key.is_none() && !args.insecure_no_api_key {
+        return Err(format!(
+            "--host {} is reachable from other machines, and without --api-key (or \
+             VERITY_API_KEY) anyone there could generate, train the adapter and save it; \
+             give a key, or --insecure-no-api-key if that is what you mean",
+            args.host
+        ));
+    }
     let mut config = match &args.config {
         Some(path) => RuntimeConfig::from_file(path).map_err(|e| format!("--config: {e}"))?,
         None => RuntimeConfig::default(),
