@@ -554,6 +554,46 @@ fn optimizer_settings_and_rewards_outside_their_ranges_are_refused() {
     assert!(trainer.step(&model.transformer, &rollouts).unwrap().applied);
 }
 
+/// Finite gradients can still write a non-finite weight: in f16, AdamW's ε = 1e-8 rounds
+/// to 0, and a gradient of 1e-5 squares to 0, so m̂/(√v̂ + ε) is infinite. The step is
+/// rolled back (weights, moments and step count untouched) and said so; the next sane step
+/// applies as if the bad one never happened.
+#[test]
+fn an_update_that_would_write_a_non_finite_weight_is_rolled_back() {
+    let model = tiny(DType::F16, "train-f16-overflow");
+    let adapter = adapter(&model, DType::F16);
+    let mut trainer = Trainer::new(adapter.clone(), TrainConfig::default());
+    let weights = |a: &LoraAdapter| -> Vec<Vec<f32>> {
+        a.vars()
+            .iter()
+            .map(|v| {
+                let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1().unwrap()
+            })
+            .collect()
+    };
+    let before = weights(&adapter);
+    let rollouts = vec![rollout(&[10, 11], 1.0), rollout(&[20, 21], 0.0)];
+    let report = trainer
+        .step_with(&model.transformer, &rollouts, |grads| {
+            for g in grads.iter_mut().flatten() {
+                *g = (g.ones_like().unwrap() * 1e-5).unwrap();
+            }
+        })
+        .unwrap();
+    // (The norm itself squares in f16 and reads 0: finite, so the first check passes.)
+    assert!(report.grad_norm.is_finite(), "{report:?}");
+    assert!(!report.applied, "{report:?}");
+    assert!(
+        report.skipped.as_deref().unwrap().contains("non-finite"),
+        "{report:?}"
+    );
+    assert_eq!(trainer.skipped_nonfinite(), 1);
+    assert_eq!(adapter.version(), 0);
+    assert_eq!(weights(&adapter), before);
+    assert_eq!(trainer.optimizer_steps(), 0);
+}
+
 /// Mean probability of `answer` after `prefix`, through the inference path (one decode
 /// step over the whole sequence, softmax in f64): independent of the training forward
 /// that `rlpr_rewards` uses.

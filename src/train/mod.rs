@@ -3,9 +3,9 @@
 //! A step takes groups of rollouts (G completions of one prompt, each with a reward),
 //! turns rewards into group-relative advantages, drops groups without signal (dynamic
 //! sampling), scores the completions with `forward_train` (prompt tokens masked), forms the
-//! clipped policy loss, accumulates gradients over micro-batches, and — unless the loss or
-//! the gradient is not finite, in which case the step is skipped and counted — applies
-//! AdamW and publishes the new values as the adapter's next snapshot, so the engine's next
+//! clipped policy loss, accumulates gradients over micro-batches, and — unless the loss,
+//! the gradient or the updated weights are not finite, in which case the step is skipped
+//! and counted — applies AdamW and publishes the new values as the adapter's next snapshot, so the engine's next
 //! decode step uses them (see `LoraAdapter::publish`).
 
 pub mod advantage;
@@ -264,7 +264,12 @@ impl Trainer {
         self.optimizer.config.lr *= factor;
     }
 
-    /// Steps skipped because the loss or gradient was not finite.
+    /// Updates AdamW has applied (skipped steps do not count; the schedule follows these).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.optimizer.steps_taken()
+    }
+
+    /// Steps skipped because the loss, the gradient or the updated weights were not finite.
     pub fn skipped_nonfinite(&self) -> u64 {
         self.skipped_nonfinite
     }
@@ -439,7 +444,16 @@ impl Trainer {
             report.train_time = start.elapsed();
             return Ok(report);
         }
-        let (version, lr, handoff) = self.optimizer.step(&self.adapter, &grads, grad_norm)?;
+        let Some((version, lr, handoff)) = self.optimizer.step(&self.adapter, &grads, grad_norm)?
+        else {
+            self.skipped_nonfinite += 1;
+            report.skipped = Some(
+                "the update would make a weight non-finite; weights and optimizer state untouched"
+                    .into(),
+            );
+            report.train_time = start.elapsed();
+            return Ok(report);
+        };
         report.handoff_time = handoff;
         report.version = version;
         report.lr = lr;

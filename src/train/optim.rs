@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -164,13 +164,15 @@ impl AdamW {
 
     /// One update of `adapter` with `grads` (in `vars()` order, None = no gradient).
     /// Returns the new adapter version, the learning rate used, and the hand-off time (see
-    /// [`LoraAdapter::publish`]).
+    /// [`LoraAdapter::publish`]); or None, with the weights, the moments and the step count
+    /// untouched, when the update would make a weight non-finite (finite gradients can
+    /// still overflow a weight in f16 or bf16).
     pub fn step(
         &mut self,
         adapter: &LoraAdapter,
         grads: &[Option<Tensor>],
         grad_norm: f64,
-    ) -> Result<(u64, f64, std::time::Duration)> {
+    ) -> Result<Option<(u64, f64, std::time::Duration)>> {
         let c = self.config.clone();
         let lr = c.lr_at(self.step);
         let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
@@ -183,6 +185,9 @@ impl AdamW {
         // Every new value is a fresh tensor; publishing swaps them in at once.
         let vars = adapter.vars();
         let mut updates: Vec<Tensor> = Vec::with_capacity(vars.len());
+        let mut moments: Vec<(usize, (Tensor, Tensor))> = Vec::with_capacity(vars.len());
+        // One sum per updated Var, read back together: finite iff every weight is.
+        let mut sums: Vec<Tensor> = Vec::with_capacity(vars.len());
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let Some(g) = grad else {
                 updates.push(var.as_tensor().copy()?);
@@ -201,11 +206,20 @@ impl AdamW {
             let theta = var.as_tensor();
             let step = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
             let decayed = (theta * (1.0 - lr * c.weight_decay))?;
-            updates.push((decayed - (step * lr)?)?);
-            self.moments.insert(i, (m, v));
+            let updated = (decayed - (step * lr)?)?;
+            sums.push(updated.to_dtype(DType::F32)?.sum_all()?);
+            updates.push(updated);
+            moments.push((i, (m, v)));
         }
+        if !sums.is_empty() {
+            let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+            if sums.iter().any(|s| !s.is_finite()) {
+                return Ok(None);
+            }
+        }
+        self.moments.extend(moments);
         let (version, published) = adapter.publish(updates)?;
         self.step += 1;
-        Ok((version, lr, published))
+        Ok(Some((version, lr, published)))
     }
 }
