@@ -19,6 +19,7 @@ import openai
 BASE, KEY, PID = sys.argv[1], sys.argv[2], int(sys.argv[3])
 client = openai.OpenAI(base_url=BASE + "/v1", api_key=KEY, max_retries=0, timeout=300)
 QUESTION = [{"role": "user", "content": "What is 12 + 7? Answer with a number."}]
+MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def raw(method, path, body=None, key=KEY, raw_body=None):
@@ -124,7 +125,10 @@ def check_bad_requests():
             return e
         raise AssertionError(f"expected HTTP {status}")
 
-    m = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    m = MODEL
+    # A model that is neither the served one nor an adapter (a typo) is a 404 listing them.
+    e = expect(404, lambda: client.chat.completions.create(model="learnd", messages=QUESTION))
+    assert "learnd" in e.message and m in e.message and "learned" in e.message, e.message
     expect(400, lambda: client.chat.completions.create(model=m, messages=QUESTION, n=0))
     expect(400, lambda: client.chat.completions.create(model=m, messages=QUESTION, n=1000))
     expect(400, lambda: client.chat.completions.create(model=m, messages=QUESTION, temperature=5))
@@ -166,12 +170,12 @@ def check_learning(extension):
     assert status == 200, body
     step = json.loads(body)["step"]
     assert step["applied"], step
-    r = client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4, temperature=0,
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0,
                                        extra_body={"verity": {"return_scores": False}})
     after = r.model_extra["verity"]["adapter_version"]
     assert after == before + 1, (before, after)
     # The base model is still there, untouched.
-    r = client.chat.completions.create(model="x", messages=QUESTION, max_tokens=4, temperature=0,
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0,
                                        extra_body={"verity": {"adapter": "base"}})
     assert r.model_extra["verity"]["adapter"] is None
     status, _, body = raw("GET", "/metrics")
@@ -188,7 +192,7 @@ def load_test(clients, per_client):
             first = None
             try:
                 n = 0
-                for chunk in client.completions.create(model="x", prompt=f"Count: {w} {i}", max_tokens=4, temperature=0.7, seed=w * 100 + i, stream=True):
+                for chunk in client.completions.create(model=MODEL, prompt=f"Count: {w} {i}", max_tokens=4, temperature=0.7, seed=w * 100 + i, stream=True):
                     for ch in chunk.choices:
                         if ch.text and first is None:
                             first = time.perf_counter() - start

@@ -28,6 +28,12 @@ impl ApiError {
         }
     }
 
+    /// The same error naming the request parameter it is about.
+    pub(super) fn with_param(mut self, param: &str) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
     /// The same error with `prefix: ` before its message.
     pub(super) fn prefixed(mut self, prefix: &str) -> Self {
         self.message = format!("{prefix}: {}", self.message);

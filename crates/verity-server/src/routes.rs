@@ -58,7 +58,7 @@ pub(super) async fn completions(State(state): State<Shared>, body: Bytes) -> Api
     let body: CompletionBody = openai::parse_body(&body)?;
     let tokenizer = &state.runtime.model().tokenizer;
     let mut parsed = openai::parse_completion(&body, &state.config.limits, tokenizer)?;
-    adapter_from_model(&state, body.model.as_deref(), &mut parsed);
+    adapter_from_model(&state, body.model.as_deref(), &mut parsed)?;
     generate(state, parsed, Kind::Completion).await
 }
 
@@ -69,21 +69,37 @@ pub(super) async fn chat_completions(
     let body: ChatBody = openai::parse_body(&body)?;
     let tokenizer = &state.runtime.model().tokenizer;
     let mut parsed = openai::parse_chat(&body, &state.config.limits, tokenizer)?;
-    adapter_from_model(&state, body.model.as_deref(), &mut parsed);
+    adapter_from_model(&state, body.model.as_deref(), &mut parsed)?;
     generate(state, parsed, Kind::Chat).await
 }
 
 /// A `model` that names a loaded adapter selects it (as vLLM serves LoRA adapters),
-/// unless `verity.adapter` says otherwise.
-fn adapter_from_model(state: &AppState, model: Option<&str>, parsed: &mut Parsed) {
-    if parsed.request.adapter.is_some() {
-        return;
+/// unless `verity.adapter` says otherwise. A `model` that is neither the served model nor
+/// an adapter is a 404 listing what is served: falling back to the default would hide a
+/// typo in an adapter's name.
+fn adapter_from_model(state: &AppState, model: Option<&str>, parsed: &mut Parsed) -> ApiResult<()> {
+    let Some(m) = model else {
+        return Ok(());
+    };
+    if m == state.model {
+        return Ok(());
     }
-    if let Some(m) = model {
-        if m != state.model && state.runtime.adapter_version(m).is_ok() {
-            parsed.request.adapter = Some(m.to_string());
-        }
+    if state.runtime.adapter_version(m).is_err() {
+        let mut served = vec![state.model.clone()];
+        served.extend(state.runtime.adapters().into_iter().map(|a| a.id));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "model '{m}' is not served here; the models are: {}",
+                served.join(", ")
+            ),
+        )
+        .with_param("model"));
     }
+    if parsed.request.adapter.is_none() {
+        parsed.request.adapter = Some(m.to_string());
+    }
+    Ok(())
 }
 
 fn meta_id(state: &AppState, kind: Kind) -> String {
