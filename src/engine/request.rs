@@ -133,19 +133,61 @@ impl Request {
             ));
         }
         self.sampling.validate()?;
-        if !(self.penalties.repetition >= 0.0 && self.penalties.repetition.is_finite()) {
-            return Err(Error::InvalidArgument(
-                "repetition penalty must be ≥ 0".into(),
-            ));
+        let p = &self.penalties;
+        // 0 and 1 are both "off"; past [1/100, 100] every seen token is either banned or
+        // forced, which no sampler setting means.
+        let repetition_ok =
+            p.repetition == 0.0 || (MIN_REPETITION..=MAX_REPETITION).contains(&p.repetition);
+        if !repetition_ok {
+            return Err(Error::InvalidArgument(format!(
+                "repetition penalty must be 0 (off) or in [{MIN_REPETITION}, {MAX_REPETITION}], got {}",
+                p.repetition
+            )));
+        }
+        for (what, x) in [("frequency", p.frequency), ("presence", p.presence)] {
+            if !(x.is_finite() && x.abs() <= MAX_ADDITIVE_PENALTY) {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} penalty must be within ±{MAX_ADDITIVE_PENALTY}, got {x}"
+                )));
+            }
+        }
+        if let Some((id, b)) = p
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && b.abs() <= MAX_ADDITIVE_PENALTY))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "logit bias of token {id} must be within ±{MAX_ADDITIVE_PENALTY}, got {b}"
+            )));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(Error::InvalidArgument(
                 "stop strings must not be empty".into(),
             ));
         }
+        // Every decoded token is matched against every stop string.
+        if self.stop.len() > MAX_STOP_STRINGS
+            || self.stop.iter().any(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_STRING_BYTES} bytes each"
+            )));
+        }
         Ok(())
     }
 }
+
+/// Bounds of a request's penalties (see [`Request::validate`]).
+pub const MIN_REPETITION: f32 = 0.01;
+/// The largest repetition penalty.
+pub const MAX_REPETITION: f32 = 100.0;
+/// The largest magnitude of a frequency or presence penalty or a logit bias (OpenAI's
+/// logit_bias range).
+pub const MAX_ADDITIVE_PENALTY: f32 = 100.0;
+/// The most stop strings a request may give.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// The longest stop string, in bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
 
 /// Why a trace ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,4 +253,40 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// Every trace, in sample order.
     pub traces: Vec<Trace>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each bound at its edge: the value on it passes, the one past it does not.
+    #[test]
+    fn penalties_and_stop_strings_are_bounded() {
+        let check = |edit: &dyn Fn(&mut Request)| {
+            let mut r = Request::text("x");
+            edit(&mut r);
+            r.validate()
+        };
+        for ok in [0.0, 0.01, 1.0, 1.3, 100.0] {
+            check(&|r| r.penalties.repetition = ok).unwrap();
+        }
+        for bad in [1e-45, 0.009, 100.5, 1e30, -1.0, f32::NAN, f32::INFINITY] {
+            let e = check(&|r| r.penalties.repetition = bad).unwrap_err();
+            assert!(e.to_string().contains("repetition"), "{bad}: {e}");
+        }
+        check(&|r| r.penalties.frequency = -100.0).unwrap();
+        for bad in [100.1, f32::NAN] {
+            assert!(check(&|r| r.penalties.presence = bad).is_err(), "{bad}");
+            assert!(check(&|r| r.penalties.frequency = bad).is_err(), "{bad}");
+            let e = check(&|r| {
+                r.penalties.logit_bias.insert(7, bad);
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains("token 7"), "{e}");
+        }
+        check(&|r| r.stop = vec!["a".repeat(MAX_STOP_STRING_BYTES); MAX_STOP_STRINGS]).unwrap();
+        assert!(check(&|r| r.stop = vec!["a".repeat(MAX_STOP_STRING_BYTES + 1)]).is_err());
+        assert!(check(&|r| r.stop = vec!["a".into(); MAX_STOP_STRINGS + 1]).is_err());
+        assert!(check(&|r| r.stop = vec![String::new()]).is_err());
+    }
 }
