@@ -415,11 +415,12 @@ fn stop_strings_tokens_length_and_early_stop_end_traces_correctly() {
         .unwrap();
     let t = e.generate(r, None).unwrap().traces.remove(0);
     assert_eq!((t.finish, t.tokens.len()), (FinishReason::Stop, first + 1));
-    // End-of-generation token: bias the logits so <|im_end|> (an EOG id) always wins.
+    // End-of-generation token: the largest bias allowed (100, OpenAI's) makes <|im_end|>
+    // (an EOG id) win.
     let eog = *tok.special().eog.last().unwrap();
     let mut r = req(&prompt, 20, 0.0, 0);
     r.ignore_eos = false;
-    r.penalties.logit_bias.insert(eog, 1e4);
+    r.penalties.logit_bias.insert(eog, 100.0);
     let t = e.generate(r, None).unwrap().traces.remove(0);
     assert_eq!(
         (t.finish, t.tokens.as_slice(), t.text.as_str()),
