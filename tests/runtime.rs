@@ -126,6 +126,12 @@ fn adapters_round_trip_and_errors_are_typed() {
         rt.feedback(1, f64::NAN),
         Err(Error::OutOfRange(_))
     ));
+    // More traces than the store ever holds: learning would wait forever.
+    assert!(matches!(
+        rt.start_learning(Some(1_000_000_000_000_000_000)),
+        Err(Error::OutOfRange(_))
+    ));
+    assert!(!rt.learning_status().running);
     assert!(matches!(
         rt.adapter_select(Some("missing")),
         Err(Error::NotFound(_))

@@ -124,6 +124,13 @@ impl Inner {
                     "min_traces must be at least 1".into(),
                 ));
             }
+            // The store never holds more: learning would wait forever.
+            if n > self.config.trace_capacity {
+                return Err(Error::OutOfRange(format!(
+                    "min_traces {n} is above trace_capacity {}, the most traces the runtime keeps",
+                    self.config.trace_capacity
+                )));
+            }
             bg.min_traces = n;
         }
         if bg.thread.is_some() {

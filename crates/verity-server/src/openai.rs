@@ -267,7 +267,14 @@ pub fn parse_chat(
             &m.role
         };
         let content = match &m.content {
-            None | Some(Value::Null) => String::new(),
+            // Only an assistant turn may be empty (OpenAI's tool-call turns have no text).
+            None | Some(Value::Null) if m.role == "assistant" => String::new(),
+            None | Some(Value::Null) => {
+                return Err(bad(
+                    &format!("messages[{i}].content"),
+                    "a user or system message needs content",
+                ))
+            }
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
@@ -415,12 +422,33 @@ fn build(
         presence: c.presence_penalty.unwrap_or(0.0),
         logit_bias,
     };
-    let include_usage = c
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = match &c.stream_options {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => {
+            if let Some(key) = o.keys().find(|k| k.as_str() != "include_usage") {
+                return Err(bad(
+                    "stream_options",
+                    format!("unknown field '{key}' (include_usage)"),
+                ));
+            }
+            match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(bad(
+                        "stream_options.include_usage",
+                        "include_usage must be true or false",
+                    ))
+                }
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                "stream_options",
+                "stream_options must be an object like {\"include_usage\": true}",
+            ))
+        }
+    };
     Ok(Parsed {
         request: GenerateRequest {
             adapter: ext.adapter.clone(),

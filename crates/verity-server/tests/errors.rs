@@ -189,3 +189,69 @@ fn adapter_paths_stay_inside_the_adapter_dir() {
     let _ = stop.send(());
     server.join().unwrap();
 }
+
+/// Values a client could not have meant are 400s naming the parameter, not silently
+/// read as something else: `stream_options` that is not an object (or has unknown or
+/// non-boolean fields), a user or system message without content, and min_traces beyond
+/// what the runtime keeps.
+#[test]
+fn nonsense_values_are_400s_naming_the_parameter() {
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            model: common::real_model(common::SMOLLM2),
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
+    );
+    let (addr, stop, server) = serve(runtime);
+    let user = serde_json::json!([{"role": "user", "content": "Hi"}]);
+    let cases = [
+        (
+            serde_json::json!({"messages": user, "stream": true, "stream_options": "x"}),
+            "stream_options",
+        ),
+        (
+            serde_json::json!({"messages": user, "stream_options": {"include_usage": 1}}),
+            "stream_options.include_usage",
+        ),
+        (
+            serde_json::json!({"messages": user, "stream_options": {"usage": true}}),
+            "stream_options",
+        ),
+        (
+            serde_json::json!({"messages": [{"role": "user"}]}),
+            "messages[0].content",
+        ),
+        (
+            serde_json::json!({"messages": [{"role": "system", "content": null}, {"role": "user", "content": "Hi"}]}),
+            "messages[0].content",
+        ),
+    ];
+    for (body, param) in cases {
+        let (status, text) = post(addr, "/v1/chat/completions", &body.to_string());
+        assert_eq!(status, 400, "{body}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["param"], param, "{body}: {text}");
+    }
+    // What is meant still works: usage asked for properly, an empty assistant turn.
+    let ok = serde_json::json!({
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": null},
+            {"role": "user", "content": "Go"},
+        ],
+        "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true},
+    });
+    let (status, text) = post(addr, "/v1/chat/completions", &ok.to_string());
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"usage\""), "{text}");
+    let (status, text) = post(
+        addr,
+        "/v1/learn",
+        r#"{"action": "start", "min_traces": 1000000000000000000}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("trace_capacity"), "{text}");
+    let _ = stop.send(());
+    server.join().unwrap();
+}
