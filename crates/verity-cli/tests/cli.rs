@@ -104,32 +104,24 @@ fn an_unusable_device_is_an_error_naming_the_flag() {
 /// says so before loading anything (the model path here does not even exist).
 #[test]
 fn serve_refuses_a_public_address_without_an_api_key() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
-        .args([
-            "serve",
-            "--host",
-            "0.0.0.0",
-            "--model",
-            "/nonexistent/model.gguf",
-        ])
-        .env_remove("VERITY_API_KEY")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let serve = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+            .args(["serve", "--host", "0.0.0.0"])
+            .args(extra)
+            .args(["--model", "/nonexistent/model.gguf"])
+            .env_remove("VERITY_API_KEY")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = serve(&[]);
     assert!(
         stderr.contains("--api-key") && stderr.contains("--insecure-no-api-key"),
         "{stderr}"
     );
     // With the opt-out the address is accepted and the (missing) model is the next error.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
-        .args(["serve", "--host", "0.0.0.0", "--insecure-no-api-key"])
-        .args(["--model", "/nonexistent/model.gguf"])
-        .env_remove("VERITY_API_KEY")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = serve(&["--insecure-no-api-key"]);
     assert!(
         !stderr.contains("--insecure-no-api-key") && stderr.contains("/nonexistent"),
         "{stderr}"

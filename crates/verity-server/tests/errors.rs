@@ -36,6 +36,18 @@ fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A runtime over SmolLM2, saving adapters under `adapter_dir`.
+fn smollm2(adapter_dir: Option<std::path::PathBuf>) -> Arc<Runtime> {
+    Arc::new(
+        Runtime::new(RuntimeConfig {
+            model: common::real_model(common::SMOLLM2),
+            adapter_dir,
+            ..RuntimeConfig::default()
+        })
+        .expect("runtime"),
+    )
+}
+
 /// A server on a free local port for `runtime`; stop it with the sender, then join.
 fn serve(
     runtime: Arc<Runtime>,
@@ -68,13 +80,7 @@ fn serve(
 
 #[test]
 fn decode_failures_are_500_and_bad_parameters_400() {
-    let runtime = Arc::new(
-        Runtime::new(RuntimeConfig {
-            model: common::real_model(common::SMOLLM2),
-            ..RuntimeConfig::default()
-        })
-        .expect("runtime"),
-    );
+    let runtime = smollm2(None);
     let (addr, stop, server) = serve(runtime.clone());
     let body = r#"{"prompt": "Hello", "max_tokens": 4}"#;
 
@@ -131,14 +137,7 @@ fn adapter_paths_stay_inside_the_adapter_dir() {
     let root = common::temp_dir("server-adapter-root");
     let outside = common::temp_dir("server-adapter-outside");
     std::os::unix::fs::symlink(&outside, root.join("escape")).unwrap();
-    let runtime = Arc::new(
-        Runtime::new(RuntimeConfig {
-            model: common::real_model(common::SMOLLM2),
-            adapter_dir: Some(root.clone()),
-            ..RuntimeConfig::default()
-        })
-        .expect("runtime"),
-    );
+    let runtime = smollm2(Some(root.clone()));
     let (addr, stop, server) = serve(runtime);
     let action = |action: &str, path: &str| {
         post(
@@ -171,13 +170,7 @@ fn adapter_paths_stay_inside_the_adapter_dir() {
     server.join().unwrap();
 
     // No adapter_dir: paths are refused, saying how to allow them.
-    let runtime = Arc::new(
-        Runtime::new(RuntimeConfig {
-            model: common::real_model(common::SMOLLM2),
-            ..RuntimeConfig::default()
-        })
-        .expect("runtime"),
-    );
+    let runtime = smollm2(None);
     let (addr, stop, server) = serve(runtime);
     let (status, text) = post(
         addr,
@@ -196,13 +189,7 @@ fn adapter_paths_stay_inside_the_adapter_dir() {
 /// what the runtime keeps.
 #[test]
 fn nonsense_values_are_400s_naming_the_parameter() {
-    let runtime = Arc::new(
-        Runtime::new(RuntimeConfig {
-            model: common::real_model(common::SMOLLM2),
-            ..RuntimeConfig::default()
-        })
-        .expect("runtime"),
-    );
+    let runtime = smollm2(None);
     let (addr, stop, server) = serve(runtime);
     let user = serde_json::json!([{"role": "user", "content": "Hi"}]);
     let cases = [
