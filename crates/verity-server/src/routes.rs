@@ -250,25 +250,21 @@ struct AdapterBody {
 /// A folder a client names, inside the runtime's `adapter_dir` (clients cannot read or
 /// write anywhere else on the server's disk).
 fn confined(state: &Shared, path: &Path) -> ApiResult<PathBuf> {
+    let bad_path =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, message).with_param("path");
     let root = state
         .runtime
         .config()
         .adapter_dir
         .as_deref()
         .ok_or_else(|| {
-            ApiError::from(BadRequest {
-                message: "this server has no adapter folder, so it loads and saves no adapter by \
-                      path (start it with --adapter-dir DIR; paths are then relative to DIR)"
+            bad_path(
+                "this server has no adapter folder, so it loads and saves no adapter by path \
+             (start it with --adapter-dir DIR; paths are then relative to DIR)"
                     .into(),
-                param: Some("path".into()),
-            })
+            )
         })?;
-    verity::adapter::confine(root, path).map_err(|e| {
-        ApiError::from(BadRequest {
-            message: e.to_string(),
-            param: Some("path".into()),
-        })
-    })
+    verity::adapter::confine(root, path).map_err(|e| bad_path(e.to_string()))
 }
 
 pub(super) async fn adapter_action(
