@@ -8,7 +8,9 @@ use common::*;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use verity::engine::{Engine, EngineConfig, Event, FinishReason, Prompt, Request, TraceMonitor};
+use verity::engine::{
+    Engine, EngineConfig, Event, FinishReason, Prompt, Request, Sequential, TraceMonitor,
+};
 use verity::model::config::Architecture;
 use verity::sampling::SamplingParams;
 use verity::stats::TokenStats;
@@ -283,6 +285,118 @@ fn n_samples_prefill_the_prompt_once_and_match_separate_requests() {
     assert_eq!(
         separate.stats().prompt_tokens_prefilled,
         16 * prompt.len() as u64
+    );
+}
+
+/// A sequential request's samples are the plain request's, token for token; it asks
+/// `settled` about every length of the finished run from sample 0, once each and in order;
+/// no more than `parallel` samples decode in one step; and once settled, it stops.
+#[test]
+fn sequential_requests_draw_a_prefix_of_the_plain_samples_and_stop_when_settled() {
+    let model = tiny_model("engine-sequential");
+    let prompt: Vec<u32> = (10..30).collect();
+    let e = engine(&model, EngineConfig::default());
+    let mut plain = req(&prompt, 24, 1.0, 500);
+    plain.n = 12;
+    // Many stop tokens, so that samples end at different lengths and slots refill unevenly.
+    plain.stop_tokens = (0..60).collect();
+    let all = e.generate(plain.clone(), None).unwrap();
+    assert_eq!(all.settled_after, None);
+    let lengths: std::collections::BTreeSet<usize> =
+        all.traces.iter().map(|t| t.tokens.len()).collect();
+    assert!(
+        lengths.len() >= 3,
+        "samples end at different lengths: {lengths:?}"
+    );
+
+    // Never settled: all 12, three at a time.
+    let asked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let mut r = plain.clone();
+    r.sequential = Some(Sequential {
+        parallel: 3,
+        settled: Arc::new(move |traces| {
+            log.lock().push(traces.len());
+            false
+        }),
+    });
+    let steps_before = e.stats().steps;
+    let drawn = e.generate(r, None).unwrap();
+    let steps = e.stats().steps - steps_before;
+    assert_eq!(drawn.settled_after, None);
+    assert_eq!(drawn.traces.len(), 12);
+    for (a, b) in all.traces.iter().zip(&drawn.traces) {
+        assert_eq!(
+            (&a.tokens, a.finish),
+            (&b.tokens, b.finish),
+            "sample {}",
+            a.index
+        );
+        assert_stats_close(&a.stats, &b.stats, 1e-4);
+    }
+    assert_eq!(*asked.lock(), (1..=12).collect::<Vec<_>>());
+    // At most 3 tokens a step (the prompt's step chooses the first three).
+    let tokens: usize = all.traces.iter().map(|t| t.tokens.len()).sum();
+    assert!(
+        steps as usize >= tokens.div_ceil(3),
+        "{steps} steps for {tokens} tokens"
+    );
+
+    // Settled by the first five: they are the plain ones, later ones stopped or never began.
+    let mut r = plain.clone();
+    r.sequential = Some(Sequential {
+        parallel: 3,
+        settled: Arc::new(|traces| traces.len() == 5),
+    });
+    let settled = e.generate(r, None).unwrap();
+    assert_eq!(settled.settled_after, Some(5));
+    assert!(settled.traces.len() < 12 && settled.traces.len() >= 5);
+    for (a, b) in all.traces.iter().zip(&settled.traces) {
+        if b.finish == FinishReason::Unneeded {
+            assert!(
+                b.index >= 5 && a.tokens.starts_with(&b.tokens),
+                "{}",
+                b.index
+            );
+        } else {
+            assert_eq!(
+                (&a.tokens, a.finish),
+                (&b.tokens, b.finish),
+                "sample {}",
+                a.index
+            );
+        }
+    }
+    let generated: usize = settled.traces.iter().map(|t| t.tokens.len()).sum();
+    assert!(generated < tokens);
+    // Everything was freed: nothing reserved, nothing running.
+    let stats = e.stats();
+    assert_eq!((stats.kv_reserved, stats.running_requests), (0, 0));
+
+    // A sequential request may ask for more samples than fit in one batch.
+    let small = engine(
+        &model,
+        EngineConfig {
+            max_batch: 4,
+            ..EngineConfig::default()
+        },
+    );
+    let mut r = plain.clone();
+    r.n = 10;
+    r.sequential = Some(Sequential {
+        parallel: 4,
+        settled: Arc::new(|_| false),
+    });
+    let many = small.generate(r, None).unwrap();
+    assert_eq!(many.traces.len(), 10);
+    for (a, b) in all.traces.iter().zip(&many.traces) {
+        assert_eq!(a.tokens, b.tokens);
+    }
+    r = plain.clone();
+    r.n = 10;
+    assert!(
+        small.generate(r, None).is_err(),
+        "10 plain samples exceed a batch of 4"
     );
 }
 

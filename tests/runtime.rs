@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use verity::engine::Request;
 use verity::runtime::{GenerateRequest, Runtime, RuntimeConfig};
-use verity::select::SelectionRule;
+use verity::select::{select, SelectionRule};
 use verity::verify::FnVerifier;
 use verity::{ChatMessage, Error};
 
@@ -180,4 +180,68 @@ fn errors_keep_their_kind_from_the_engine_to_the_surfaces() {
         .expect("refused after shutdown");
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
     assert_eq!(err.http_status(), 503);
+}
+
+/// A sequential selection rule decodes in the engine until the answer settles, and its
+/// result is what the same rule picks offline from the plain request's samples: sample i is
+/// the same trace in both, so the online run is the offline simulation, cut short.
+#[test]
+fn online_sequential_rules_equal_their_offline_simulation() {
+    let rt = runtime();
+    let make = |selection: Option<SelectionRule>| {
+        let mut r = Request::chat(vec![ChatMessage::user(
+            "What is 2 + 2? Answer in \\boxed{}.",
+        )]);
+        r.n = 8;
+        r.max_tokens = 64;
+        r.sampling.temperature = 0.3;
+        r.sampling.seed = 11;
+        GenerateRequest {
+            selection,
+            remember: false,
+            ..GenerateRequest::new(r)
+        }
+    };
+    let plain = rt.generate(make(None)).unwrap();
+    let mut stopped_early = 0;
+    // esc:1 and adaptive:0.6 settle on the first sample with an answer (one vote gives
+    // P = 3/4); the others stop wherever these samples let them.
+    assert!(plain.traces[0].answer.is_some());
+    for rule in ["esc:1", "adaptive:0.6", "esc:2", "adaptive:0.9", "esc:8"] {
+        let rule: SelectionRule = rule.parse().unwrap();
+        let offline = select(&rule, plain.candidates());
+        let online = rt.generate(make(Some(rule))).unwrap();
+        assert_eq!(
+            online.answer,
+            offline.answer.as_ref().map(|a| a.to_string()),
+            "{rule}"
+        );
+        let settled = rule.settled(&plain.candidates()[..offline.used]);
+        assert_eq!(
+            online.settled_after,
+            settled.then_some(offline.used),
+            "{rule}"
+        );
+        for (a, b) in plain.traces[..offline.used].iter().zip(&online.traces) {
+            assert_eq!(
+                a.trace.tokens, b.trace.tokens,
+                "{rule}: sample {}",
+                a.trace.index
+            );
+        }
+        if offline.used < 8 {
+            stopped_early += 1;
+            assert!(
+                online.generated_tokens() < plain.generated_tokens(),
+                "{rule}"
+            );
+        }
+    }
+    assert!(
+        stopped_early >= 2,
+        "esc:1 and adaptive:0.6 stop at the first answer"
+    );
+    let mut zero = make(Some("esc:2".parse().unwrap()));
+    zero.parallel = Some(0);
+    assert!(matches!(rt.generate(zero), Err(Error::InvalidArgument(_))));
 }

@@ -77,6 +77,9 @@ typedef enum {
   VERITY_FINISH_ABORTED = 2,
   // Stopped early for low confidence; keeps what it generated.
   VERITY_FINISH_ABORTED_LOW_CONFIDENCE = 3,
+  // Stopped because earlier samples settled the request (a sequential selection rule
+  // such as "esc" or "adaptive"); keeps what it generated.
+  VERITY_FINISH_UNNEEDED = 4,
 } verity_finish_reason;
 
 // The outcome of one generate call: N traces, their statistics and scores, the

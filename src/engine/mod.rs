@@ -24,7 +24,8 @@ mod stop;
 
 pub use reduce::greedy_stats_on_device;
 pub use request::{
-    Completion, EarlyStop, Event, FinishReason, Penalties, Prompt, Request, Trace, TraceMonitor,
+    Completion, EarlyStop, Event, FinishReason, Penalties, Prompt, Request, Sequential, Settled,
+    Trace, TraceMonitor,
 };
 pub use stop::StopMatcher;
 
@@ -321,19 +322,21 @@ fn prepare(shared: &Shared, request: &Request) -> Result<(Vec<u32>, usize, usize
         });
     }
     let max_tokens = request.max_tokens.min(context - prompt.len());
-    let need = prompt.len() + request.n * max_tokens;
+    // Finished samples free their KV, so a sequential request never holds more than
+    // its parallel samples' worth.
+    let live = request.parallel_samples();
+    let need = prompt.len() + live * max_tokens;
     let budget = shared.config.kv_budget_tokens;
     if need > budget {
         return Err(Error::InvalidArgument(format!(
-            "the request needs {need} KV positions ({} prompt + {} samples × {max_tokens}) but the engine's budget is {budget}",
+            "the request needs {need} KV positions ({} prompt + {live} samples × {max_tokens}) but the engine's budget is {budget}",
             prompt.len(),
-            request.n
         )));
     }
-    if request.n > shared.config.max_batch {
+    if live > shared.config.max_batch {
         return Err(Error::InvalidArgument(format!(
-            "n = {} exceeds the engine's batch limit of {}",
-            request.n, shared.config.max_batch
+            "{live} samples at once exceed the engine's batch limit of {}",
+            shared.config.max_batch
         )));
     }
     Ok((prompt, max_tokens, need))

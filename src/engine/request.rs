@@ -58,6 +58,32 @@ pub trait TraceMonitor: Send {
 /// Makes a monitor for each sample of a request.
 pub type EarlyStop = Arc<dyn Fn(usize) -> Box<dyn TraceMonitor> + Send + Sync>;
 
+/// Given the finished samples 0..k of a request, in order: whether they settle it.
+pub type Settled = Arc<dyn Fn(&[&Trace]) -> bool + Send + Sync>;
+
+/// Draws a request's samples in order, a few at a time, and stops drawing once the
+/// finished ones settle the answer (early-stopping self-consistency, adaptive
+/// consistency). Sample i is the same trace it would be in a plain request (its own
+/// seed), so the samples drawn are a prefix of the plain request's.
+#[derive(Clone)]
+pub struct Sequential {
+    /// Samples decoding at once (≥ 1); when one finishes, the next starts in its batch
+    /// slot at the following step, so the slot never idles while samples remain.
+    pub parallel: usize,
+    /// Asked with samples 0..k for each k, in turn, as the run of finished samples from
+    /// sample 0 grows. The first k it accepts settles the request: samples not yet
+    /// started never start, and running ones stop with [`FinishReason::Unneeded`].
+    pub settled: Settled,
+}
+
+impl std::fmt::Debug for Sequential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequential")
+            .field("parallel", &self.parallel)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One generation request: a prompt and how to continue it `n` times.
 #[derive(Clone)]
 pub struct Request {
@@ -83,6 +109,9 @@ pub struct Request {
     pub top_logprobs: usize,
     /// Makes a monitor per sample that can stop it early (DeepConf-online).
     pub early_stop: Option<EarlyStop>,
+    /// Draw the samples a few at a time and stop once they settle; `None` runs all `n`
+    /// together.
+    pub sequential: Option<Sequential>,
 }
 
 impl std::fmt::Debug for Request {
@@ -93,6 +122,7 @@ impl std::fmt::Debug for Request {
             .field("max_tokens", &self.max_tokens)
             .field("sampling", &self.sampling)
             .field("stop", &self.stop)
+            .field("sequential", &self.sequential)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +141,15 @@ impl Request {
             ignore_eos: false,
             top_logprobs: 0,
             early_stop: None,
+            sequential: None,
+        }
+    }
+
+    /// Samples decoding at once: `n`, or fewer for a sequential request.
+    pub fn parallel_samples(&self) -> usize {
+        match &self.sequential {
+            Some(s) => s.parallel.clamp(1, self.n.max(1)),
+            None => self.n,
         }
     }
     /// A request for raw text (special-token text in it is parsed).
@@ -130,6 +169,11 @@ impl Request {
         if self.max_tokens == 0 {
             return Err(Error::InvalidArgument(
                 "max_tokens must be at least 1".into(),
+            ));
+        }
+        if self.sequential.as_ref().is_some_and(|s| s.parallel == 0) {
+            return Err(Error::InvalidArgument(
+                "a sequential request needs at least 1 sample in parallel".into(),
             ));
         }
         self.sampling.validate()?;
@@ -201,6 +245,9 @@ pub enum FinishReason {
     Aborted,
     /// Stopped by the request's early-stop monitor; keeps what it generated.
     AbortedLowConfidence,
+    /// Stopped because earlier samples settled a sequential request; keeps what it
+    /// generated.
+    Unneeded,
 }
 
 /// One finished sample.
@@ -251,8 +298,10 @@ pub enum Event {
 pub struct Completion {
     /// Prompt length in tokens.
     pub prompt_tokens: usize,
-    /// Every trace, in sample order.
+    /// Every trace, in sample order (a settled sequential request: the samples started).
     pub traces: Vec<Trace>,
+    /// For a sequential request that settled: how many samples, from sample 0, settled it.
+    pub settled_after: Option<usize>,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::model::{LoraAdapter, SeqKv, StepInput};
 use crate::sampling::{sample_with, Rng, SamplingParams};
 use crate::stats::{token_stats, TokenStats};
 use crate::tokenizer::Utf8Buffer;
+use candle_core::Tensor;
 
 /// One sample of a running request.
 struct Sample {
@@ -32,6 +33,9 @@ struct Sample {
     monitor: Option<Box<dyn TraceMonitor>>,
     counts: HashMap<u32, u32>,
     done: bool,
+    /// Started after its request's prompt step: its first token comes from the prompt's
+    /// saved logits row, not from a forward step of its own.
+    fresh: bool,
 }
 
 /// An admitted request.
@@ -48,6 +52,21 @@ struct Active {
     reserved: usize,
     /// The caller is gone or asked to stop.
     cancelled: bool,
+    /// The prompt's KV, kept while samples of a sequential request are still to start.
+    parent_kv: Option<SeqKv>,
+    /// The prompt's last logits row, for samples that start after the prompt's step.
+    first_logits: Option<Tensor>,
+    /// Finished samples from sample 0 already offered to the request's `settled`.
+    checked: usize,
+    /// How many samples settled a sequential request, once they have.
+    settled_after: Option<usize>,
+}
+
+impl Active {
+    /// Every sample that will run has started.
+    fn all_started(&self) -> bool {
+        self.settled_after.is_some() || self.samples.len() >= self.request.n
+    }
 }
 
 /// A checked, tokenized request queued for KV or batch room.
@@ -159,12 +178,17 @@ impl Scheduler {
         let budget = self.shared.config.kv_budget_tokens;
         let max_batch = self.shared.config.max_batch;
         while let Some(front) = self.waiting.front() {
-            let running: usize = self.active.iter().map(|a| a.request.n).sum();
+            let running: usize = self
+                .active
+                .iter()
+                .map(|a| a.request.parallel_samples())
+                .sum();
             if front.events.is_closed() {
                 self.waiting.pop_front();
                 continue;
             }
-            if self.reserved + front.need > budget || running + front.request.n > max_batch {
+            let slots = front.request.parallel_samples();
+            if self.reserved + front.need > budget || running + slots > max_batch {
                 break;
             }
             let Some(w) = self.waiting.pop_front() else {
@@ -188,6 +212,10 @@ impl Scheduler {
                 samples: Vec::new(),
                 reserved: w.need,
                 cancelled: false,
+                parent_kv: None,
+                first_logits: None,
+                checked: 0,
+                settled_after: None,
             });
         }
     }
@@ -198,6 +226,7 @@ impl Scheduler {
                 let _ = w.events.send(Event::Done(Completion {
                     prompt_tokens: w.prompt.len(),
                     traces: Vec::new(),
+                    settled_after: None,
                 }));
             }
         }
@@ -230,6 +259,16 @@ impl Scheduler {
         let mut owners = Vec::new();
         let mut inputs: Vec<StepInput<'_>> = Vec::new();
         let mut rows_per_input = Vec::new();
+        // Samples started since the last step choose their first token from the prompt's
+        // saved row, appended below this step's rows.
+        let mut fresh: Vec<(usize, usize, Tensor)> = Vec::new();
+        for (ai, a) in self.active.iter().enumerate() {
+            for (si, s) in a.samples.iter().enumerate() {
+                if let (true, false, Some(row)) = (s.fresh, s.done, &a.first_logits) {
+                    fresh.push((ai, si, row.clone()));
+                }
+            }
+        }
         for (ai, a) in self.active.iter_mut().enumerate() {
             let Active {
                 prompt,
@@ -257,7 +296,7 @@ impl Scheduler {
                 continue;
             }
             for (si, s) in samples.iter_mut().enumerate() {
-                if s.done || batch_left == 0 {
+                if s.done || s.fresh || batch_left == 0 {
                     continue;
                 }
                 batch_left -= 1;
@@ -272,14 +311,23 @@ impl Scheduler {
                 rows_per_input.push(1);
             }
         }
-        if inputs.is_empty() {
+        if inputs.is_empty() && fresh.is_empty() {
             return Ok(());
         }
         // Each adapter's weights are read from one snapshot for the whole step, so an update
         // published meanwhile shows from the next step on, never halfway.
-        let logits = self.shared.model.transformer.forward_step(&mut inputs)?;
+        let mut rows = Vec::with_capacity(1 + fresh.len());
+        if !inputs.is_empty() {
+            let forward = self.shared.model.transformer.forward_step(&mut inputs)?;
+            debug_assert_eq!(forward.dim(0)?, owners.len());
+            rows.push(forward);
+        }
         drop(inputs);
-        debug_assert_eq!(logits.dim(0)?, owners.len());
+        rows.extend(fresh.iter().map(|(_, _, row)| row.clone()));
+        let logits = match rows.len() {
+            1 => rows.remove(0),
+            _ => Tensor::cat(&rows, 0)?,
+        };
         // Which (row, sample) pairs choose a token this step: a finished prompt's row once
         // per sample (they share it), a decoding sample's own row.
         let mut picks: Vec<(usize, usize, usize)> = Vec::new();
@@ -292,12 +340,23 @@ impl Scheduler {
                     a.prefilled += n;
                     if a.prefilled == a.prompt.len() {
                         self.start_samples(ai)?;
-                        picks.extend((0..self.active[ai].samples.len()).map(|si| (r, ai, si)));
+                        let a = &mut self.active[ai];
+                        if !a.all_started() {
+                            a.first_logits = Some(logits.narrow(0, r, 1)?.copy()?);
+                        }
+                        picks.extend((0..a.samples.len()).map(|si| (r, ai, si)));
                     }
                 }
                 RowOwner::Sample(ai, si) => picks.push((r, ai, si)),
             }
         }
+        let forward_rows = owners.len();
+        picks.extend(
+            fresh
+                .iter()
+                .enumerate()
+                .map(|(j, &(ai, si, _))| (forward_rows + j, ai, si)),
+        );
         // A step of prompt chunks alone chooses nothing (and launches nothing on a device).
         let choices = if picks.is_empty() {
             Vec::new()
@@ -324,40 +383,112 @@ impl Scheduler {
             s.prompt_tokens_prefilled += prefilled_tokens;
             s.generated_tokens += generated;
         }
+        self.settle();
+        self.refill()?;
         self.retire();
         Ok(())
     }
 
-    /// The prompt is in the KV: fork it once per sample (shared, not copied).
+    /// The prompt is in the KV: fork it once per sample that starts now (shared, not
+    /// copied); a sequential request keeps the prompt to fork its later samples.
     fn start_samples(&mut self, ai: usize) -> Result<()> {
         let a = &mut self.active[ai];
         let Some(mut parent) = a.prompt_kv.take() else {
             return Ok(());
         };
-        for i in 0..a.request.n {
-            let mut kv = parent.fork()?;
-            kv.reserve(a.max_tokens)?;
-            a.samples.push(Sample {
+        for _ in 0..a.request.parallel_samples() {
+            let sample = Self::new_sample(a, &mut parent)?;
+            a.samples.push(sample);
+        }
+        if !a.all_started() {
+            a.parent_kv = Some(parent);
+        }
+        Ok(())
+    }
+
+    /// The request's next sample, on a fork of `parent`.
+    fn new_sample(a: &Active, parent: &mut SeqKv) -> Result<Sample> {
+        let i = a.samples.len();
+        let mut kv = parent.fork()?;
+        kv.reserve(a.max_tokens)?;
+        Ok(Sample {
+            index: i,
+            kv,
+            rng: Rng::new(a.request.sampling.seed.wrapping_add(i as u64)),
+            last_token: 0,
+            trace: Trace {
                 index: i,
-                kv,
-                rng: Rng::new(a.request.sampling.seed.wrapping_add(i as u64)),
-                last_token: 0,
-                trace: Trace {
-                    index: i,
-                    tokens: Vec::new(),
-                    text: String::new(),
-                    stats: Vec::new(),
-                    token_end: Vec::new(),
-                    top_logprobs: Vec::new(),
-                    finish: FinishReason::Length,
-                    adapter_version: a.adapter.as_ref().map(|x| x.version()).unwrap_or(0),
-                },
-                utf8: Utf8Buffer::default(),
-                stop: StopMatcher::new(&a.request.stop),
-                monitor: a.request.early_stop.as_ref().map(|make| make(i)),
-                counts: HashMap::new(),
-                done: false,
-            });
+                tokens: Vec::new(),
+                text: String::new(),
+                stats: Vec::new(),
+                token_end: Vec::new(),
+                top_logprobs: Vec::new(),
+                finish: FinishReason::Length,
+                adapter_version: a.adapter.as_ref().map(|x| x.version()).unwrap_or(0),
+            },
+            utf8: Utf8Buffer::default(),
+            stop: StopMatcher::new(&a.request.stop),
+            monitor: a.request.early_stop.as_ref().map(|make| make(i)),
+            counts: HashMap::new(),
+            done: false,
+            fresh: false,
+        })
+    }
+
+    /// Offers each sequential request its grown run of finished samples, one length at a
+    /// time; once settled, its running samples stop and no more start.
+    fn settle(&mut self) {
+        for a in &mut self.active {
+            let Some(sequential) = a.request.sequential.clone() else {
+                continue;
+            };
+            if a.settled_after.is_some() {
+                continue;
+            }
+            let finished = a.samples.iter().take_while(|s| s.done).count();
+            while a.checked < finished {
+                a.checked += 1;
+                let traces: Vec<&Trace> = a.samples[..a.checked].iter().map(|s| &s.trace).collect();
+                if (sequential.settled)(&traces) {
+                    a.settled_after = Some(a.checked);
+                    break;
+                }
+            }
+            if a.settled_after.is_none() {
+                continue;
+            }
+            a.parent_kv = None;
+            a.first_logits = None;
+            for s in a.samples.iter_mut().filter(|s| !s.done) {
+                s.done = true;
+                s.trace.finish = FinishReason::Unneeded;
+                s.trace.text = s.stop.text().to_string();
+                s.kv = self.shared.model.transformer.new_kv();
+            }
+        }
+    }
+
+    /// Starts the next samples of sequential requests in the slots finished ones freed.
+    fn refill(&mut self) -> Result<()> {
+        for a in &mut self.active {
+            if a.cancelled || a.all_started() {
+                continue;
+            }
+            let Some(mut parent) = a.parent_kv.take() else {
+                continue;
+            };
+            let running = a.samples.iter().filter(|s| !s.done).count();
+            for _ in running..a.request.parallel_samples() {
+                if a.all_started() {
+                    break;
+                }
+                let mut sample = Self::new_sample(a, &mut parent)?;
+                sample.fresh = true;
+                a.samples.push(sample);
+            }
+            if !a.all_started() {
+                a.parent_kv = Some(parent);
+            }
         }
         Ok(())
     }
@@ -497,6 +628,7 @@ impl Scheduler {
             stats,
             top_logprobs,
         } = choice;
+        s.fresh = false;
         *s.counts.entry(token).or_default() += 1;
         s.trace.tokens.push(token);
         s.trace.stats.push(stats);
@@ -563,7 +695,8 @@ impl Scheduler {
         let mut i = 0;
         while i < self.active.len() {
             let a = &self.active[i];
-            let finished = a.prompt_kv.is_none() && a.samples.iter().all(|s| s.done);
+            let finished =
+                a.prompt_kv.is_none() && a.all_started() && a.samples.iter().all(|s| s.done);
             if !(finished || a.cancelled) {
                 i += 1;
                 continue;
@@ -587,6 +720,7 @@ impl Scheduler {
             let _ = a.events.send(Event::Done(Completion {
                 prompt_tokens: a.prompt.len(),
                 traces,
+                settled_after: a.settled_after,
             }));
         }
     }

@@ -22,6 +22,9 @@ pub enum verity_finish_reason {
     VERITY_FINISH_ABORTED = 2,
     /// Stopped early for low confidence; keeps what it generated.
     VERITY_FINISH_ABORTED_LOW_CONFIDENCE = 3,
+    /// Stopped because earlier samples settled the request (a sequential selection rule
+    /// such as "esc" or "adaptive"); keeps what it generated.
+    VERITY_FINISH_UNNEEDED = 4,
 }
 
 /// Text with a trailing NUL, for handing out as a C string with its length.
@@ -348,6 +351,7 @@ pub unsafe extern "C" fn verity_result_trace_finish_reason(
             FinishReason::AbortedLowConfidence => {
                 verity_finish_reason::VERITY_FINISH_ABORTED_LOW_CONFIDENCE
             }
+            FinishReason::Unneeded => verity_finish_reason::VERITY_FINISH_UNNEEDED,
         })
     })
 }

@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use super::feedback::TraceRecord;
 use super::Inner;
-use crate::engine::{engine_gone, Completion, Event, Request, RequestHandle, Trace};
+use crate::engine::{engine_gone, Completion, Event, Request, RequestHandle, Sequential, Trace};
 use crate::error::{Error, Result};
 use crate::score::{TraceScore, TraceView};
 use crate::select::{select, Candidate, SelectionRule};
 use crate::stats::TokenStats;
-use crate::verify::Verifier;
+use crate::verify::{extract_answer, Verifier};
 
 /// A generation request as the surfaces pass it: the engine request plus which adapter to
 /// decode with, how to pick among its traces and, optionally, how to verify them.
@@ -26,8 +26,13 @@ pub struct GenerateRequest {
     pub request: Request,
     /// A loaded adapter's id, "base" for none, or `None` for the runtime's default.
     pub adapter: Option<String>,
-    /// Applied to the traces; `None` picks nothing.
+    /// Applied to the traces; `None` picks nothing. A sequential rule (`esc`,
+    /// `adaptive`) also makes the engine draw the samples a few at a time and stop once
+    /// they settle, unless `request.sequential` is already set.
     pub selection: Option<SelectionRule>,
+    /// Samples decoding at once under a sequential rule (default: the rule's
+    /// [`SelectionRule::default_parallel`]).
+    pub parallel: Option<usize>,
     /// A registered verifier ("math", "exact", "choice", or one added with
     /// [`crate::Runtime::register_verifier`]) and the reference it checks against. Its
     /// reward is recorded as feedback on each trace.
@@ -46,6 +51,7 @@ impl GenerateRequest {
             request,
             adapter: None,
             selection: None,
+            parallel: None,
             verify: None,
             scores: Vec::new(),
             remember: true,
@@ -99,6 +105,9 @@ pub struct GenerateResult {
     pub answer: Option<String>,
     /// The vote table of the selection (empty for rules that do not vote).
     pub votes: Vec<Vote>,
+    /// For a sequential rule that settled early: how many samples, from the first, it
+    /// took (the traces after them stopped or never started).
+    pub settled_after: Option<usize>,
     /// The traces as selection rules see them (answer + scores), for applying more rules.
     #[serde(skip)]
     candidates: Vec<Candidate>,
@@ -268,6 +277,21 @@ impl Generation {
     }
 }
 
+/// The engine's sequential drawing for a sequential selection rule: `parallel` samples at
+/// a time, settled when the rule would stop drawing on the finished ones' answers.
+pub(super) fn sequential_for(rule: SelectionRule, parallel: usize) -> Sequential {
+    Sequential {
+        parallel,
+        settled: Arc::new(move |traces: &[&Trace]| {
+            let drawn: Vec<Candidate> = traces
+                .iter()
+                .map(|t| Candidate::new(extract_answer(&t.text).map(|found| found.answer)))
+                .collect();
+            rule.settled(&drawn)
+        }),
+    }
+}
+
 impl Inner {
     /// Scores, selects, verifies and (unless told not to) remembers the finished traces.
     fn finish(&self, request_id: u64, pending: Prepared, completion: Completion) -> GenerateResult {
@@ -306,6 +330,7 @@ impl Inner {
             })
             .collect();
         let chosen = selection.as_ref().map(|rule| select(rule, &candidates));
+        let settled_after = completion.settled_after;
         let first_id = self
             .next_trace
             .fetch_add(completion.traces.len() as u64, Ordering::Relaxed);
@@ -366,6 +391,7 @@ impl Inner {
             selected,
             answer,
             votes,
+            settled_after,
             candidates,
             prompt,
         }

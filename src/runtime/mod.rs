@@ -46,7 +46,7 @@ use crate::verify::{ChoiceVerifier, ExactMatch, MathVerifier, Verifier};
 
 use adapters::{check_adapter_id, AdapterRegistry};
 use feedback::{pending, TraceRecord};
-use generation::{Prepared, QueueSlot};
+use generation::{sequential_for, Prepared, QueueSlot};
 use learner::{Background, LearnState};
 
 /// Counters for monitoring.
@@ -284,10 +284,19 @@ impl Runtime {
             mut request,
             adapter,
             selection,
+            parallel,
             verify,
             scores,
             remember,
         } = request;
+        if parallel == Some(0) {
+            return Err(Error::InvalidArgument("parallel must be at least 1".into()));
+        }
+        if let (Some(rule), None) = (selection, &request.sequential) {
+            if let Some(default) = rule.default_parallel() {
+                request.sequential = Some(sequential_for(rule, parallel.unwrap_or(default)));
+            }
+        }
         let resolved = self.inner.adapters.resolve(adapter.as_deref())?;
         let verify = match verify {
             Some((name, reference)) => Some((self.verifier(&name)?, reference)),

@@ -1,6 +1,9 @@
 //! Choosing one answer among N sampled traces: greedy, best-of-N by a score, majority
-//! vote, score-weighted vote, Borda vote, DeepConf offline filtering, and the state
-//! machine for DeepConf online early termination ([`DeepConfOnline`]).
+//! vote, score-weighted vote, Borda vote, confidence-informed self-consistency (CISC),
+//! DeepConf offline filtering, the sequential rules that stop sampling once the answer is
+//! settled (early-stopping self-consistency and adaptive consistency, see
+//! [`SelectionRule::samples_needed`]), and the state machine for DeepConf online early
+//! termination ([`DeepConfOnline`]).
 //!
 //! Answers are pooled by [`equivalent`]. Ties are broken deterministically: between
 //! answers with equal vote weight, the one whose first supporting candidate has the
@@ -15,10 +18,12 @@ use std::fmt;
 use std::str::FromStr;
 
 mod online;
+mod sequential;
 #[cfg(test)]
 mod tests;
 
 pub use online::{DeepConfOnline, WindowTracker};
+pub use sequential::leader_stays_ahead;
 
 /// One sampled trace as the selection rules see it: its extracted answer and the
 /// trace scores computed for it.
@@ -92,10 +97,39 @@ pub enum SelectionRule {
         /// η: the percentage of candidates kept, in (0, 100] (10 keeps the top 10%).
         keep_percent: f64,
     },
+    /// Confidence-informed self-consistency (CISC, Taubenfeld et al. 2025): each
+    /// candidate's vote weighs softmax(score / temperature) over the group, i.e.
+    /// exp((score − best) / temperature). A large temperature is majority vote, a small
+    /// one best-of-N.
+    Cisc {
+        /// The confidence the votes are weighted by.
+        score: TraceScore,
+        /// Softmax temperature, finite and > 0, in the score's units.
+        temperature: f64,
+    },
+    /// Early-stopping self-consistency (ESC, Li et al. 2024): candidates are drawn in
+    /// windows of `window`; drawing stops after the first window whose answers are all
+    /// present and equivalent. The answer is the majority of every candidate drawn.
+    Esc {
+        /// Candidates per window (≥ 1).
+        window: usize,
+    },
+    /// Adaptive consistency (Aggarwal et al. 2023) with its Beta stopping rule: after
+    /// each candidate, stop once the leading answer stays ahead of the runner-up with
+    /// posterior probability at least `threshold` ([`leader_stays_ahead`]). The answer
+    /// is the majority of every candidate drawn.
+    Adaptive {
+        /// Stopping probability, in (0.5, 1).
+        threshold: f64,
+    },
 }
 
 /// Borda's default power (DESIGN.md).
 pub const DEFAULT_BORDA_POWER: f64 = 0.5;
+/// ESC's default window (a quarter of the usual 16 samples).
+pub const DEFAULT_ESC_WINDOW: usize = 4;
+/// Adaptive consistency's default stopping probability (the paper's).
+pub const DEFAULT_ADAPTIVE_THRESHOLD: f64 = 0.95;
 
 impl SelectionRule {
     /// The scores candidates need for this rule.
@@ -105,6 +139,53 @@ impl SelectionRule {
             SelectionRule::Max(score) | SelectionRule::Weighted(score) => vec![score],
             SelectionRule::Borda { .. } => vec![TraceScore::MeanSelfCertainty],
             SelectionRule::DeepConf { metric, .. } => vec![metric],
+            SelectionRule::Cisc { score, .. } => vec![score],
+            SelectionRule::Esc { .. } | SelectionRule::Adaptive { .. } => Vec::new(),
+        }
+    }
+
+    /// Whether the rule decides how many candidates it needs as they arrive (ESC and
+    /// adaptive consistency): a request with such a rule can stop sampling early.
+    pub fn is_sequential(&self) -> bool {
+        matches!(
+            self,
+            SelectionRule::Esc { .. } | SelectionRule::Adaptive { .. }
+        )
+    }
+
+    /// Samples worth decoding at once under a sequential rule: one ESC window; for
+    /// adaptive consistency 4, the fewest votes that can pass its default threshold.
+    /// `None` for rules that use every sample.
+    pub fn default_parallel(&self) -> Option<usize> {
+        match *self {
+            SelectionRule::Esc { window } => Some(window.max(1)),
+            SelectionRule::Adaptive { .. } => Some(4),
+            _ => None,
+        }
+    }
+
+    /// With `drawn` the candidates drawn so far, in drawing order: whether a sequential
+    /// rule would stop drawing now. Always false for the other rules (they use every
+    /// candidate).
+    pub fn settled(&self, drawn: &[Candidate]) -> bool {
+        match *self {
+            SelectionRule::Esc { window } => sequential::esc_settled(drawn, window),
+            SelectionRule::Adaptive { threshold } => sequential::adaptive_settled(drawn, threshold),
+            _ => false,
+        }
+    }
+
+    /// How many of `candidates` (in drawing order) the rule looks at: the first prefix
+    /// that is [`settled`](Self::settled) for a sequential rule (all when none is), one
+    /// for greedy, all for the rest. [`select`] decides on exactly this prefix, so a run
+    /// that stops drawing there gets the same answer.
+    pub fn samples_needed(&self, candidates: &[Candidate]) -> usize {
+        match self {
+            SelectionRule::Greedy => candidates.len().min(1),
+            rule if rule.is_sequential() => (1..=candidates.len())
+                .find(|&k| rule.settled(&candidates[..k]))
+                .unwrap_or(candidates.len()),
+            _ => candidates.len(),
         }
     }
 }
@@ -121,6 +202,9 @@ impl fmt::Display for SelectionRule {
                 metric,
                 keep_percent,
             } => write!(f, "deepconf:{metric}:{keep_percent}"),
+            SelectionRule::Cisc { score, temperature } => write!(f, "cisc:{score}:{temperature}"),
+            SelectionRule::Esc { window } => write!(f, "esc:{window}"),
+            SelectionRule::Adaptive { threshold } => write!(f, "adaptive:{threshold}"),
         }
     }
 }
@@ -139,7 +223,8 @@ impl FromStr for SelectionRule {
     type Err = ParseRuleError;
 
     /// `"greedy"`, `"majority"`, `"max:<score>"`, `"weighted:<score>"`, `"borda[:<p>]"`,
-    /// `"deepconf:<metric>:<eta>"` (e.g. `"deepconf:bottom10:2048:10"` keeps the top 10%).
+    /// `"deepconf:<metric>:<eta>"` (e.g. `"deepconf:bottom10:2048:10"` keeps the top 10%),
+    /// `"cisc:<score>:<temperature>"`, `"esc[:<window>]"`, `"adaptive[:<threshold>]"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let error = |reason: String| ParseRuleError {
             input: s.to_string(),
@@ -180,8 +265,40 @@ impl FromStr for SelectionRule {
                     _ => Err(error("eta must be a percentage in (0, 100]".into())),
                 }
             }
+            ("cisc", Some(rest)) => {
+                let Some((score, temperature)) = rest.rsplit_once(':') else {
+                    return Err(error("expected cisc:<score>:<temperature>".into()));
+                };
+                let score = parse_score(score)?;
+                match temperature.trim().parse::<f64>() {
+                    Ok(temperature) if temperature.is_finite() && temperature > 0.0 => {
+                        Ok(SelectionRule::Cisc { score, temperature })
+                    }
+                    _ => Err(error(
+                        "the CISC temperature must be a finite number > 0".into(),
+                    )),
+                }
+            }
+            ("esc", None) => Ok(SelectionRule::Esc {
+                window: DEFAULT_ESC_WINDOW,
+            }),
+            ("esc", Some(window)) => match window.trim().parse::<usize>() {
+                Ok(window) if window >= 1 => Ok(SelectionRule::Esc { window }),
+                _ => Err(error("the ESC window must be a whole number >= 1".into())),
+            },
+            ("adaptive", None) => Ok(SelectionRule::Adaptive {
+                threshold: DEFAULT_ADAPTIVE_THRESHOLD,
+            }),
+            ("adaptive", Some(threshold)) => match threshold.trim().parse::<f64>() {
+                Ok(threshold) if threshold > 0.5 && threshold < 1.0 => {
+                    Ok(SelectionRule::Adaptive { threshold })
+                }
+                _ => Err(error(
+                    "the adaptive-consistency threshold must be in (0.5, 1)".into(),
+                )),
+            },
             _ => Err(error(
-                "expected greedy, majority, max:<score>, weighted:<score>, borda:<p> or deepconf:<metric>:<eta>"
+                "expected greedy, majority, max:<score>, weighted:<score>, borda:<p>, deepconf:<metric>:<eta>, cisc:<score>:<temperature>, esc:<window> or adaptive:<threshold>"
                     .into(),
             )),
         }
@@ -211,6 +328,10 @@ pub struct Selection {
     /// The vote table, by weight descending (ties: first supporter's index); empty for
     /// greedy and max, which do not vote.
     pub votes: Vec<VoteRow>,
+    /// How many candidates, from the first, the rule looked at
+    /// ([`SelectionRule::samples_needed`]): fewer than all when a sequential rule settled
+    /// early.
+    pub used: usize,
 }
 
 impl Selection {
@@ -219,21 +340,30 @@ impl Selection {
             answer: None,
             chosen: None,
             votes: Vec::new(),
+            used: 0,
         }
     }
 }
 
-/// Applies `rule` to `candidates`.
+/// Applies `rule` to `candidates` (in drawing order).
 pub fn select(rule: &SelectionRule, candidates: &[Candidate]) -> Selection {
     if candidates.is_empty() {
         return Selection::empty();
     }
+    let used = rule.samples_needed(candidates);
+    Selection {
+        used,
+        ..decide(rule, &candidates[..used])
+    }
+}
+
+/// The rule's decision on exactly these candidates.
+fn decide(rule: &SelectionRule, candidates: &[Candidate]) -> Selection {
     match *rule {
         SelectionRule::Greedy => pick(candidates, 0),
         SelectionRule::Max(score) => pick(candidates, rank_by(candidates, score)[0]),
-        SelectionRule::Majority => {
-            let ballots = (0..candidates.len()).map(|i| (i, 1.0)).collect();
-            tally(candidates, ranked(ballots))
+        SelectionRule::Majority | SelectionRule::Esc { .. } | SelectionRule::Adaptive { .. } => {
+            majority(candidates)
         }
         SelectionRule::Weighted(score) => {
             let order = rank_by(candidates, score);
@@ -262,7 +392,34 @@ pub fn select(rule: &SelectionRule, candidates: &[Candidate]) -> Selection {
                 ranked(weighted_ballots(candidates, &kept, metric)),
             )
         }
+        SelectionRule::Cisc { score, temperature } => {
+            let order = rank_by(candidates, score);
+            // Softmax over the candidates that vote; its normaliser is common to every
+            // answer, so exp((s − best) / T) decides the same and cannot overflow.
+            let best = order
+                .iter()
+                .filter(|&&i| candidates[i].answer.is_some())
+                .filter_map(|&i| candidates[i].score(score))
+                .reduce(f64::max)
+                .unwrap_or(0.0);
+            let ballots = order
+                .iter()
+                .map(|&i| {
+                    let weight = candidates[i]
+                        .score(score)
+                        .map_or(0.0, |s| ((s - best) / temperature).exp());
+                    (i, weight)
+                })
+                .collect();
+            tally(candidates, ranked(ballots))
+        }
     }
+}
+
+/// One vote per candidate with an answer.
+fn majority(candidates: &[Candidate]) -> Selection {
+    let ballots = (0..candidates.len()).map(|i| (i, 1.0)).collect();
+    tally(candidates, ranked(ballots))
 }
 
 fn pick(candidates: &[Candidate], index: usize) -> Selection {
@@ -270,6 +427,7 @@ fn pick(candidates: &[Candidate], index: usize) -> Selection {
         answer: candidates[index].answer.clone(),
         chosen: Some(index),
         votes: Vec::new(),
+        used: 0,
     }
 }
 
@@ -400,6 +558,7 @@ fn tally(candidates: &[Candidate], mut ballots: Vec<Ballot>) -> Selection {
         answer: Some(winner.row.answer.clone()),
         chosen: Some(winner.representative),
         votes: pools.into_iter().map(|p| p.row).collect(),
+        used: 0,
     }
 }
 

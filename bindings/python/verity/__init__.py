@@ -67,7 +67,7 @@ STATUS_NAMES = {
 }
 VERITY_ERR_NOT_FOUND = 5
 VERITY_ERR_CANCELLED = 9
-FINISH_REASONS = {0: "stop", 1: "length", 2: "aborted", 3: "aborted_low_confidence"}
+FINISH_REASONS = {0: "stop", 1: "length", 2: "aborted", 3: "aborted_low_confidence", 4: "unneeded"}
 
 
 class VerityError(Exception):

@@ -1,7 +1,11 @@
 //! The evaluation harness behind `verity eval`: read GSM8K-style JSONL, sample N traces
 //! per question once, apply every selection rule to the same traces, and report accuracy
-//! (with a 95% Wilson interval), tokens generated and wall time per rule. DeepConf-online
-//! runs its own sampling (warm-up, then early-stopped traces) on the same questions.
+//! (with a 95% Wilson interval), tokens generated and wall time per rule. Sequential rules
+//! (ESC, adaptive consistency) are simulated on those traces in sample order and charged
+//! only the samples they would have drawn. Online rules run their own sampling on the same
+//! questions: DeepConf-online (warm-up, then early-stopped traces) and sequential rules
+//! in the engine (samples drawn a few at a time until the answer settles), so their
+//! tokens and wall time are measured, not simulated.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -67,6 +71,8 @@ pub struct EvalConfig {
     pub seed: u64,
     pub rules: Vec<SelectionRule>,
     pub online: Option<DeepConfOnline>,
+    /// Sequential rules run in the engine, each on its own samples.
+    pub online_sequential: Vec<SelectionRule>,
     /// Loaded adapter to decode with (None = the base model).
     pub adapter: Option<String>,
     /// Questions in flight at once (their requests share the engine's batches); 1 = one
@@ -96,7 +102,7 @@ pub struct Paired {
 }
 
 impl RuleResult {
-    fn new(rule: String, questions: usize) -> Self {
+    pub(crate) fn new(rule: String, questions: usize) -> Self {
         RuleResult {
             rule,
             mean_tokens: 0.0,
@@ -104,11 +110,17 @@ impl RuleResult {
             outcomes: vec![false; questions],
         }
     }
-    /// One question's outcome; `mean_tokens` holds the sum until [`run`] divides it.
-    fn record(&mut self, question: usize, ok: bool, tokens: usize, wall: Duration) {
+    /// One question's outcome; `mean_tokens` holds the sum until [`finish`](Self::finish).
+    pub(crate) fn record(&mut self, question: usize, ok: bool, tokens: usize, wall: Duration) {
         self.outcomes[question] = ok;
         self.mean_tokens += tokens as f64;
         self.wall += wall;
+    }
+    /// Turns the token sum into the mean per question, once every question is recorded.
+    pub(crate) fn finish(&mut self) {
+        if self.total() > 0 {
+            self.mean_tokens /= self.total() as f64;
+        }
     }
     pub fn correct(&self) -> usize {
         self.outcomes.iter().filter(|&&ok| ok).count()
@@ -229,13 +241,15 @@ impl TraceMonitor for OnlineMonitor {
     }
 }
 
-/// What one question contributed: per rule (in `config.rules` order, then DeepConf-online)
-/// whether it was right, the tokens generated and the wall time; and its output lines.
+/// What one question contributed: per rule (in `config.rules` order, then DeepConf-online,
+/// then the online sequential rules) whether it was right, the tokens generated and the
+/// wall time; and its output lines.
 struct QuestionOutcome {
     question: usize,
     /// (rule index, correct, tokens, wall)
     rules: Vec<(usize, bool, usize, Duration)>,
     online: Option<(bool, usize, Duration)>,
+    online_sequential: Vec<(bool, usize, Duration)>,
     lines: Vec<serde_json::Value>,
 }
 
@@ -266,7 +280,10 @@ fn evaluate_question(
         question: qi,
         rules: Vec::new(),
         online: None,
-        lines: Vec::new(),
+        online_sequential: Vec::new(),
+        lines: vec![
+            serde_json::json!({"question": qi, "kind": "question", "text": item.question, "reference": item.answer}),
+        ],
     };
     if config.rules.contains(&SelectionRule::Greedy) {
         let start = Instant::now();
@@ -295,13 +312,16 @@ fn evaluate_question(
         ))?;
         let wall = start.elapsed();
         let cands = result.candidates();
-        let tokens = result.generated_tokens();
+        let lengths: Vec<usize> = result.traces.iter().map(|t| t.trace.tokens.len()).collect();
         for (ri, rule) in config.rules.iter().enumerate() {
             if *rule != SelectionRule::Greedy {
+                // Sequential rules (ESC, adaptive) are simulated on the traces in sample
+                // order: they are charged only the samples they would have drawn.
                 let selection = select(rule, cands);
                 let ok = is_correct(&selection.answer, &reference);
+                let tokens = lengths[..selection.used].iter().sum();
                 outcome.rules.push((ri, ok, tokens, wall));
-                outcome.lines.push(serde_json::json!({"question": qi, "kind": "rule", "rule": rule.to_string(), "answer": selection.answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
+                outcome.lines.push(serde_json::json!({"question": qi, "kind": "rule", "rule": rule.to_string(), "answer": selection.answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens, "samples": selection.used}));
             }
         }
         for (t, c) in result.traces.iter().map(|t| &t.trace).zip(cands) {
@@ -310,7 +330,7 @@ fn evaluate_question(
                 .iter()
                 .map(|(k, v)| (k.to_string(), (*v).into()))
                 .collect();
-            outcome.lines.push(serde_json::json!({"question": qi, "kind": "sample", "index": t.index, "text": t.text, "tokens": t.tokens.len(), "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "correct": is_correct(&c.answer, &reference), "scores": s}));
+            outcome.lines.push(serde_json::json!({"question": qi, "kind": "sample", "index": t.index, "text": t.text, "tokens": t.tokens.len(), "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "correct": is_correct(&c.answer, &reference), "scores": s, "token_stats": crate::rescore::TokenColumns::from_stats(&t.stats), "token_end": t.token_end}));
         }
     }
     if let Some(online) = &config.online {
@@ -319,6 +339,26 @@ fn evaluate_question(
         let ok = is_correct(&answer, &reference);
         outcome.online = Some((ok, tokens, start.elapsed()));
         outcome.lines.push(serde_json::json!({"question": qi, "kind": "online", "answer": answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
+    }
+    for rule in &config.online_sequential {
+        let start = Instant::now();
+        let mut r = request(
+            &item.question,
+            config.n,
+            config,
+            config.temperature,
+            seed,
+            scores,
+        );
+        r.selection = Some(*rule);
+        let result = runtime.generate(r)?;
+        let wall = start.elapsed();
+        let answer = select(rule, result.candidates()).answer;
+        let ok = is_correct(&answer, &reference);
+        // Every token decoded counts, those of samples cut when the answer settled too.
+        let tokens = result.generated_tokens();
+        outcome.online_sequential.push((ok, tokens, wall));
+        outcome.lines.push(serde_json::json!({"question": qi, "kind": "online", "rule": rule.to_string(), "answer": answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens, "settled_after": result.settled_after, "samples_started": result.traces.len()}));
     }
     Ok(outcome)
 }
@@ -348,6 +388,11 @@ pub fn run(
             items.len(),
         )
     });
+    let mut sequential_results: Vec<RuleResult> = config
+        .online_sequential
+        .iter()
+        .map(|r| RuleResult::new(format!("online {r}"), items.len()))
+        .collect();
     let write_err =
         |e: std::io::Error| Error::InvalidArgument(format!("cannot write the output: {e}"));
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -389,6 +434,13 @@ pub fn run(
             {
                 res.record(outcome.question, ok, tokens, wall);
             }
+            for ((ok, tokens, wall), res) in outcome
+                .online_sequential
+                .into_iter()
+                .zip(&mut sequential_results)
+            {
+                res.record(outcome.question, ok, tokens, wall);
+            }
             if let Some(out) = out.as_deref_mut() {
                 for line in outcome.lines {
                     writeln!(out, "{line}").map_err(write_err)?;
@@ -401,11 +453,8 @@ pub fn run(
         Ok(())
     })?;
     results.extend(online_result);
-    for r in &mut results {
-        if r.total() > 0 {
-            r.mean_tokens /= r.total() as f64;
-        }
-    }
+    results.extend(sequential_results);
+    results.iter_mut().for_each(RuleResult::finish);
     Ok(results)
 }
 

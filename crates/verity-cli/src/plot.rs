@@ -1,5 +1,6 @@
-//! PNG charts of a learning run: mean reward per step and held-out accuracy over steps,
-//! drawn with `plotters` (bitmap backend, fonts through ab_glyph).
+//! PNG charts: a learning run (mean reward per step and held-out accuracy over steps) and
+//! selection rules' accuracy against generated tokens, drawn with `plotters` (bitmap
+//! backend, fonts through ab_glyph).
 //!
 //! Labels need a TrueType font: `VERITY_FONT` names one, else common system paths are
 //! tried (DejaVu, Liberation). With none found the chart is drawn without text rather
@@ -51,14 +52,64 @@ pub fn learning_curve(
     reward: &[(usize, f64)],
     heldout: &[(usize, f64)],
 ) -> Result<()> {
-    let last_step = reward
+    let points = |s: &[(usize, f64)]| s.iter().map(|&(x, y)| (x as f64, y)).collect();
+    let series = [
+        ("mean reward".to_string(), points(reward)),
+        ("held-out accuracy".to_string(), points(heldout)),
+    ];
+    let last_step = reward.iter().chain(heldout).map(|(s, _)| *s).max();
+    let x = 0.0..last_step.unwrap_or(1).max(1) as f64;
+    line_chart(
+        path,
+        "learning run",
+        ("step", "reward / accuracy"),
+        x,
+        &series,
+    )
+}
+
+/// Accuracy (0–1) against generated tokens per question, one line per selection rule,
+/// its points at increasing sample counts, into a 900×540 PNG at `path`.
+pub fn accuracy_vs_tokens(path: &Path, series: &[(String, Vec<(f64, f64)>)]) -> Result<()> {
+    let most = series
         .iter()
-        .chain(heldout)
-        .map(|(s, _)| *s)
-        .max()
-        .unwrap_or(1)
-        .max(1);
-    let values = reward.iter().chain(heldout).map(|(_, v)| *v);
+        .flat_map(|(_, points)| points.iter().map(|p| p.0))
+        .filter(|x| x.is_finite())
+        .fold(1.0f64, f64::max);
+    line_chart(
+        path,
+        "accuracy against tokens",
+        ("generated tokens per question", "accuracy"),
+        0.0..most * 1.05,
+        series,
+    )
+}
+
+/// Line colours, one per series in order (matplotlib's "tab10").
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Lines with dots, named in a legend; the y axis spans [0, 1] and any value outside it.
+fn line_chart(
+    path: &Path,
+    caption: &str,
+    (x_desc, y_desc): (&str, &str),
+    x: std::ops::Range<f64>,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let values = series
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.1));
     let (lo, hi) = values.fold((0.0f64, 1.0f64), |(lo, hi), v| {
         if v.is_finite() {
             (lo.min(v), hi.max(v))
@@ -73,47 +124,43 @@ pub fn learning_curve(
     builder.margin(20);
     if text {
         builder
-            .caption("learning run", (FONT_FAMILY, 24))
+            .caption(caption, (FONT_FAMILY, 24))
             .x_label_area_size(40)
             .y_label_area_size(50);
     }
     let mut chart = builder
-        .build_cartesian_2d(0f64..last_step as f64, lo..hi)
+        .build_cartesian_2d(x, lo..hi)
         .map_err(|e| plot_error(path, e))?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("step")
-            .y_desc("reward / accuracy")
+        mesh.x_desc(x_desc)
+            .y_desc(y_desc)
             .label_style((FONT_FAMILY, 14));
     } else {
         mesh.disable_x_mesh().disable_y_mesh();
     }
     mesh.draw().map_err(|e| plot_error(path, e))?;
-    type Series<'a> = (&'a [(usize, f64)], RGBColor, &'static str);
-    let series: [Series; 2] = [
-        (reward, RGBColor(31, 119, 180), "mean reward"),
-        (heldout, RGBColor(214, 39, 40), "held-out accuracy"),
-    ];
-    for (points, color, name) in series {
+    for (i, (name, points)) in series.iter().enumerate() {
         if points.is_empty() {
             continue;
         }
-        let line: Vec<(f64, f64)> = points.iter().map(|&(s, v)| (s as f64, v)).collect();
+        let color = PALETTE[i % PALETTE.len()];
         let drawn = chart
-            .draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
             .map_err(|e| plot_error(path, e))?;
         if text {
             drawn
-                .label(name)
+                .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
         }
         chart
-            .draw_series(line.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| plot_error(path, e))?;
     }
     if text {
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
             .label_font((FONT_FAMILY, 14))
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
@@ -141,6 +188,12 @@ mod tests {
         // IHDR: width and height.
         assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 900);
         assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 540);
+        let series = vec![
+            ("majority".to_string(), vec![(10.0, 0.3), (40.0, 0.5)]),
+            ("esc:4".to_string(), vec![(10.0, 0.3), (25.0, 0.48)]),
+        ];
+        accuracy_vs_tokens(&path, &series).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -113,6 +113,7 @@ pub fn heldout_accuracy(
         seed: 0,
         rules: vec![SelectionRule::Greedy],
         online: None,
+        online_sequential: Vec::new(),
         adapter: adapter.map(str::to_string),
         // Greedy questions are short requests: many in flight fill the batch.
         concurrency: 16,
@@ -150,6 +151,7 @@ pub fn learn(
         seed: config.seed,
         rules: Vec::new(),
         online: None,
+        online_sequential: Vec::new(),
         adapter: Some(adapter_id.clone()),
         concurrency: 1,
     };

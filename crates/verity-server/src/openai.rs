@@ -69,8 +69,13 @@ pub enum PromptField {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerityOptions {
-    /// A selection rule ("majority", "borda:0.5", "max:self_certainty", ...).
+    /// A selection rule ("majority", "borda:0.5", "max:self_certainty", ...). The
+    /// sequential rules ("esc:4", "adaptive:0.95") draw the n samples a few at a time and
+    /// stop once the answer is settled.
     pub selection: Option<String>,
+    /// Samples decoding at once under a sequential rule (default: the ESC window; 4 for
+    /// adaptive).
+    pub parallel: Option<usize>,
     /// Per-token statistics and trace scores in the response.
     #[serde(default)]
     pub return_scores: bool,
@@ -449,10 +454,20 @@ fn build(
             ))
         }
     };
+    if ext.parallel.is_some() && !selection.is_some_and(|s| s.is_sequential()) {
+        return Err(bad(
+            "verity.parallel",
+            "parallel applies to a sequential selection rule (esc, adaptive)",
+        ));
+    }
+    if ext.parallel == Some(0) {
+        return Err(bad("verity.parallel", "parallel must be at least 1"));
+    }
     Ok(Parsed {
         request: GenerateRequest {
             adapter: ext.adapter.clone(),
             selection,
+            parallel: ext.parallel,
             verify,
             ..GenerateRequest::new(request)
         },
@@ -571,6 +586,7 @@ pub fn verity_field(result: &GenerateResult, adapter_version: u64, scores: bool)
         "selected": result.selected,
         "answer": result.answer,
         "votes": result.votes,
+        "settled_after": result.settled_after,
         "traces": traces,
     })
 }

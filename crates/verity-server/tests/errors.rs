@@ -213,6 +213,18 @@ fn nonsense_values_are_400s_naming_the_parameter() {
             serde_json::json!({"messages": [{"role": "system", "content": null}, {"role": "user", "content": "Hi"}]}),
             "messages[0].content",
         ),
+        (
+            serde_json::json!({"messages": user, "n": 4, "verity": {"selection": "majority", "parallel": 2}}),
+            "verity.parallel",
+        ),
+        (
+            serde_json::json!({"messages": user, "n": 4, "verity": {"selection": "esc:2", "parallel": 0}}),
+            "verity.parallel",
+        ),
+        (
+            serde_json::json!({"messages": user, "n": 4, "verity": {"selection": "esc:0"}}),
+            "verity.selection",
+        ),
     ];
     for (body, param) in cases {
         let (status, text) = post(addr, "/v1/chat/completions", &body.to_string());
@@ -232,6 +244,23 @@ fn nonsense_values_are_400s_naming_the_parameter() {
     let (status, text) = post(addr, "/v1/chat/completions", &ok.to_string());
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"usage\""), "{text}");
+    // A sequential rule with one sample at a time: esc:1 settles on the first sample
+    // with an answer, so it never needs all 6.
+    let esc = serde_json::json!({
+        "messages": [{"role": "user", "content": "What is 2 + 2? Put the answer in \\boxed{}."}],
+        "n": 6, "max_tokens": 48, "temperature": 0.3, "seed": 3,
+        "verity": {"selection": "esc:1", "parallel": 1},
+    });
+    let (status, text) = post(addr, "/v1/chat/completions", &esc.to_string());
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let settled = v["verity"]["settled_after"].as_u64();
+    let started = v["verity"]["traces"].as_array().map(Vec::len);
+    match settled {
+        Some(k) => assert_eq!(started, Some(k as usize), "{text}"),
+        None => assert_eq!(started, Some(6), "{text}"),
+    }
+    assert!(settled.is_some() || v["verity"]["answer"].is_null(), "{text}");
     let (status, text) = post(
         addr,
         "/v1/learn",

@@ -1,0 +1,62 @@
+//! The stopping tests of the sequential rules: early-stopping self-consistency (a unanimous
+//! window) and adaptive consistency (the Beta posterior that the leading answer stays the
+//! leader). Both look only at the extracted answers, so they work where confidence
+//! scores are unreliable.
+
+use super::{majority, Candidate};
+use crate::verify::equivalent;
+
+/// ESC: the drawn candidates end on a full window of `window` whose answers are all
+/// present and equivalent.
+pub(super) fn esc_settled(drawn: &[Candidate], window: usize) -> bool {
+    let k = drawn.len();
+    if window == 0 || k < window || !k.is_multiple_of(window) {
+        return false;
+    }
+    let last = &drawn[k - window..];
+    let Some(first) = &last[0].answer else {
+        return false;
+    };
+    last.iter()
+        .all(|c| c.answer.as_ref().is_some_and(|a| equivalent(first, a)))
+}
+
+/// Adaptive consistency: the leading answer's votes v₁ and the runner-up's v₂ (0 when
+/// there is none) give [`leader_stays_ahead`]`(v₁, v₂) ≥ threshold`. Candidates without
+/// an answer do not vote.
+pub(super) fn adaptive_settled(drawn: &[Candidate], threshold: f64) -> bool {
+    let votes = majority(drawn).votes;
+    let Some(leader) = votes.first() else {
+        return false;
+    };
+    let runner_up = votes.get(1).map_or(0, |row| row.count);
+    leader_stays_ahead(leader.count, runner_up) >= threshold
+}
+
+/// The Beta stopping rule of adaptive consistency: with v₁ votes for the leading answer and
+/// v₂ for the runner-up, P(p₁ > p₂) where p₁ ~ Beta(v₁ + 1, v₂ + 1), i.e. 1 − I½(v₁ + 1,
+/// v₂ + 1). For whole counts that is P(Binomial(v₁ + v₂ + 1, ½) ≤ v₁), summed exactly here
+/// (in logs, so large counts do not underflow).
+pub fn leader_stays_ahead(leader: usize, runner_up: usize) -> f64 {
+    let n = leader + runner_up + 1;
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    // Σ_{i ≤ v₁} C(n, i) / 2ⁿ; the complement is shorter when v₁ is past the middle.
+    let lower_tail = |upto: usize| {
+        let mut ln_c = 0.0;
+        let mut sum = 0.0;
+        for i in 0..=upto {
+            if i > 0 {
+                ln_c += ((n - i + 1) as f64).ln() - (i as f64).ln();
+            }
+            sum += (ln_c + ln_half_n).exp();
+        }
+        sum
+    };
+    if 2 * leader < n {
+        lower_tail(leader)
+    } else {
+        // P(B ≤ v₁) = 1 − P(B ≥ v₁ + 1) = 1 − P(B ≤ n − v₁ − 1) by symmetry.
+        1.0 - lower_tail(n - leader - 1)
+    }
+    .clamp(0.0, 1.0)
+}
