@@ -285,6 +285,18 @@ fn evaluate_question(
             serde_json::json!({"question": qi, "kind": "question", "text": item.question, "reference": item.answer}),
         ],
     };
+    // The n samples at the configured temperature (the online rules' samples are the
+    // same traces as far as they go: sample i has seed + i in both).
+    let sampled = || {
+        request(
+            &item.question,
+            config.n,
+            config,
+            config.temperature,
+            seed,
+            scores,
+        )
+    };
     if config.rules.contains(&SelectionRule::Greedy) {
         let start = Instant::now();
         let result = runtime.generate(request(&item.question, 1, config, 0.0, seed, scores))?;
@@ -302,14 +314,7 @@ fn evaluate_question(
     }
     if config.rules.iter().any(|r| *r != SelectionRule::Greedy) {
         let start = Instant::now();
-        let result = runtime.generate(request(
-            &item.question,
-            config.n,
-            config,
-            config.temperature,
-            seed,
-            scores,
-        ))?;
+        let result = runtime.generate(sampled())?;
         let wall = start.elapsed();
         let cands = result.candidates();
         let lengths: Vec<usize> = result.traces.iter().map(|t| t.trace.tokens.len()).collect();
@@ -342,14 +347,7 @@ fn evaluate_question(
     }
     for rule in &config.online_sequential {
         let start = Instant::now();
-        let mut r = request(
-            &item.question,
-            config.n,
-            config,
-            config.temperature,
-            seed,
-            scores,
-        );
+        let mut r = sampled();
         r.selection = Some(*rule);
         let result = runtime.generate(r)?;
         let wall = start.elapsed();

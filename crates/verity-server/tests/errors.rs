@@ -260,7 +260,10 @@ fn nonsense_values_are_400s_naming_the_parameter() {
         Some(k) => assert_eq!(started, Some(k as usize), "{text}"),
         None => assert_eq!(started, Some(6), "{text}"),
     }
-    assert!(settled.is_some() || v["verity"]["answer"].is_null(), "{text}");
+    assert!(
+        settled.is_some() || v["verity"]["answer"].is_null(),
+        "{text}"
+    );
     let (status, text) = post(
         addr,
         "/v1/learn",
