@@ -306,6 +306,29 @@ fn c_status_codes_tell_internal_failures_from_bad_arguments() {
             VERITY_ERR_INVALID_ARGUMENT
         );
         assert!(last_error().contains("temperature"), "{}", last_error());
+        request.temperature = 0.0;
+        // A host's mistakes in the request are its own, never INTERNAL: an empty prompt,
+        // more samples than a batch holds, more than the ABI allows.
+        let empty = CString::new("").unwrap();
+        let mut r = request;
+        r.prompt = empty.as_ptr();
+        assert_eq!(
+            verity_generate(rt, &r, &mut out),
+            VERITY_ERR_INVALID_ARGUMENT,
+            "{}",
+            last_error()
+        );
+        assert!(last_error().contains("no tokens"), "{}", last_error());
+        for (n, status, says) in [
+            (65, VERITY_ERR_INVALID_ARGUMENT, "batch limit"),
+            (VERITY_MAX_SAMPLES + 1, VERITY_ERR_OUT_OF_RANGE, "params.n"),
+        ] {
+            let mut r = request;
+            r.n = n;
+            assert_eq!(verity_generate(rt, &r, &mut out), status, "n = {n}");
+            assert!(last_error().contains(says), "n = {n}: {}", last_error());
+            assert!(!last_error().contains("invalid argument: invalid argument"));
+        }
         assert_eq!(verity_runtime_free(rt), VERITY_OK);
     }
     // The one mapping, checked against each kind.

@@ -47,10 +47,15 @@ pub fn read_jsonl(path: &Path, question_field: &str, answer_field: &str) -> Resu
             |what: &str| Error::InvalidArgument(format!("{}:{}: {what}", path.display(), n + 1));
         let v: serde_json::Value =
             serde_json::from_str(&line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        // Numbers are fine as answers ("answer": 42); objects, lists, booleans and null
+        // are a mistake in the file, not a question or an answer.
         let field = |name: &str| -> Result<String> {
             match v.get(name) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                Some(other) => Ok(other.to_string()),
+                Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                Some(other) => Err(bad(&format!(
+                    "field '{name}' must be a string or a number, not {other}"
+                ))),
                 None => Err(bad(&format!("no field '{name}'"))),
             }
         };
@@ -550,6 +555,50 @@ mod tests {
         // Large n stays finite and tiny instead of underflowing to a wrong 0 or NaN.
         let p = sign_test(900, 100);
         assert!(p > 0.0 && p < 1e-100, "{p}");
+    }
+
+    #[test]
+    fn data_rows_take_strings_and_numbers_only() {
+        let dir = std::env::temp_dir().join(format!("verity-eval-rows-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rows.jsonl");
+        std::fs::write(
+            &path,
+            "{\"question\": \"1 + 1?\", \"answer\": 2}\n\n{\"question\": \"q\", \"answer\": \"#### 3\"}\n",
+        )
+        .unwrap();
+        let items = read_jsonl(&path, "question", "answer").unwrap();
+        let got: Vec<(&str, &str)> = items
+            .iter()
+            .map(|i| (i.question.as_str(), i.answer.as_str()))
+            .collect();
+        assert_eq!(got, vec![("1 + 1?", "2"), ("q", "#### 3")]);
+        for (row, says) in [
+            (
+                "{\"question\": [\"x\"], \"answer\": 1}",
+                "'question' must be",
+            ),
+            (
+                "{\"question\": \"x\", \"answer\": null}",
+                "'answer' must be",
+            ),
+            (
+                "{\"question\": \"x\", \"answer\": {\"v\": 1}}",
+                "'answer' must be",
+            ),
+            ("{\"question\": \"x\"}", "no field 'answer'"),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{{\"question\": \"ok\", \"answer\": 1}}\n{row}\n"),
+            )
+            .unwrap();
+            let e = read_jsonl(&path, "question", "answer")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says) && e.contains(":2:"), "{row}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -58,6 +58,18 @@ fn cli_rejects_non_utf8_prompts_and_missing_models() {
     let (a, b) = (run(), run());
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert_eq!(a.stdout, b.stdout);
+
+    // A system message only exists in a chat: without --chat it is refused, not dropped.
+    let out = std::process::Command::new(bin)
+        .args([
+            "generate", "--system", "be brief", "--prompt", "hi", "--model",
+        ])
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--chat"), "{stderr}");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! The evaluation harness end to end on SmolLM2 with a few synthetic problems, through the
-//! `verity` binary as a user runs it: tasks → eval (every rule, DeepConf-online) → table
-//! and trace JSONL.
+//! `verity` binary as a user runs it: tasks → eval (every rule, DeepConf-online, online
+//! ESC) → table and trace JSONL → the same table again from the trace file (`--from`).
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
 use common::*;
+
+const RULES: &str = "greedy,majority,esc:2,borda:0.5,max:self_certainty,deepconf:bottom10:16:50";
 
 #[test]
 fn eval_harness_runs_end_to_end_on_smollm2() {
@@ -44,9 +46,9 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
                 "--max-tokens",
                 "48",
                 "--select",
-                "greedy,majority,borda:0.5,max:self_certainty,deepconf:bottom10:16:50",
+                RULES,
                 "--online",
-                "2:50:16",
+                "2:50:16,esc:2",
             ])
             .args(extra)
             .arg("--model")
@@ -74,6 +76,7 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         "max:self_certainty",
         "deepconf:bottom10:16:50",
         "deepconf-online",
+        "online esc:2",
     ] {
         let line = stdout
             .lines()
@@ -106,7 +109,32 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         v.sort_by_key(|l| l["question"].as_u64());
         v
     };
-    assert_eq!(lines.iter().filter(|l| l["kind"] == "online").count(), 3);
+    let online = |rule: Option<&str>| -> Vec<&serde_json::Value> {
+        let mut v: Vec<_> = lines
+            .iter()
+            .filter(|l| l["kind"] == "online" && l["rule"].as_str() == rule)
+            .collect();
+        v.sort_by_key(|l| l["question"].as_u64());
+        v
+    };
+    assert_eq!(online(None).len(), 3, "DeepConf-online");
+    // ESC drawn in the engine decides what its simulation on the saved traces decides (sample
+    // i is the same trace in both), having decoded at least the tokens the simulation
+    // charges and at most all n samples' tokens.
+    let esc_online = online(Some("esc:2"));
+    assert_eq!(esc_online.len(), 3);
+    for ((live, simulated), all) in esc_online
+        .iter()
+        .zip(rule_lines("esc:2"))
+        .zip(rule_lines("majority"))
+    {
+        assert_eq!(live["answer"], simulated["answer"], "{live} vs {simulated}");
+        let t = |l: &serde_json::Value| l["tokens"].as_u64().unwrap();
+        assert!(
+            t(simulated) <= t(live) && t(live) <= t(all),
+            "{live} {simulated} {all}"
+        );
+    }
     // Majority's answer is the most common sampled answer, where one is most common.
     let mut unique_modes = 0;
     for m in rule_lines("majority") {
@@ -181,6 +209,64 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         accuracy_columns(&stdout),
         accuracy_columns(&String::from_utf8_lossy(&out.stdout))
     );
+    // The live run drew its curve next to the trace file.
+    assert!(dir.join("run.curve.png").is_file());
+    // Re-scoring the trace file, without a model: every rule's row as the live run printed
+    // it (wall time aside), and the curve drawn where asked.
+    let png = dir.join("again.png");
+    let out = std::process::Command::new(bin)
+        .args(["eval", "--select", RULES, "--from"])
+        .arg(&traces)
+        .arg("--plot")
+        .arg(&png)
+        .output()
+        .unwrap();
+    let rescored = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let columns = |row: &str| -> Vec<String> {
+        // rule, accuracy, interval (3), tokens/q; then the wall column; then the paired test
+        let mut words: Vec<String> = row.split_whitespace().map(str::to_string).collect();
+        words.remove(6);
+        words
+    };
+    for rule in RULES.split(',') {
+        let find = |text: &str| text.lines().find(|l| l.starts_with(rule)).map(columns);
+        assert_eq!(
+            find(&stdout),
+            find(&rescored),
+            "{rule}:\n{stdout}\n{rescored}"
+        );
+        assert!(find(&rescored).is_some(), "{rule}");
+    }
+    assert!(
+        rescored.contains("N = 1") && rescored.contains("N = 4"),
+        "{rescored}"
+    );
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    // What --from cannot do is refused by name: no model flags are needed, online rules
+    // and data conflict with it, and :tune needs a tuning split.
+    for (args, says) in [
+        (vec!["--online", "esc:2"], "--online"),
+        (vec!["--data", "x.jsonl"], "--data"),
+        (vec!["--select", "cisc:logprob:tune"], "--tune-fraction"),
+        (vec!["--tune-fraction", "1.0"], "--tune-fraction"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["eval", "--from"])
+            .arg(&traces)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
     // Bad input: a missing data file and an unknown rule are clear errors.
     let out = std::process::Command::new(bin)
         .args(["eval", "--data", "/nonexistent.jsonl", "--model"])

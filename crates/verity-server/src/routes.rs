@@ -267,6 +267,36 @@ fn confined(state: &Shared, path: &Path) -> ApiResult<PathBuf> {
     verity::adapter::confine(root, path).map_err(|e| bad_path(e.to_string()))
 }
 
+/// An adapter load or save error on a folder the client named: what the client got wrong
+/// (no such folder, a file where a folder should be, files that are not an adapter) is a
+/// 4xx naming `path`, with paths shown relative to the adapter folder (the server's own
+/// layout is not the client's business); anything else stays a server error.
+fn client_path_error(state: &Shared, e: verity::Error, loading: bool) -> ApiError {
+    use std::io::ErrorKind;
+    let status = match &e {
+        verity::Error::Io { source, .. } => match source.kind() {
+            ErrorKind::NotFound if loading => StatusCode::NOT_FOUND,
+            ErrorKind::NotFound
+            | ErrorKind::NotADirectory
+            | ErrorKind::IsADirectory
+            | ErrorKind::AlreadyExists
+            | ErrorKind::InvalidFilename
+            | ErrorKind::InvalidData => StatusCode::BAD_REQUEST,
+            _ => return e.into(),
+        },
+        // The files in the folder are the client's: unusable ones are its mistake.
+        verity::Error::BadModelFile { .. } | verity::Error::Weight { .. } if loading => {
+            StatusCode::BAD_REQUEST
+        }
+        _ => return e.into(),
+    };
+    let mut message = e.to_string();
+    if let Some(root) = state.runtime.config().adapter_dir.as_deref() {
+        message = message.replace(&format!("{}/", root.display()), "");
+    }
+    ApiError::new(status, message).with_param("path")
+}
+
 pub(super) async fn adapter_action(
     State(state): State<Shared>,
     body: Bytes,
@@ -284,14 +314,17 @@ pub(super) async fn adapter_action(
             })?;
             let path = confined(&state, &path)?;
             let id = body.id.clone();
-            tokio::task::spawn_blocking(move || runtime.adapter_load(&id, &path)).await??;
+            tokio::task::spawn_blocking(move || runtime.adapter_load(&id, &path))
+                .await?
+                .map_err(|e| client_path_error(&state, e, true))?;
         }
         "save" => {
             let id = body.id.clone();
             let path = body.path.map(|p| confined(&state, &p)).transpose()?;
             let dir =
                 tokio::task::spawn_blocking(move || runtime.adapter_save(&id, path.as_deref()))
-                    .await??;
+                    .await?
+                    .map_err(|e| client_path_error(&state, e, false))?;
             out["path"] = json!(dir);
         }
         "select" => runtime.adapter_select(Some(&body.id))?,

@@ -166,6 +166,25 @@ fn adapter_paths_stay_inside_the_adapter_dir() {
     assert!(saved.join("adapter_config.json").is_file(), "{text}");
     let (status, text) = action("load", "kept/learned/v1");
     assert_eq!(status, 200, "{text}");
+    // Client mistakes inside the root are 4xx naming the path, relative to the root: no
+    // such folder (404), a file where a folder should be, a folder that is not an adapter.
+    std::fs::write(root.join("file"), "x").unwrap();
+    std::fs::create_dir_all(root.join("broken")).unwrap();
+    std::fs::write(root.join("broken/adapter_config.json"), "{").unwrap();
+    std::fs::write(root.join("broken/adapter_model.safetensors"), "not tensors").unwrap();
+    for (verb, path, want) in [
+        ("load", "missing", 404),
+        ("load", "file", 400),
+        ("load", "broken", 400),
+        ("save", "file", 400),
+    ] {
+        let (status, text) = action(verb, path);
+        assert_eq!(status, want, "{verb} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["param"], "path", "{text}");
+        let root_text = root.canonicalize().unwrap().display().to_string();
+        assert!(!text.contains(&root_text), "{verb} {path}: {text}");
+    }
     let _ = stop.send(());
     server.join().unwrap();
 

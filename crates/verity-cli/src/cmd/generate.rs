@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long)]
     chat: bool,
     /// A system message (with --chat).
-    #[arg(long)]
+    #[arg(long, requires = "chat")]
     system: Option<String>,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
