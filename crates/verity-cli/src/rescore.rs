@@ -414,6 +414,53 @@ pub fn tune_cisc(questions: &[SavedQuestion], score: TraceScore) -> Result<f64> 
     Ok(best.map_or(spread, |(_, t)| t))
 }
 
+/// Which parameter of a sequential rule to tune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequentialKind {
+    /// ESC's window, over 1 ..= n / 2.
+    Esc,
+    /// Adaptive consistency's threshold, over a grid in (0.5, 1).
+    Adaptive,
+}
+
+/// The most frugal setting of a sequential rule on `questions` (n samples each) that stays
+/// within `slack` questions of majority vote over all n: fewest tokens among the settings
+/// that are that accurate; when none is, the most accurate (ties: fewer tokens).
+pub fn tune_sequential(
+    questions: &[SavedQuestion],
+    kind: SequentialKind,
+    n: usize,
+    slack: usize,
+) -> Result<SelectionRule> {
+    let grid: Vec<SelectionRule> = match kind {
+        SequentialKind::Esc => (1..=(n / 2).max(1))
+            .map(|window| SelectionRule::Esc { window })
+            .collect(),
+        SequentialKind::Adaptive => [0.76, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99]
+            .into_iter()
+            .map(|threshold| SelectionRule::Adaptive { threshold })
+            .collect(),
+    };
+    let mut rules = vec![SelectionRule::Majority];
+    rules.extend(&grid);
+    let results = rescore(questions, &rules)?;
+    let target = results[0].correct().saturating_sub(slack);
+    let pick = results[1..]
+        .iter()
+        .zip(&grid)
+        .min_by(|(a, _), (b, _)| {
+            let (a_ok, b_ok) = (a.correct() >= target, b.correct() >= target);
+            b_ok.cmp(&a_ok)
+                .then_with(|| match a_ok {
+                    true => std::cmp::Ordering::Equal,
+                    false => b.correct().cmp(&a.correct()),
+                })
+                .then_with(|| a.mean_tokens.total_cmp(&b.mean_tokens))
+        })
+        .map(|(_, rule)| *rule);
+    pick.ok_or_else(|| Error::InvalidArgument("nothing to tune on".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +594,43 @@ mod tests {
             / 3.0)
             .sqrt();
         assert!((t1 - 30.0 * spread1).abs() < 1e-9, "{t1}");
+    }
+
+    #[test]
+    fn sequential_tuning_takes_the_cheapest_setting_that_keeps_majoritys_accuracy() {
+        // Question A: 5, 5, 3, 3, 3, 3, 5, 5 → majority 3 (4 to 4, first supporter of 3
+        // at index 2 loses to 5 at index 0: majority says 5, right). ESC(1) stops at the
+        // first sample (5, right, 10 tokens); ESC(2) at samples 0-1 (5, right).
+        // Question B: 7, 8, 8, 8, 8, 8, 8, 8 → majority 8 (right); ESC(1) says 7 (wrong);
+        // ESC(2) stops at samples 2-3 (8, right).
+        let a = question(
+            0,
+            Some("#### 5"),
+            [5, 5, 3, 3, 3, 3, 5, 5]
+                .iter()
+                .map(|v| sample(&format!("\\boxed{{{v}}}"), 10, *v == 5, 0.0))
+                .collect(),
+        );
+        let b = question(
+            1,
+            Some("#### 8"),
+            [7, 8, 8, 8, 8, 8, 8, 8]
+                .iter()
+                .map(|v| sample(&format!("\\boxed{{{v}}}"), 10, *v == 8, 0.0))
+                .collect(),
+        );
+        let qs = [a, b];
+        // Majority gets both; ESC(2) gets both with 20 + 40 tokens; ESC(1) loses B.
+        let rule = tune_sequential(&qs, SequentialKind::Esc, 8, 0).unwrap();
+        assert_eq!(rule, SelectionRule::Esc { window: 2 });
+        // Allowed to lose one question, ESC(1) is cheapest (10 tokens each).
+        let rule = tune_sequential(&qs, SequentialKind::Esc, 8, 1).unwrap();
+        assert_eq!(rule, SelectionRule::Esc { window: 1 });
+        // Adaptive at 0.76 (one vote, P = 3/4, is not enough): A stops at (2, 0) with
+        // P = 7/8, B at (3, 1) with P = 13/16: both right with 60 tokens, as at 0.8; the
+        // grid's first of equally cheap settings is kept. At 0.9 B runs on to (4, 1).
+        let rule = tune_sequential(&qs, SequentialKind::Adaptive, 8, 0).unwrap();
+        assert_eq!(rule, SelectionRule::Adaptive { threshold: 0.76 });
     }
 
     #[test]

@@ -253,6 +253,7 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         (vec!["--online", "esc:2"], "--online"),
         (vec!["--data", "x.jsonl"], "--data"),
         (vec!["--select", "cisc:logprob:tune"], "--tune-fraction"),
+        (vec!["--select", "esc:tune"], "--tune-fraction"),
         (vec!["--tune-fraction", "1.0"], "--tune-fraction"),
     ] {
         let out = std::process::Command::new(bin)

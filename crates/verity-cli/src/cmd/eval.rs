@@ -12,7 +12,8 @@ use verity::select::{DeepConfOnline, SelectionRule};
 use verity_cli::eval::{read_jsonl, run as run_eval, EvalConfig, RuleResult};
 use verity_cli::plot::accuracy_vs_tokens;
 use verity_cli::rescore::{
-    curve, curve_sizes, read_traces, rescore, samples_per_question, tune_cisc, SavedQuestion,
+    curve, curve_sizes, read_traces, rescore, samples_per_question, tune_cisc, tune_sequential,
+    SavedQuestion, SequentialKind,
 };
 
 use crate::args::{parse_rules, ModelArgs};
@@ -37,7 +38,8 @@ pub struct Args {
     /// Comma-separated rules: greedy, majority, esc:<window>, adaptive:<threshold>,
     /// borda:<power>, max:<score>, weighted:<score>, cisc:<score>:<temperature>,
     /// deepconf:<metric>:<eta>. With --from, cisc:<score>:tune tunes the temperature on
-    /// the --tune-fraction split.
+    /// the --tune-fraction split (the most accurate), esc:tune the window and
+    /// adaptive:tune the threshold (the fewest tokens within 1 question of majority).
     #[arg(long, default_value = DEFAULT_RULES)]
     select: String,
     /// Rules run online, each on its own samples, comma-separated: a sequential rule
@@ -158,10 +160,11 @@ pub fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// A rule as given to --from: fixed, or CISC with its temperature still to tune.
+/// A rule as given to --from: fixed, or with its parameter still to tune.
 enum RuleSpec {
     Fixed(SelectionRule),
     TunedCisc(TraceScore),
+    TunedSequential(SequentialKind),
 }
 
 /// `verity eval --from`: the table and the curve from saved traces.
@@ -176,8 +179,10 @@ fn run_from(args: &Args, from: &Path) -> Result<(), String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            match s
+        .map(|s| match s {
+            "esc:tune" => Ok(RuleSpec::TunedSequential(SequentialKind::Esc)),
+            "adaptive:tune" => Ok(RuleSpec::TunedSequential(SequentialKind::Adaptive)),
+            _ => match s
                 .strip_prefix("cisc:")
                 .and_then(|r| r.strip_suffix(":tune"))
             {
@@ -189,7 +194,7 @@ fn run_from(args: &Args, from: &Path) -> Result<(), String> {
                     .parse()
                     .map(RuleSpec::Fixed)
                     .map_err(|e| format!("--select: {e}")),
-            }
+            },
         })
         .collect::<Result<_, _>>()?;
     let f = args.tune_fraction;
@@ -197,9 +202,11 @@ fn run_from(args: &Args, from: &Path) -> Result<(), String> {
         return Err(format!("--tune-fraction must be in [0, 1), got {f}"));
     }
     let tuned = (f * questions.len() as f64).round() as usize;
-    let needs_tuning = specs.iter().any(|s| matches!(s, RuleSpec::TunedCisc(_)));
+    let needs_tuning = specs.iter().any(|s| !matches!(s, RuleSpec::Fixed(_)));
     if needs_tuning && tuned == 0 {
-        return Err("cisc:<score>:tune needs --tune-fraction with at least one question".into());
+        return Err(
+            "a ':tune' rule needs --tune-fraction with at least one question to tune on".into(),
+        );
     }
     if tuned >= questions.len() {
         return Err(format!(
@@ -223,6 +230,14 @@ fn run_from(args: &Args, from: &Path) -> Result<(), String> {
                     tuning.len()
                 );
                 SelectionRule::Cisc { score, temperature }
+            }
+            RuleSpec::TunedSequential(kind) => {
+                let rule = tune_sequential(tuning, kind, n, 1).map_err(|e| e.to_string())?;
+                println!(
+                    "{rule}: the fewest tokens within 1 question of majority vote on {} questions",
+                    tuning.len()
+                );
+                rule
             }
         });
     }
