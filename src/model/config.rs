@@ -51,6 +51,132 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// RoPE's base and scaling from a HF config in either form: transformers ≥ 5 writes
+/// `rope_parameters` (`rope_theta`, `rope_type` and the scaling fields in one object), older
+/// versions a top-level `rope_theta` and `rope_scaling`. When both forms are present they
+/// must agree. Only the default RoPE and Llama-3 scaling are implemented; any other type is
+/// an error naming it, never a silent fallback to the default.
+fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<Llama3RopeScaling>)> {
+    let top_theta = json.get("rope_theta").and_then(|v| v.as_f64());
+    let (theta, scaling) = match json.get("rope_parameters") {
+        None | Some(serde_json::Value::Null) => (top_theta, json.get("rope_scaling")),
+        Some(p) if p.is_object() => {
+            if p.as_object()
+                .is_some_and(|m| m.values().any(serde_json::Value::is_object))
+            {
+                return Err(Error::Config(
+                    "config.json: rope_parameters per layer type (local/global RoPE) is not \
+                     implemented"
+                        .into(),
+                ));
+            }
+            let theta = p.get("rope_theta").and_then(|v| v.as_f64());
+            if let (Some(a), Some(b)) = (theta, top_theta) {
+                if a != b {
+                    return Err(Error::Config(format!(
+                        "config.json: rope_parameters.rope_theta = {a} but rope_theta = {b}"
+                    )));
+                }
+            }
+            if json.get("rope_scaling").is_some_and(|s| !s.is_null()) {
+                return Err(Error::Config(
+                    "config.json has both rope_parameters and rope_scaling: which one holds \
+                     the scaling is ambiguous"
+                        .into(),
+                ));
+            }
+            (theta.or(top_theta), Some(p))
+        }
+        Some(other) => {
+            return Err(Error::Config(format!(
+                "config.json: rope_parameters must be an object, got {other}"
+            )))
+        }
+    };
+    let scaling = match scaling {
+        None | Some(serde_json::Value::Null) => None,
+        Some(s) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            match kind {
+                "default" => None,
+                "llama3" => Some(serde_json::from_value(s.clone()).map_err(|e| {
+                    Error::Config(format!("config.json: bad llama3 RoPE scaling: {e}"))
+                })?),
+                other => {
+                    return Err(Error::Config(format!(
+                        "config.json: RoPE type '{other}' is not implemented (default and \
+                         llama3 are)"
+                    )))
+                }
+            }
+        }
+    };
+    Ok((theta.unwrap_or(10_000.0), scaling))
+}
+
+/// The attention window a HF config sets, if any: Mistral's `sliding_window` (null means
+/// none), Qwen2's when `use_sliding_window` is true.
+fn sliding_window(json: &serde_json::Value, architecture: Architecture) -> Option<usize> {
+    let window = json
+        .get("sliding_window")
+        .and_then(|v| v.as_u64())
+        .map(|w| w as usize);
+    match architecture {
+        Architecture::Qwen2 => window.filter(|_| {
+            json.get("use_sliding_window")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+        }),
+        Architecture::Llama => window,
+    }
+}
+
+/// Config fields that change the computation in ways verity does not implement: a load
+/// error naming the field, rather than a model that quietly computes something else.
+fn refuse_unimplemented(json: &serde_json::Value, architecture: Architecture) -> Result<()> {
+    let refuse = |field: &str, value: &serde_json::Value| {
+        Err(Error::Config(format!(
+            "config.json: {field} = {value} is not implemented by verity's {} block",
+            architecture.name()
+        )))
+    };
+    for field in ["hidden_act", "hidden_activation"] {
+        if let Some(v) = json.get(field) {
+            if !matches!(v.as_str(), Some("silu") | Some("swish")) {
+                return refuse(field, v);
+            }
+        }
+    }
+    if let Some(v) = json.get("partial_rotary_factor") {
+        if v.as_f64() != Some(1.0) {
+            return refuse("partial_rotary_factor", v);
+        }
+    }
+    for field in [
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "logit_scale",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "attention_multiplier",
+        "logits_scaling",
+    ] {
+        if let Some(v) = json.get(field).filter(|v| !v.is_null()) {
+            return refuse(field, v);
+        }
+    }
+    for field in ["mlp_bias", "use_qk_norm", "qk_layernorm"] {
+        if let Some(v) = json.get(field).filter(|v| v.as_bool() == Some(true)) {
+            return refuse(field, v);
+        }
+    }
+    Ok(())
+}
+
 /// Hyper-parameters of a Llama-family model: the shapes of every weight and the constants of
 /// the forward pass. [`ModelConfig::validate`] checks them before any tensor is built.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +211,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// Biases on the q, k and v projections (Qwen2).
     pub qkv_bias: bool,
+    /// A bias on the attention output projection (Llama's `attention_bias` puts one on
+    /// q, k, v and o alike).
+    #[serde(default)]
+    pub o_bias: bool,
 }
 
 impl ModelConfig {
@@ -118,31 +248,17 @@ impl ModelConfig {
             None if num_heads > 0 => hidden_size / num_heads,
             None => 0,
         };
-        let rope_scaling = match json.get("rope_scaling") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
-                if kind != "llama3" {
-                    return Err(Error::Config(format!(
-                        "rope_scaling type '{kind}' is not supported (only 'llama3')"
-                    )));
-                }
-                Some(serde_json::from_value(s.clone()).map_err(|e| {
-                    Error::Config(format!("config.json: bad llama3 rope_scaling: {e}"))
-                })?)
-            }
+        refuse_unimplemented(json, architecture)?;
+        let (rope_theta, rope_scaling) = rope_from_hf(json)?;
+        let attention_bias = json
+            .get("attention_bias")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            Architecture::Llama => (attention_bias, attention_bias),
         };
-        let qkv_bias = match architecture {
-            Architecture::Qwen2 => true,
-            Architecture::Llama => json
-                .get("attention_bias")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
-        };
+        let max_position_embeddings = usize_field("max_position_embeddings").unwrap_or(4096);
         let config = Self {
             architecture,
             vocab_size: usize_field("vocab_size")?,
@@ -153,15 +269,21 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rms_norm_eps: f64_field("rms_norm_eps", 1e-6),
-            rope_theta: f64_field("rope_theta", 10_000.0),
+            rope_theta,
             rope_scaling,
             rope_freq_factors: None,
-            max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
+            // Within its window, sliding-window attention is full attention: a context capped
+            // at the window computes exactly what the model does.
+            max_position_embeddings: match sliding_window(json, architecture) {
+                Some(w) => max_position_embeddings.min(w),
+                None => max_position_embeddings,
+            },
             tie_word_embeddings: json
                 .get("tie_word_embeddings")
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             qkv_bias,
+            o_bias,
         };
         config.validate()?;
         Ok(config)
@@ -300,5 +422,149 @@ impl ModelConfig {
         let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * layer + h + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A small Llama config.json with `extra` fields set on top.
+    fn llama(extra: serde_json::Value) -> serde_json::Value {
+        let mut j = json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 8192, "hidden_act": "silu",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            j[k] = v.clone();
+        }
+        j
+    }
+
+    fn load(j: serde_json::Value) -> ModelConfig {
+        ModelConfig::from_hf_json(&j).unwrap()
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_read_like_the_older_fields() {
+        let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let old = load(llama(
+            json!({"rope_theta": 500000.0, "rope_scaling": scaling, "torch_dtype": "bfloat16"}),
+        ));
+        let mut params = scaling.clone();
+        params["rope_theta"] = 500000.0.into();
+        let new = load(llama(
+            json!({"rope_parameters": params, "dtype": "bfloat16"}),
+        ));
+        assert_eq!(old, new);
+        assert_eq!(new.rope_theta, 500000.0);
+        assert_eq!(new.rope_scaling.as_ref().map(|s| s.factor), Some(8.0));
+        // What reading only the old names gave: the default base, no scaling, other
+        // frequencies from the first token on.
+        let misread = load(llama(json!({})));
+        assert_eq!(misread.rope_theta, 10_000.0);
+        assert_ne!(new.rope_inv_freq(), misread.rope_inv_freq());
+        // The default type in either form: no scaling, the base as given.
+        let plain = load(llama(
+            json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
+        ));
+        assert_eq!((plain.rope_theta, plain.rope_scaling.clone()), (1e6, None));
+        let plain_old = load(llama(
+            json!({"rope_theta": 1e6, "rope_scaling": {"rope_type": "default"}}),
+        ));
+        assert_eq!(plain, plain_old);
+        // Both forms saying the same thing is fine.
+        let both = load(llama(
+            json!({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e6}}),
+        ));
+        assert_eq!(both, plain);
+    }
+
+    #[test]
+    fn unimplemented_fields_are_errors_naming_them() {
+        for (extra, says) in [
+            (
+                json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}),
+                "'yarn'",
+            ),
+            (
+                json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+                "'dynamic'",
+            ),
+            (
+                json!({"rope_parameters": {"rope_theta": 1e4}, "rope_theta": 5e5}),
+                "rope_theta",
+            ),
+            (
+                json!({"rope_parameters": {"rope_theta": 1e4}, "rope_scaling": {"rope_type": "llama3"}}),
+                "rope_scaling",
+            ),
+            (
+                json!({"rope_parameters": {"full_attention": {"rope_theta": 1e6},
+                    "sliding_attention": {"rope_theta": 1e4}}}),
+                "per layer type",
+            ),
+            (
+                json!({"partial_rotary_factor": 0.5}),
+                "partial_rotary_factor",
+            ),
+            (
+                json!({"final_logit_softcapping": 30.0}),
+                "final_logit_softcapping",
+            ),
+            (
+                json!({"attn_logit_softcapping": 50.0}),
+                "attn_logit_softcapping",
+            ),
+            (json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act"),
+            (json!({"mlp_bias": true}), "mlp_bias"),
+        ] {
+            let e = ModelConfig::from_hf_json(&llama(extra.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
+        // The same fields at values that change nothing load.
+        for extra in [
+            json!({"partial_rotary_factor": 1.0}),
+            json!({"final_logit_softcapping": null}),
+            json!({"mlp_bias": false}),
+            json!({"hidden_act": "silu"}),
+        ] {
+            assert_eq!(load(llama(extra)), load(llama(json!({}))));
+        }
+    }
+
+    #[test]
+    fn a_sliding_window_caps_the_context_at_the_window() {
+        // Within its window, sliding-window attention is full attention: capping the
+        // context there computes exactly what the model computes.
+        let mistral = |w: serde_json::Value| {
+            load(llama(
+                json!({"architectures": ["MistralForCausalLM"], "sliding_window": w}),
+            ))
+        };
+        assert_eq!(mistral(json!(4096)).max_position_embeddings, 4096);
+        assert_eq!(mistral(json!(null)).max_position_embeddings, 8192);
+        assert_eq!(mistral(json!(1 << 20)).max_position_embeddings, 8192);
+        let qwen = |on: bool| {
+            load(llama(json!({"architectures": ["Qwen2ForCausalLM"],
+                "sliding_window": 4096, "use_sliding_window": on})))
+        };
+        assert_eq!(qwen(false).max_position_embeddings, 8192);
+        assert_eq!(qwen(true).max_position_embeddings, 4096);
+    }
+
+    #[test]
+    fn llama_attention_bias_puts_a_bias_on_all_four_projections() {
+        let c = load(llama(json!({"attention_bias": true})));
+        assert!(c.qkv_bias && c.o_bias);
+        let c = load(llama(json!({})));
+        assert!(!c.qkv_bias && !c.o_bias);
+        let c = load(llama(json!({"architectures": ["Qwen2ForCausalLM"]})));
+        assert!(c.qkv_bias && !c.o_bias);
     }
 }

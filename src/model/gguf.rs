@@ -119,6 +119,10 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
             .content
             .tensor_infos
             .contains_key("blk.0.attn_q.bias"),
+        o_bias: header
+            .content
+            .tensor_infos
+            .contains_key("blk.0.attn_output.bias"),
     };
     Ok(config)
 }

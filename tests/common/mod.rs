@@ -101,6 +101,7 @@ pub fn tiny_config(arch: Architecture) -> ModelConfig {
         max_position_embeddings: 64,
         tie_word_embeddings: arch == Architecture::Llama,
         qkv_bias: arch == Architecture::Qwen2,
+        o_bias: false,
     }
 }
 
@@ -141,6 +142,9 @@ pub fn tiny_weights(config: &ModelConfig, seed: u64) -> HashMap<String, Tensor> 
             w.insert(format!("{p}.self_attn.q_proj.bias"), rand(&[q], 0.1));
             w.insert(format!("{p}.self_attn.k_proj.bias"), rand(&[kv], 0.1));
             w.insert(format!("{p}.self_attn.v_proj.bias"), rand(&[kv], 0.1));
+        }
+        if c.o_bias {
+            w.insert(format!("{p}.self_attn.o_proj.bias"), rand(&[h], 0.1));
         }
     }
     w.insert(

@@ -123,7 +123,7 @@ impl Transformer {
             let q = linear("self_attn.q_proj", q_out, h, c.qkv_bias)?;
             let k = linear("self_attn.k_proj", kv_out, h, c.qkv_bias)?;
             let vv = linear("self_attn.v_proj", kv_out, h, c.qkv_bias)?;
-            let o = linear("self_attn.o_proj", h, q_out, false)?;
+            let o = linear("self_attn.o_proj", h, q_out, c.o_bias)?;
             let gate = linear("mlp.gate_proj", c.intermediate_size, h, false)?;
             let up = linear("mlp.up_proj", c.intermediate_size, h, false)?;
             let down = linear("mlp.down_proj", h, c.intermediate_size, false)?;
