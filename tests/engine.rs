@@ -309,67 +309,108 @@ fn sequential_requests_draw_a_prefix_of_the_plain_samples_and_stop_when_settled(
         "samples end at different lengths: {lengths:?}"
     );
 
-    // Never settled: all 12, three at a time.
-    let asked = Arc::new(parking_lot::Mutex::new(Vec::new()));
-    let log = asked.clone();
-    let mut r = plain.clone();
-    r.sequential = Some(Sequential {
-        parallel: 3,
-        settled: Arc::new(move |traces| {
-            log.lock().push(traces.len());
-            false
-        }),
-    });
-    let steps_before = e.stats().steps;
-    let drawn = e.generate(r, None).unwrap();
-    let steps = e.stats().steps - steps_before;
-    assert_eq!(drawn.settled_after, None);
-    assert_eq!(drawn.traces.len(), 12);
-    for (a, b) in all.traces.iter().zip(&drawn.traces) {
-        assert_eq!(
-            (&a.tokens, a.finish),
-            (&b.tokens, b.finish),
-            "sample {}",
-            a.index
-        );
-        assert_stats_close(&a.stats, &b.stats, 1e-4);
-    }
-    assert_eq!(*asked.lock(), (1..=12).collect::<Vec<_>>());
-    // At most 3 tokens a step (the prompt's step chooses the first three).
-    let tokens: usize = all.traces.iter().map(|t| t.tokens.len()).sum();
-    assert!(
-        steps as usize >= tokens.div_ceil(3),
-        "{steps} steps for {tokens} tokens"
-    );
-
-    // Settled by the first five: they are the plain ones, later ones stopped or never began.
-    let mut r = plain.clone();
-    r.sequential = Some(Sequential {
-        parallel: 3,
-        settled: Arc::new(|traces| traces.len() == 5),
-    });
-    let settled = e.generate(r, None).unwrap();
-    assert_eq!(settled.settled_after, Some(5));
-    assert!(settled.traces.len() < 12 && settled.traces.len() >= 5);
-    for (a, b) in all.traces.iter().zip(&settled.traces) {
-        if b.finish == FinishReason::Unneeded {
-            assert!(
-                b.index >= 5 && a.tokens.starts_with(&b.tokens),
-                "{}",
-                b.index
-            );
-        } else {
+    // On the host path and on the device-reduction path (the one a GPU takes, where the
+    // late samples' first rows are appended to the step's logits).
+    for config in [
+        EngineConfig::default(),
+        EngineConfig {
+            device_reduce: Some(true),
+            ..EngineConfig::default()
+        },
+    ] {
+        let e = engine(&model, config);
+        // Never settled: all 12, three at a time.
+        let asked = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let mut r = plain.clone();
+        r.sequential = Some(Sequential {
+            parallel: 3,
+            settled: Arc::new(move |traces| {
+                log.lock().push(traces.len());
+                false
+            }),
+        });
+        let steps_before = e.stats().steps;
+        let drawn = e.generate(r, None).unwrap();
+        let steps = e.stats().steps - steps_before;
+        assert_eq!(drawn.settled_after, None);
+        assert_eq!(drawn.traces.len(), 12);
+        for (a, b) in all.traces.iter().zip(&drawn.traces) {
             assert_eq!(
                 (&a.tokens, a.finish),
                 (&b.tokens, b.finish),
                 "sample {}",
                 a.index
             );
+            assert_stats_close(&a.stats, &b.stats, 1e-4);
         }
+        assert_eq!(*asked.lock(), (1..=12).collect::<Vec<_>>());
+        // At most 3 tokens a step (the prompt's step chooses the first three).
+        let tokens: usize = all.traces.iter().map(|t| t.tokens.len()).sum();
+        assert!(
+            steps as usize >= tokens.div_ceil(3),
+            "{steps} steps for {tokens} tokens"
+        );
+
+        // Settled by the first five: they are the plain ones, later ones stopped or never began.
+        let mut r = plain.clone();
+        r.sequential = Some(Sequential {
+            parallel: 3,
+            settled: Arc::new(|traces| traces.len() == 5),
+        });
+        let settled = e.generate(r, None).unwrap();
+        assert_eq!(settled.settled_after, Some(5));
+        assert!(settled.traces.len() < 12 && settled.traces.len() >= 5);
+        for (a, b) in all.traces.iter().zip(&settled.traces) {
+            if b.finish == FinishReason::Unneeded {
+                assert!(
+                    b.index >= 5 && a.tokens.starts_with(&b.tokens),
+                    "{}",
+                    b.index
+                );
+            } else {
+                assert_eq!(
+                    (&a.tokens, a.finish),
+                    (&b.tokens, b.finish),
+                    "sample {}",
+                    a.index
+                );
+            }
+        }
+        let generated: usize = settled.traces.iter().map(|t| t.tokens.len()).sum();
+        assert!(generated < tokens);
+        // Everything was freed: nothing reserved, nothing running.
+        let stats = e.stats();
+        assert_eq!((stats.kv_reserved, stats.running_requests), (0, 0));
     }
-    let generated: usize = settled.traces.iter().map(|t| t.tokens.len()).sum();
-    assert!(generated < tokens);
-    // Everything was freed: nothing reserved, nothing running.
+
+    // Cancelled part-way (the engine is held in `settled` after the first sample while
+    // the abort is sent): the request ends with what it has, and frees everything.
+    let (reached, at_gate) = std::sync::mpsc::channel::<()>();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let (reached, gate) = (
+        parking_lot::Mutex::new(reached),
+        parking_lot::Mutex::new(gate),
+    );
+    let mut r = plain.clone();
+    r.sequential = Some(Sequential {
+        parallel: 2,
+        settled: Arc::new(move |traces| {
+            if traces.len() == 1 {
+                let _ = reached.lock().send(());
+                let _ = gate.lock().recv();
+            }
+            false
+        }),
+    });
+    let e = engine(&model, EngineConfig::default());
+    let handle = e.submit(r, None).unwrap();
+    at_gate.recv().unwrap();
+    handle.abort();
+    release.send(()).unwrap();
+    let cut = handle.blocking_completion().unwrap();
+    assert!(cut.traces.len() < 12 && cut.settled_after.is_none());
+    assert!(cut.traces.iter().any(|t| t.finish == FinishReason::Aborted));
     let stats = e.stats();
     assert_eq!((stats.kv_reserved, stats.running_requests), (0, 0));
 

@@ -56,6 +56,9 @@ struct Active {
     parent_kv: Option<SeqKv>,
     /// The prompt's last logits row, for samples that start after the prompt's step.
     first_logits: Option<Tensor>,
+    /// The adapter version of the prompt's step: a sample that starts later still takes
+    /// its prompt KV and first token from it.
+    prompt_adapter_version: u64,
     /// Finished samples from sample 0 already offered to the request's `settled`.
     checked: usize,
     /// How many samples settled a sequential request, once they have.
@@ -214,6 +217,7 @@ impl Scheduler {
                 cancelled: false,
                 parent_kv: None,
                 first_logits: None,
+                prompt_adapter_version: 0,
                 checked: 0,
                 settled_after: None,
             });
@@ -396,6 +400,7 @@ impl Scheduler {
         let Some(mut parent) = a.prompt_kv.take() else {
             return Ok(());
         };
+        a.prompt_adapter_version = a.adapter.as_ref().map(|x| x.version()).unwrap_or(0);
         for _ in 0..a.request.parallel_samples() {
             let sample = Self::new_sample(a, &mut parent)?;
             a.samples.push(sample);
@@ -424,7 +429,7 @@ impl Scheduler {
                 token_end: Vec::new(),
                 top_logprobs: Vec::new(),
                 finish: FinishReason::Length,
-                adapter_version: a.adapter.as_ref().map(|x| x.version()).unwrap_or(0),
+                adapter_version: a.prompt_adapter_version,
             },
             utf8: Utf8Buffer::default(),
             stop: StopMatcher::new(&a.request.stop),
@@ -471,6 +476,9 @@ impl Scheduler {
     /// Starts the next samples of sequential requests in the slots finished ones freed.
     fn refill(&mut self) -> Result<()> {
         for a in &mut self.active {
+            if a.all_started() && !a.samples.iter().any(|s| s.fresh && !s.done) {
+                a.first_logits = None;
+            }
             if a.cancelled || a.all_started() {
                 continue;
             }

@@ -78,7 +78,10 @@ fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<Llama3RopeScali
                     )));
                 }
             }
-            if json.get("rope_scaling").is_some_and(|s| !s.is_null()) {
+            if json
+                .get("rope_scaling")
+                .is_some_and(|s| !s.is_null() && s != p)
+            {
                 return Err(Error::Config(
                     "config.json has both rope_parameters and rope_scaling: which one holds \
                      the scaling is ambiguous"
@@ -151,7 +154,7 @@ fn refuse_unimplemented(json: &serde_json::Value, architecture: Architecture) ->
             }
         }
     }
-    if let Some(v) = json.get("partial_rotary_factor") {
+    if let Some(v) = json.get("partial_rotary_factor").filter(|v| !v.is_null()) {
         if v.as_f64() != Some(1.0) {
             return refuse("partial_rotary_factor", v);
         }
@@ -418,7 +421,7 @@ impl ModelConfig {
         let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
-        let bias = if self.qkv_bias { q + 2 * kv } else { 0 };
+        let bias = if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
         let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * layer + h + head
@@ -481,6 +484,9 @@ mod tests {
             json!({"rope_theta": 1e6, "rope_parameters": {"rope_theta": 1e6}}),
         ));
         assert_eq!(both, plain);
+        let p = json!({"rope_type": "default", "rope_theta": 1e6});
+        let both = load(llama(json!({"rope_parameters": p, "rope_scaling": p})));
+        assert_eq!(both, plain);
     }
 
     #[test]
@@ -530,6 +536,7 @@ mod tests {
         // The same fields at values that change nothing load.
         for extra in [
             json!({"partial_rotary_factor": 1.0}),
+            json!({"partial_rotary_factor": null}),
             json!({"final_logit_softcapping": null}),
             json!({"mlp_bias": false}),
             json!({"hidden_act": "silu"}),

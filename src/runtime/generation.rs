@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use super::feedback::TraceRecord;
 use super::Inner;
-use crate::engine::{engine_gone, Completion, Event, Request, RequestHandle, Sequential, Trace};
+use crate::engine::{
+    engine_gone, Completion, Event, FinishReason, Request, RequestHandle, Sequential, Trace,
+};
 use crate::error::{Error, Result};
 use crate::score::{TraceScore, TraceView};
 use crate::select::{select, Candidate, SelectionRule};
@@ -280,13 +282,20 @@ impl Generation {
 /// The engine's sequential drawing for a sequential selection rule: `parallel` samples at
 /// a time, settled when the rule would stop drawing on the finished ones' answers.
 pub(super) fn sequential_for(rule: SelectionRule, parallel: usize) -> Sequential {
+    // The engine asks with ever longer runs of the same samples: each answer is extracted
+    // once, not once per question.
+    let drawn = parking_lot::Mutex::new(Vec::<Candidate>::new());
     Sequential {
         parallel,
         settled: Arc::new(move |traces: &[&Trace]| {
-            let drawn: Vec<Candidate> = traces
-                .iter()
-                .map(|t| Candidate::new(extract_answer(&t.text).map(|found| found.answer)))
-                .collect();
+            let mut drawn = drawn.lock();
+            drawn.truncate(traces.len());
+            let known = drawn.len();
+            drawn.extend(
+                traces[known..]
+                    .iter()
+                    .map(|t| Candidate::new(extract_answer(&t.text).map(|found| found.answer))),
+            );
             rule.settled(&drawn)
         }),
     }
@@ -338,10 +347,14 @@ impl Inner {
         let mut records = Vec::with_capacity(completion.traces.len());
         for (i, (trace, candidate)) in completion.traces.into_iter().zip(&candidates).enumerate() {
             let id = first_id + i as u64;
+            // A sample cut because the answer was settled is a fragment, not an answer:
+            // nothing to verify, nothing to learn from.
+            let whole = trace.finish != FinishReason::Unneeded;
             let reward = verify
                 .as_ref()
+                .filter(|_| whole)
                 .map(|(v, reference)| v.verify(&trace.text, reference).reward);
-            if remember && !trace.tokens.is_empty() {
+            if remember && whole && !trace.tokens.is_empty() {
                 records.push((
                     id,
                     TraceRecord {

@@ -289,13 +289,25 @@ impl Runtime {
             scores,
             remember,
         } = request;
-        if parallel == Some(0) {
-            return Err(Error::InvalidArgument("parallel must be at least 1".into()));
-        }
-        if let (Some(rule), None) = (selection, &request.sequential) {
-            if let Some(default) = rule.default_parallel() {
-                request.sequential = Some(sequential_for(rule, parallel.unwrap_or(default)));
+        let default_parallel = selection.and_then(|rule| rule.default_parallel());
+        match (parallel, default_parallel) {
+            (Some(0), _) => {
+                return Err(Error::InvalidArgument("parallel must be at least 1".into()))
             }
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(
+                    "parallel applies to a sequential selection rule (esc, adaptive)".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let (Some(rule), Some(default), None) =
+            (selection, default_parallel, &request.sequential)
+        {
+            // A default wider than a batch (esc:100) runs a batch at a time; a `parallel`
+            // asked for explicitly is checked by the engine like any other size.
+            let parallel = parallel.unwrap_or(default.min(self.inner.config.max_batch));
+            request.sequential = Some(sequential_for(rule, parallel));
         }
         let resolved = self.inner.adapters.resolve(adapter.as_deref())?;
         let verify = match verify {

@@ -20,12 +20,24 @@ use verity::{Error, Result};
 use crate::eval::RuleResult;
 
 /// Per-token statistics as four columns (a third of the size of one object per token).
+/// JSON has no NaN or infinity: serde_json writes them as null, read back as NaN.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TokenColumns {
+    #[serde(deserialize_with = "nullable_floats")]
     pub logprob: Vec<f32>,
+    #[serde(deserialize_with = "nullable_floats")]
     pub entropy: Vec<f32>,
+    #[serde(deserialize_with = "nullable_floats")]
     pub self_certainty: Vec<f32>,
+    #[serde(deserialize_with = "nullable_floats")]
     pub confidence: Vec<f32>,
+}
+
+fn nullable_floats<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<f32>, D::Error> {
+    let values: Vec<Option<f32>> = Deserialize::deserialize(d)?;
+    Ok(values.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
 }
 
 impl TokenColumns {
@@ -648,6 +660,13 @@ mod tests {
         let json = serde_json::to_string(&columns).unwrap();
         let back: TokenColumns = serde_json::from_str(&json).unwrap();
         assert_eq!(back.to_stats().unwrap(), stats);
+        // A non-finite statistic is written as null and read back as NaN, not an error.
+        let mut odd = columns.clone();
+        odd.entropy[1] = f32::INFINITY;
+        let json = serde_json::to_string(&odd).unwrap();
+        assert!(json.contains("null"), "{json}");
+        let read: TokenColumns = serde_json::from_str(&json).unwrap();
+        assert!(read.entropy[1].is_nan() && read.entropy[0] == 1.0);
         let mut uneven = back;
         uneven.entropy.pop();
         assert!(uneven.to_stats().is_none());

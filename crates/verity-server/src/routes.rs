@@ -291,7 +291,9 @@ fn client_path_error(state: &Shared, e: verity::Error, loading: bool) -> ApiErro
         _ => return e.into(),
     };
     let mut message = e.to_string();
-    if let Some(root) = state.runtime.config().adapter_dir.as_deref() {
+    // Paths in the error are the confined (canonical) ones.
+    let root = state.runtime.config().adapter_dir.as_deref();
+    if let Some(root) = root.and_then(|r| r.canonicalize().ok()) {
         message = message.replace(&format!("{}/", root.display()), "");
     }
     ApiError::new(status, message).with_param("path")

@@ -144,6 +144,13 @@ pub fn run(args: Args) -> Result<(), String> {
     }
     print_table(&results, true);
     println!("({} questions, n = {})", items.len(), args.n);
+    if config.rules.iter().any(SelectionRule::is_sequential) {
+        println!(
+            "(sequential rules above are simulated on the n samples in order and charged the \
+             samples they would draw; 'online' rows decoded in the engine, in parallel \
+             windows, and count every token decoded)"
+        );
+    }
     if let Some(out) = &args.out {
         // The curve comes from the trace file just written, as --from would read it.
         let questions = read_traces(out).map_err(|e| e.to_string())?;
@@ -172,6 +179,9 @@ fn run_from(args: &Args, from: &Path) -> Result<(), String> {
     let mut questions = read_traces(from).map_err(|e| e.to_string())?;
     if let Some(k) = args.limit {
         questions.truncate(k);
+    }
+    if questions.is_empty() {
+        return Err("--limit 0 leaves no questions".into());
     }
     let n = samples_per_question(&questions, from).map_err(|e| e.to_string())?;
     let specs: Vec<RuleSpec> = args
