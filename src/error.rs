@@ -56,6 +56,17 @@ pub enum Error {
         /// The model's context.
         context: usize,
     },
+    #[error("prompt of {bytes} bytes is at least {at_least} tokens, more than the context of {context} tokens")]
+    /// The prompt's text is too long to fit the context however it tokenizes (refused
+    /// before tokenizing it).
+    PromptTooLarge {
+        /// The text's length.
+        bytes: usize,
+        /// A lower bound on its tokens.
+        at_least: usize,
+        /// The model's context.
+        context: usize,
+    },
     /// A value the caller passed is not acceptable.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -91,6 +102,7 @@ impl Error {
             Error::InvalidArgument(_)
             | Error::OutOfRange(_)
             | Error::PromptTooLong { .. }
+            | Error::PromptTooLarge { .. }
             | Error::Tokenizer(_)
             | Error::ChatTemplate(_)
             | Error::Config(_) => 400,

@@ -42,6 +42,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod ffi;
+pub mod files;
 mod kernels;
 pub mod model;
 pub mod runtime;

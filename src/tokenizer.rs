@@ -59,12 +59,28 @@ pub struct Tokenizer {
     plain: OnceLock<tokenizers::Tokenizer>,
     /// The bytes each id stands for, for exact and streaming decoding.
     token_bytes: Vec<Vec<u8>>,
+    /// Bounds for [`Tokenizer::tokens_at_least`]: the longest token, the longest with an
+    /// ASCII letter or digit (both at least 1), and whether text is normalized first.
+    longest_token: usize,
+    longest_alnum_token: usize,
+    normalizes: bool,
     /// Control tokens (rendered as nothing unless asked).
     control: Vec<bool>,
     special: SpecialTokens,
     chat_template: Option<ChatTemplate>,
     /// Where the tokenizer came from ("gguf:qwen2", "tokenizer.json"), for `verity info`.
     pub description: String,
+}
+
+/// The length of the longest token that `keep` accepts (at least 1).
+fn longest(token_bytes: &[Vec<u8>], keep: impl Fn(&[u8]) -> bool) -> usize {
+    token_bytes
+        .iter()
+        .filter(|t| keep(t))
+        .map(Vec::len)
+        .max()
+        .unwrap_or(1)
+        .max(1)
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -255,7 +271,7 @@ impl Tokenizer {
             .zip(&is_added)
             .map(|(t, &added)| (t.clone(), added))
             .collect();
-        let token_bytes = tokens
+        let token_bytes: Vec<Vec<u8>> = tokens
             .iter()
             .zip(&is_added)
             .map(|(t, &added)| {
@@ -292,8 +308,11 @@ impl Tokenizer {
             .map(|src| ChatTemplate::new(src, &text_of(bos), &text_of(eos)))
             .transpose()?;
         Ok(Self {
+            normalizes: inner.get_normalizer().is_some(),
             inner,
             plain: OnceLock::new(),
+            longest_token: longest(&token_bytes, |_| true),
+            longest_alnum_token: longest(&token_bytes, |t| t.iter().any(u8::is_ascii_alphanumeric)),
             token_bytes,
             control,
             special,
@@ -309,9 +328,12 @@ impl Tokenizer {
     /// Hugging Face folder.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let text = crate::files::read_to_string(&path, crate::files::MAX_TOKENIZER_BYTES)?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let json = crate::model::hf::read_json(&path)?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&path, format!("invalid JSON: {e}")))?;
         let read_optional = |name: &str| -> Result<Option<serde_json::Value>> {
             let p = dir.join(name);
             if p.is_file() {
@@ -409,8 +431,11 @@ impl Tokenizer {
             })
             .transpose()?;
         Ok(Self {
+            normalizes: inner.get_normalizer().is_some(),
             inner,
             plain: OnceLock::new(),
+            longest_token: longest(&token_bytes, |_| true),
+            longest_alnum_token: longest(&token_bytes, |t| t.iter().any(u8::is_ascii_alphanumeric)),
             token_bytes,
             control,
             special,
@@ -473,6 +498,26 @@ impl Tokenizer {
             ids.extend(self.special.eos);
         }
         Ok(ids)
+    }
+
+    /// A lower bound on the number of tokens `text` encodes to, found in one pass over its
+    /// bytes without encoding it, to refuse an oversized prompt before paying for its
+    /// tokenization. Byte-level BPE tokens cover the (normalized) text's bytes exactly, so
+    /// there are at least bytes / longest token, and at least ASCII letters and digits /
+    /// the longest token holding one (the longest tokens are runs of spaces or dashes; words
+    /// are short). A normalizer (NFC) shrinks text by at most a factor of 3 (three Hangul
+    /// jamo compose into one syllable) and can fold an ASCII letter into the combining mark
+    /// of 2 or more bytes after it; both are allowed for.
+    pub fn tokens_at_least(&self, text: &str) -> usize {
+        let bytes = text.as_bytes();
+        let alnum = bytes.iter().filter(|b| b.is_ascii_alphanumeric()).count();
+        let (alnum, total) = if self.normalizes {
+            let non_ascii = bytes.iter().filter(|b| !b.is_ascii()).count();
+            (alnum.saturating_sub(non_ascii / 2), bytes.len() / 3)
+        } else {
+            (alnum, bytes.len())
+        };
+        (alnum / self.longest_alnum_token).max(total / self.longest_token)
     }
 
     /// The raw bytes of one token (control tokens give their text).

@@ -773,6 +773,54 @@ fn missing_files_are_io_errors_naming_the_file() {
     }
 }
 
+/// A FIFO as the config (an open would wait for a writer forever), a link to /dev/zero as
+/// the weights (a read would never end) and weights larger than any adapter of the model
+/// can be: each refused at once, naming the file.
+#[cfg(unix)]
+#[test]
+fn special_and_oversized_files_are_refused_before_reading() {
+    let config = tiny_config(Architecture::Llama);
+    let root = temp_dir("adapter-special");
+    let adapter = seeded_adapter(&config, spec(4, 8.0, &[LoraTarget::Q], false), 9);
+    let dir = root.join("fifo");
+    save_peft(&adapter, &config, &dir, "").unwrap();
+    let config_file = dir.join(ADAPTER_CONFIG_FILE);
+    std::fs::remove_file(&config_file).unwrap();
+    let c = std::ffi::CString::new(config_file.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let err = err_text(&load(&dir, &config).err().expect("refused"));
+    assert!(
+        err.contains(ADAPTER_CONFIG_FILE) && err.contains("FIFO"),
+        "{err}"
+    );
+
+    let dir = root.join("zero");
+    save_peft(&adapter, &config, &dir, "").unwrap();
+    let weights = dir.join(ADAPTER_WEIGHTS_FILE);
+    std::fs::remove_file(&weights).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &weights).unwrap();
+    let err = err_text(&load(&dir, &config).err().expect("refused"));
+    assert!(
+        err.contains(ADAPTER_WEIGHTS_FILE) && err.contains("character device"),
+        "{err}"
+    );
+
+    let dir = root.join("huge");
+    save_peft(&adapter, &config, &dir, "").unwrap();
+    let bound = config.num_parameters() as u64 * 8 + (16 << 20);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join(ADAPTER_WEIGHTS_FILE))
+        .unwrap()
+        .set_len(bound + 1)
+        .unwrap();
+    let err = err_text(&load(&dir, &config).err().expect("refused"));
+    assert!(
+        err.contains(&format!("{} bytes, more than", bound + 1)),
+        "{err}"
+    );
+}
+
 #[test]
 fn bad_config_json_is_reported() {
     let config = tiny_config(Architecture::Llama);

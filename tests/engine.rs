@@ -523,6 +523,37 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
     assert!(err.contains("does not fit the context of 64"), "{err}");
 }
 
+#[test]
+fn a_short_prompt_is_not_held_behind_a_long_prefill() {
+    let model = tiny_model("engine-fair");
+    let e = engine(
+        &model,
+        EngineConfig {
+            prefill_chunk: 4,
+            ..Default::default()
+        },
+    );
+    // 40 prompt tokens take 10 steps of 4; the 2-token prompt arriving right after them
+    // must not wait for all of them (first come, first served would make it).
+    let long_prompt: Vec<u32> = (0..40).map(|i| 1 + i % 9).collect();
+    let long = e.submit(req(&long_prompt, 1, 0.0, 0), None).unwrap();
+    let short = e
+        .submit(req(&[4, 5], 1, 0.0, 0), None)
+        .unwrap()
+        .blocking_completion()
+        .unwrap();
+    let prefilled = e.stats().prompt_tokens_prefilled;
+    assert_eq!(short.traces[0].tokens.len(), 1);
+    assert!(
+        prefilled < 40,
+        "the short request finished only after {prefilled} prompt tokens were prefilled"
+    );
+    // The long one still completes, with the tokens it would have had alone.
+    let long = long.blocking_completion().unwrap();
+    let alone = e.generate(req(&long_prompt, 1, 0.0, 0), None).unwrap();
+    assert_eq!(long.traces[0].tokens, alone.traces[0].tokens);
+}
+
 struct StopAfter(usize);
 impl TraceMonitor for StopAfter {
     fn observe(&mut self, _: &TokenStats) -> bool {

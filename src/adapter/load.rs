@@ -2,7 +2,6 @@
 //! checking it against the model: every mismatch is an error that names what is wrong.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -14,6 +13,7 @@ use super::peft::{
     ADAPTER_WEIGHTS_FILE,
 };
 use crate::error::{Error, Result};
+use crate::files;
 use crate::model::config::ModelConfig;
 use crate::model::lora::{LoraAdapter, LoraPair, LoraSpec, LoraTarget};
 
@@ -37,11 +37,15 @@ pub fn load_peft(
     device: &Device,
 ) -> Result<LoraAdapter> {
     // A save may replace the folder while it is read: read both files from one version.
+    // A rank is at most min(in, out), so A and B hold at most 2·in·out numbers per
+    // layer: twice the base weights, 4 bytes each in f32, plus the header.
+    let max_weight_bytes = (config.num_parameters() as u64)
+        .saturating_mul(8)
+        .saturating_add(16 << 20);
     let (folder, (text, bytes)) = atomic::read_consistent(dir, |folder| {
-        let text = fs::read_to_string(folder.join(ADAPTER_CONFIG_FILE))
-            .map_err(|e| Error::io(folder.join(ADAPTER_CONFIG_FILE), e))?;
-        let path = folder.join(ADAPTER_WEIGHTS_FILE);
-        let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let text =
+            files::read_to_string(&folder.join(ADAPTER_CONFIG_FILE), files::MAX_CONFIG_BYTES)?;
+        let bytes = files::read(&folder.join(ADAPTER_WEIGHTS_FILE), max_weight_bytes)?;
         Ok((text, bytes))
     })?;
     let config_path = folder.join(ADAPTER_CONFIG_FILE);

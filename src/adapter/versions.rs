@@ -102,10 +102,12 @@ fn versions(base: &Path) -> Result<Vec<u64>> {
 
 fn read_latest(base: &Path) -> Result<Option<u64>> {
     let path = base.join(LATEST_FILE);
-    let text = match fs::read_to_string(&path) {
+    let text = match crate::files::read_to_string(&path, 64) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(&path, e)),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
     };
     let v = text.trim().parse::<u64>().map_err(|_| {
         Error::bad_file(

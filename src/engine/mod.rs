@@ -167,15 +167,25 @@ impl RequestHandle {
 
 /// The token ids the engine decodes from for `prompt`: text is encoded with special-token
 /// parsing, a conversation is rendered with the model's chat template first.
+/// Text that cannot fit the context however it tokenizes is refused before tokenizing.
 pub fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>> {
-    Ok(match prompt {
-        Prompt::Text(t) => model.tokenizer.encode(t, true)?,
-        Prompt::Tokens(ids) => ids.clone(),
-        Prompt::Chat(messages) => {
-            let text = model.tokenizer.apply_chat_template(messages, true)?;
-            model.tokenizer.encode(&text, true)?
+    let encode = |text: &str| {
+        let context = model.config().max_position_embeddings;
+        let at_least = model.tokenizer.tokens_at_least(text);
+        if at_least >= context {
+            return Err(Error::PromptTooLarge {
+                bytes: text.len(),
+                at_least,
+                context,
+            });
         }
-    })
+        model.tokenizer.encode(text, true)
+    };
+    match prompt {
+        Prompt::Text(t) => encode(t),
+        Prompt::Tokens(ids) => Ok(ids.clone()),
+        Prompt::Chat(messages) => encode(&model.tokenizer.apply_chat_template(messages, true)?),
+    }
 }
 
 /// The outcome a request's last event carries; None for token events.

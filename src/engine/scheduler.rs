@@ -258,7 +258,12 @@ impl Scheduler {
             ));
         }
         let config = &self.shared.config;
-        let mut chunk_left = config.prefill_chunk;
+        let remaining: Vec<Option<usize>> = self
+            .active
+            .iter()
+            .map(|a| a.prompt_kv.as_ref().map(|_| a.prompt.len() - a.prefilled))
+            .collect();
+        let grants = prefill_grants(&remaining, config.prefill_chunk);
         let mut batch_left = config.max_batch;
         let mut owners = Vec::new();
         let mut inputs: Vec<StepInput<'_>> = Vec::new();
@@ -284,11 +289,10 @@ impl Scheduler {
             } = a;
             let adapter = adapter.as_deref();
             if let Some(kv) = prompt_kv.as_mut() {
-                if chunk_left == 0 {
+                if grants[ai] == 0 {
                     continue;
                 }
-                let end = (*prefilled + chunk_left).min(prompt.len());
-                chunk_left -= end - *prefilled;
+                let end = *prefilled + grants[ai];
                 inputs.push(StepInput {
                     tokens: &prompt[*prefilled..end],
                     kv,
@@ -731,5 +735,61 @@ impl Scheduler {
                 settled_after: a.settled_after,
             }));
         }
+    }
+}
+
+/// How many prompt tokens each request prefills this step (`remaining[i]`: the tokens
+/// request i has left to prefill, None once it decodes), within `chunk` in all. Shortest
+/// remaining first, so a short prompt is not held behind a long one for the long one's
+/// whole prefill; the oldest request still prefilling always gets a quarter of the chunk,
+/// so a long prompt advances under any stream of short ones.
+pub(super) fn prefill_grants(remaining: &[Option<usize>], chunk: usize) -> Vec<usize> {
+    let mut grants = vec![0; remaining.len()];
+    let mut left = chunk;
+    if let Some((oldest, Some(r))) = remaining.iter().enumerate().find(|(_, r)| r.is_some()) {
+        grants[oldest] = (*r).min(chunk.div_ceil(4));
+        left -= grants[oldest];
+    }
+    let mut order: Vec<(usize, usize)> = remaining
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.map(|r| (i, r)))
+        .collect();
+    // Stable: equal lengths keep their admission order.
+    order.sort_by_key(|&(_, r)| r);
+    for (i, r) in order {
+        let more = (r - grants[i]).min(left);
+        grants[i] += more;
+        left -= more;
+    }
+    grants
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_grants;
+
+    #[test]
+    fn prefill_goes_shortest_first_and_the_oldest_always_advances() {
+        // Alone, a long prompt takes the whole chunk.
+        assert_eq!(prefill_grants(&[Some(2400)], 512), vec![512]);
+        // A short prompt behind a long one finishes in this step; the long one gets the rest.
+        assert_eq!(prefill_grants(&[Some(2400), Some(4)], 512), vec![508, 4]);
+        // Decoding requests (None) get nothing.
+        assert_eq!(
+            prefill_grants(&[None, Some(100), None, Some(30)], 64),
+            vec![0, 34, 0, 30]
+        );
+        // Many short prompts cannot starve the oldest: it keeps a quarter of the chunk.
+        let many: Vec<Option<usize>> = std::iter::once(Some(2400))
+            .chain(std::iter::repeat_n(Some(200), 8))
+            .collect();
+        let g = prefill_grants(&many, 512);
+        assert_eq!(g[0], 128);
+        assert_eq!(g[1..], [200, 184, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(g.iter().sum::<usize>(), 512);
+        // Never more than a request has left, never more than the chunk.
+        assert_eq!(prefill_grants(&[Some(3), Some(2)], 512), vec![3, 2]);
+        assert_eq!(prefill_grants(&[Some(1)], 1), vec![1]);
     }
 }

@@ -138,7 +138,9 @@ pub fn status_of(e: &Error) -> verity_status {
         | Error::Weight { .. }
         | Error::Tokenizer(_)
         | Error::ChatTemplate(_) => VERITY_ERR_MODEL,
-        Error::PromptTooLong { .. } | Error::InvalidArgument(_) => VERITY_ERR_INVALID_ARGUMENT,
+        Error::PromptTooLong { .. } | Error::PromptTooLarge { .. } | Error::InvalidArgument(_) => {
+            VERITY_ERR_INVALID_ARGUMENT
+        }
         Error::OutOfRange(_) => VERITY_ERR_OUT_OF_RANGE,
         Error::NotFound(_) => VERITY_ERR_NOT_FOUND,
         Error::Busy(_) => VERITY_ERR_BUSY,

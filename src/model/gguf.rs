@@ -65,7 +65,7 @@ pub fn value_as_u64(v: &Value) -> Option<u64> {
 }
 
 pub fn read_header(path: &Path) -> Result<(GgufHeader, BufReader<File>)> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let (file, _) = crate::files::open_regular(path, u64::MAX)?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader)
         .map_err(|e| Error::bad_file(path, format!("cannot read the GGUF header: {e}")))?;

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 
 /// Reads and parses a JSON file; errors name the path.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_to_string(path, crate::files::MAX_CONFIG_BYTES)?;
     serde_json::from_str(&text).map_err(|e| Error::bad_file(path, format!("invalid JSON: {e}")))
 }
 
@@ -58,6 +58,7 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, W
         .map_err(|e| Error::bad_file(&config_path, e.to_string()))?;
     let mut weights = HashMap::new();
     for file in safetensors_files(dir)? {
+        crate::files::check_regular(&file, u64::MAX)?;
         let tensors = candle_core::safetensors::load(&file, device)
             .map_err(|e| Error::bad_file(&file, format!("cannot read safetensors: {e}")))?;
         for (name, t) in tensors {

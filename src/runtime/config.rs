@@ -135,7 +135,7 @@ impl Default for RuntimeConfig {
 impl RuntimeConfig {
     /// Reads a `.json` or `.toml` file (by extension; anything else is tried as JSON).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_to_string(path, crate::files::MAX_CONFIG_BYTES)?;
         let is_toml = path.extension().is_some_and(|e| e == "toml");
         let parsed = if is_toml {
             toml::from_str(&text).map_err(|e| e.to_string())

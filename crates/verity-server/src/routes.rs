@@ -111,7 +111,19 @@ fn meta_id(state: &AppState, kind: Kind) -> String {
 }
 
 async fn generate(state: Shared, parsed: Parsed, kind: Kind) -> ApiResult<Response> {
-    let generation = state.runtime.submit(parsed.request.clone())?;
+    // Rendering the chat template and tokenizing a long prompt take milliseconds to
+    // seconds: done on the blocking pool, a few at a time, so the async workers stay free
+    // to answer everyone else (`/health` included).
+    let generation = {
+        let _slot = state
+            .prepare_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+        let runtime = state.runtime.clone();
+        let request = parsed.request.clone();
+        tokio::task::spawn_blocking(move || runtime.submit(request)).await??
+    };
     let id = meta_id(&state, kind);
     let created = now();
     if parsed.stream {

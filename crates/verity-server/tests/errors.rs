@@ -1,7 +1,8 @@
 //! Error kinds over HTTP, in process: a decode step that fails is a 500 `server_error`
 //! (also as the last event of a stream that already started), a bad parameter a 400
 //! naming it, and the server keeps serving after the failure; adapter paths that leave the
-//! adapter folder are 400s.
+//! adapter folder are 400s; a client that stalls or floods is cut off without holding up
+//! anyone else.
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
@@ -9,6 +10,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use verity::{Runtime, RuntimeConfig};
 use verity_server::ServerConfig;
@@ -56,6 +58,18 @@ fn serve(
     tokio::sync::oneshot::Sender<()>,
     std::thread::JoinHandle<()>,
 ) {
+    serve_with(runtime, ServerConfig::default())
+}
+
+/// [`serve`] with `config` (its address is ignored).
+fn serve_with(
+    runtime: Arc<Runtime>,
+    config: ServerConfig,
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -68,7 +82,7 @@ fn serve(
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            verity_server::serve_on(listener, runtime, ServerConfig::default(), async {
+            verity_server::serve_on(listener, runtime, config, async {
                 let _ = stopped.await;
             })
             .await
@@ -287,5 +301,105 @@ fn nonsense_values_are_400s_naming_the_parameter() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("trace_capacity"), "{text}");
     let _ = stop.send(());
+    server.join().unwrap();
+}
+
+/// Reads until the server closes the connection (or `limit` passes: then None).
+fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Option<String> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&got).into_owned())
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn stalled_flooding_and_oversized_clients_are_cut_off() {
+    let runtime = smollm2(None);
+    let config = ServerConfig {
+        max_connections: 3,
+        header_timeout: Duration::from_millis(800),
+        body_timeout: Duration::from_millis(800),
+        ..ServerConfig::default()
+    };
+    let (addr, stop, server) = serve_with(runtime, config);
+    let margin = Duration::from_secs(10);
+
+    // Half-sent headers: the connection is closed after the header timeout.
+    let mut half = TcpStream::connect(addr).unwrap();
+    write!(half, "POST /v1/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let started = Instant::now();
+    assert!(
+        read_until_closed(&mut half, margin).is_some(),
+        "half-sent headers kept open"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(700));
+
+    // An idle keep-alive connection is closed the same way after its answer.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    write!(idle, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let text = read_until_closed(&mut idle, margin).expect("idle keep-alive kept open");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // Headers in, body stalled: 408.
+    let mut stalled = TcpStream::connect(addr).unwrap();
+    write!(
+        stalled,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\""
+    )
+    .unwrap();
+    let text = read_until_closed(&mut stalled, margin).expect("stalled body kept open");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("did not arrive within 0.8 s"), "{text}");
+
+    // A body declared larger than the limit: 413 before it is read, in OpenAI's shape.
+    let mut large = TcpStream::connect(addr).unwrap();
+    write!(
+        large,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        (2 << 20) + 1
+    )
+    .unwrap();
+    let text = read_until_closed(&mut large, margin).expect("an answer");
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("larger than 2097152 bytes"), "{text}");
+
+    // A prompt too long for the context however it tokenizes is refused without
+    // tokenizing it (SmolLM2: 8192 tokens of at most a few dozen bytes each).
+    let prompt = "word ".repeat(380_000);
+    let (status, text) = post(
+        addr,
+        "/v1/completions",
+        &format!(r#"{{"prompt": "{prompt}", "max_tokens": 1}}"#),
+    );
+    assert_eq!(status, 400, "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("1900000 bytes is at least"), "{text}");
+
+    // Three connections held open: the fourth is answered 503 at once and closed...
+    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = TcpStream::connect(addr).unwrap();
+    let text = read_until_closed(&mut extra, Duration::from_millis(700)).expect("no answer");
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("too many open connections"), "{text}");
+    // ...and once they are gone, requests are served again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, text) = post(
+        addr,
+        "/v1/completions",
+        r#"{"prompt": "Hi", "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+
+    stop.send(()).unwrap();
     server.join().unwrap();
 }

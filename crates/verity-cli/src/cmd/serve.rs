@@ -43,10 +43,33 @@ pub struct Args {
     /// Start background learning from feedback at once.
     #[arg(long)]
     learn: bool,
+    /// Open connections at most; the next is answered 503 and closed.
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (and an idle keep-alive connection
+    /// waits for its next request) before the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body (408 after).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
+}
+
+/// A timeout flag as a duration: positive and finite.
+fn seconds(flag: &str, s: f64) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--{flag} must be a positive number of seconds, not {s}"))
 }
 
 pub fn run(args: Args) -> Result<(), String> {
     // Checked before the model loads: a mistake costs nothing.
+    let header_timeout = seconds("header-timeout", args.header_timeout)?;
+    let body_timeout = seconds("body-timeout", args.body_timeout)?;
+    if args.max_connections == 0 {
+        return Err("--max-connections must be at least 1".into());
+    }
     if !args.host.is_loopback() && args.api_key.is_none() && !args.insecure_no_api_key {
         return Err(format!(
             "--host {} is reachable from other machines, and without --api-key (or \
@@ -78,6 +101,10 @@ pub fn run(args: Args) -> Result<(), String> {
             max_tokens: args.max_tokens,
             ..Limits::default()
         },
+        max_connections: args.max_connections,
+        header_timeout,
+        body_timeout,
+        ..ServerConfig::default()
     };
     verity_server::serve_until_signal(runtime, server)
 }
