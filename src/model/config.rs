@@ -347,6 +347,30 @@ impl ModelConfig {
                 return Err(Error::Config(format!("{name} must be positive")));
             }
         }
+        // Tables are allocated from these sizes before any weight is read (the RoPE table
+        // holds max_position_embeddings × head_dim numbers): a file that states an absurd
+        // size must be refused, not abort the process. Each bound is far above any model
+        // in use (1M-token contexts, 256k vocabularies, 16k-wide layers).
+        let bounded = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 19),
+            ("num_layers", self.num_layers, 1 << 10),
+            ("num_heads", self.num_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 11),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 21,
+            ),
+        ];
+        for (name, value, bound) in bounded {
+            if value > bound {
+                return Err(Error::Config(format!(
+                    "{name} = {value} is larger than any model has (at most {bound})"
+                )));
+            }
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::Config(format!(
                 "num_heads ({}) is not a multiple of num_kv_heads ({})",
@@ -543,6 +567,25 @@ mod tests {
         ] {
             assert_eq!(load(llama(extra)), load(llama(json!({}))));
         }
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_allocated() {
+        // A mutated GGUF stated a context of ~2^35 tokens: its RoPE table would have been
+        // a 438 GB allocation, which aborts the process.
+        for (field, value) in [
+            ("max_position_embeddings", 1u64 << 35),
+            ("vocab_size", 1 << 40),
+            ("num_hidden_layers", 1 << 20),
+        ] {
+            let err = ModelConfig::from_hf_json(&llama(json!({ field: value })))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("larger than any model has"), "{field}: {err}");
+        }
+        assert!(
+            ModelConfig::from_hf_json(&llama(json!({"max_position_embeddings": 1 << 20}))).is_ok()
+        );
     }
 
     #[test]
