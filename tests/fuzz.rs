@@ -136,7 +136,7 @@ fn hf_folders() {
         let (mut loaded, mut refused) = (0, 0);
         fuzz::run(
             file,
-            &[bytes.clone()],
+            std::slice::from_ref(&bytes),
             JSON_TOKENS,
             focus,
             fuzz::cases(1000),
@@ -182,7 +182,7 @@ fn adapter_folders() {
         let (mut loaded, mut refused) = (0, 0);
         fuzz::run(
             file,
-            &[bytes.clone()],
+            std::slice::from_ref(&bytes),
             JSON_TOKENS,
             focus,
             fuzz::cases(2000),
