@@ -76,11 +76,30 @@ fn gguf_files() {
     let bytes = std::fs::read(&seed).unwrap();
     // The header (metadata and tensor infos) comes first; the data after it.
     let focus = header_len_guess(&bytes);
+    // Inputs that once panicked, replayed first (each must now be refused).
+    let corpus = repo().join("tests/fuzz-corpus/gguf");
+    let mut found: Vec<_> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    assert!(
+        found.len() >= 4,
+        "the corpus in {} is missing",
+        corpus.display()
+    );
+    for p in &found {
+        let err = Model::load(p, &dense()).err().map(|e| e.to_string());
+        assert!(err.is_some(), "{} loaded", p.display());
+    }
+    let mut seeds = vec![bytes];
+    seeds.extend(found.iter().map(|p| std::fs::read(p).unwrap()));
     let path = dir.join("mutant.gguf");
     let (mut loaded, mut refused) = (0, 0);
     fuzz::run(
         "gguf",
-        &[bytes],
+        &seeds,
         GGUF_TOKENS,
         focus,
         fuzz::cases(1500),

@@ -95,7 +95,15 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
         .tensor_infos
         .get("token_embd.weight")
         .ok_or_else(|| Error::bad_file(path, "no 'token_embd.weight' tensor"))?;
-    let vocab_size = embedding.shape.dims()[0];
+    let vocab_size = match embedding.shape.dims() {
+        [rows, _] => *rows,
+        dims => {
+            return Err(Error::bad_file(
+                path,
+                format!("'token_embd.weight' has shape {dims:?}, not (vocab, hidden)"),
+            ))
+        }
+    };
     let config = ModelConfig {
         architecture,
         vocab_size,
@@ -124,6 +132,10 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
             .tensor_infos
             .contains_key("blk.0.attn_output.bias"),
     };
+    // Checked here too, before the weights are read and rearranged by these sizes.
+    config
+        .validate()
+        .map_err(|e| Error::bad_file(path, e.to_string()))?;
     Ok(config)
 }
 
@@ -211,7 +223,17 @@ pub fn read_weights(
     infos.sort_by_key(|(_, info)| info.offset);
     for (name, info) in infos {
         let dims = info.shape.dims().to_vec();
-        let elems: usize = dims.iter().product();
+        // The file states the shape: its product may overflow (and then wrap to a size that
+        // passes every check below).
+        let elems = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                Error::bad_file(
+                    path,
+                    format!("tensor '{name}' has an impossible shape {dims:?}"),
+                )
+            })?;
         let block = info.ggml_dtype.block_size();
         if !elems.is_multiple_of(block) {
             return Err(Error::bad_file(
@@ -219,9 +241,19 @@ pub fn read_weights(
                 format!("tensor '{name}' has {elems} elements, not a multiple of the block size {block}"),
             ));
         }
-        let bytes = elems / block * info.ggml_dtype.type_size();
-        let start = header.content.tensor_data_offset + info.offset;
-        if start + bytes as u64 > file_size {
+        let bytes = (elems / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .ok_or_else(|| {
+                Error::bad_file(
+                    path,
+                    format!("tensor '{name}' has an impossible shape {dims:?}"),
+                )
+            })?;
+        let start = header
+            .content
+            .tensor_data_offset
+            .saturating_add(info.offset);
+        if start.saturating_add(bytes as u64) > file_size {
             return Err(Error::bad_file(
                 path,
                 format!(
@@ -249,10 +281,27 @@ pub fn read_weights(
             continue;
         };
         if config.architecture == Architecture::Llama && dims.len() == 2 {
-            if hf.ends_with("q_proj.weight") {
-                raw = unpermute_rows(&raw, dims[0], config.num_heads);
+            let heads = if hf.ends_with("q_proj.weight") {
+                Some(config.num_heads)
             } else if hf.ends_with("k_proj.weight") {
-                raw = unpermute_rows(&raw, dims[0], config.num_kv_heads);
+                Some(config.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(heads) = heads {
+                // Whole heads of an even width, whole rows: else the rows cannot be moved
+                // (and the shape check later would refuse the tensor anyway).
+                let rows = dims[0];
+                if rows == 0 || !rows.is_multiple_of(2 * heads) || !raw.len().is_multiple_of(rows) {
+                    return Err(Error::weight(
+                        name.as_str(),
+                        format!(
+                            "{rows} rows of {} bytes in all cannot hold {heads} heads",
+                            raw.len()
+                        ),
+                    ));
+                }
+                raw = unpermute_rows(&raw, rows, heads);
             }
         }
         let qtensor = ggml_file::qtensor_from_ggml(info.ggml_dtype, &raw, dims, device)

@@ -1,14 +1,15 @@
 //! Rewards for a group of rollouts of one prompt: from a verifier, or without one —
 //! INTUITOR (the sample's self-certainty, normalised within its group), TTRL (agreement
-//! with the group's majority answer as a pseudo-label) and RLPR (the policy's probability
-//! of the reference answer after the sample's reasoning) — combined with weights, with an
-//! optional length penalty.
+//! with the group's majority answer as a pseudo-label), EM-RL (low entropy, the sample's
+//! negative mean token entropy normalised within its group) and RLPR (the policy's
+//! probability of the reference answer after the sample's reasoning) — combined with
+//! weights, with an optional length penalty.
 
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{LoraAdapter, Model};
-use crate::score::{mean_self_certainty, TokenStats};
+use crate::score::{mean_entropy, mean_self_certainty, TokenStats};
 use crate::select::{select, Candidate, SelectionRule};
 use crate::verify::{equivalent, extract_answer, Answer, AnswerSource, Verifier};
 
@@ -27,10 +28,27 @@ pub fn verifier_rewards(
 /// INTUITOR: mean self-certainty of each sample, z-scored within the group (all zero when
 /// the group is constant or empty).
 pub fn intuitor_rewards(stats: &[&[TokenStats]]) -> Vec<f64> {
-    let raw: Vec<f64> = stats
-        .iter()
-        .map(|s| mean_self_certainty(s).unwrap_or(0.0))
-        .collect();
+    z_scores(
+        &stats
+            .iter()
+            .map(|s| mean_self_certainty(s).unwrap_or(0.0))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// EM-RL (entropy minimisation as the only reward, arXiv 2505.15134, its token-level
+/// form): minus the sample's mean token entropy, z-scored within the group. The mean, not
+/// the paper's sum, so that a longer sample is not rewarded for its length alone; an empty
+/// sample counts as the group's mean.
+pub fn entropy_rewards(stats: &[&[TokenStats]]) -> Vec<f64> {
+    let raw: Vec<Option<f64>> = stats.iter().map(|s| mean_entropy(s).map(|h| -h)).collect();
+    let known: Vec<f64> = raw.iter().flatten().copied().collect();
+    let fill = known.iter().sum::<f64>() / known.len().max(1) as f64;
+    z_scores(&raw.iter().map(|r| r.unwrap_or(fill)).collect::<Vec<_>>())
+}
+
+/// `raw` minus its mean, over its standard deviation (all zero when constant or empty).
+fn z_scores(raw: &[f64]) -> Vec<f64> {
     let n = raw.len().max(1) as f64;
     let mean = raw.iter().sum::<f64>() / n;
     let std = (raw.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
@@ -145,4 +163,38 @@ pub fn mean_answer_probability(
         .to_vec1()?;
     let probs = &logp[start - 1..];
     Ok(probs.iter().map(|&l| f64::from(l).exp()).sum::<f64>() / probs.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_entropies(h: &[f32]) -> Vec<TokenStats> {
+        h.iter()
+            .map(|&entropy| TokenStats {
+                entropy,
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn entropy_rewards_favour_the_confident_sample_within_its_group() {
+        // Mean entropies 0.5, 1.0 and 1.5 → raw rewards -0.5, -1.0, -1.5: mean -1.0,
+        // population std √(1/6) → z-scores ±√(3/2) and 0.
+        let a = with_entropies(&[0.25, 0.75]);
+        let b = with_entropies(&[1.0]);
+        let c = with_entropies(&[1.5, 1.5, 1.5]);
+        let r = entropy_rewards(&[&a, &b, &c]);
+        let z = 1.5f64.sqrt();
+        for (got, want) in r.iter().zip([z, 0.0, -z]) {
+            assert!((got - want).abs() < 1e-6, "{r:?}");
+        }
+        // An empty sample takes the group's mean; a constant group gets no signal.
+        let empty = with_entropies(&[]);
+        let r = entropy_rewards(&[&a, &empty, &c]);
+        assert!(r[1].abs() < 1e-9 && r[0] > 0.0 && r[2] < 0.0, "{r:?}");
+        assert_eq!(entropy_rewards(&[&b, &b]), vec![0.0, 0.0]);
+        assert!(entropy_rewards(&[]).is_empty());
+    }
 }

@@ -16,7 +16,9 @@ use crate::eval::{self, EvalConfig, EvalItem};
 use verity::adapter::save_versioned;
 use verity::runtime::{GenerateResult, Generation, Runtime};
 use verity::select::SelectionRule;
-use verity::train::rewards::{intuitor_rewards, rlpr_rewards, ttrl_rewards, verifier_rewards};
+use verity::train::rewards::{
+    entropy_rewards, intuitor_rewards, rlpr_rewards, ttrl_rewards, verifier_rewards,
+};
 use verity::train::{Rollout, StepReport};
 use verity::verify::{equivalent, reference_answer, MathVerifier};
 use verity::{Error, Result};
@@ -31,6 +33,9 @@ pub enum RewardKind {
     Ttrl,
     /// The sample's self-certainty, normalised in its group (labels hidden).
     Intuitor,
+    /// EM-RL: the sample's negative mean token entropy, normalised in its group (labels
+    /// hidden).
+    Entropy,
     /// The policy's probability of the reference answer after the sample's reasoning,
     /// debiased (reference answers, no verifier).
     Rlpr,
@@ -43,9 +48,10 @@ impl std::str::FromStr for RewardKind {
             "verifier" => Ok(Self::Verifier),
             "ttrl" => Ok(Self::Ttrl),
             "intuitor" => Ok(Self::Intuitor),
+            "entropy" => Ok(Self::Entropy),
             "rlpr" => Ok(Self::Rlpr),
             other => Err(format!(
-                "unknown reward '{other}' (verifier, ttrl, intuitor, rlpr)"
+                "unknown reward '{other}' (verifier, ttrl, intuitor, entropy, rlpr)"
             )),
         }
     }
@@ -218,6 +224,12 @@ pub fn learn(
             let rewards = match config.reward {
                 RewardKind::Verifier => verifier_rewards(&MathVerifier, &texts, &item.answer),
                 RewardKind::Intuitor => intuitor_rewards(
+                    &traces
+                        .iter()
+                        .map(|t| t.stats.as_slice())
+                        .collect::<Vec<_>>(),
+                ),
+                RewardKind::Entropy => entropy_rewards(
                     &traces
                         .iter()
                         .map(|t| t.stats.as_slice())

@@ -26,7 +26,8 @@ pub struct Args {
     eval_limit: usize,
     #[arg(long, default_value_t = 10)]
     eval_every: usize,
-    /// verifier, ttrl (labels hidden), intuitor (labels hidden) or rlpr (references, no verifier).
+    /// verifier, ttrl, intuitor or entropy (EM-RL) (these three: labels hidden), or rlpr
+    /// (references, no verifier).
     #[arg(long, default_value = "verifier")]
     reward: String,
     #[arg(long, default_value_t = 20)]
