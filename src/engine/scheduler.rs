@@ -739,28 +739,33 @@ impl Scheduler {
 }
 
 /// How many prompt tokens each request prefills this step (`remaining[i]`: the tokens
-/// request i has left to prefill, None once it decodes), within `chunk` in all. Shortest
-/// remaining first, so a short prompt is not held behind a long one for the long one's
-/// whole prefill; the oldest request still prefilling always gets a quarter of the chunk,
-/// so a long prompt advances under any stream of short ones.
+/// request i has left to prefill, None once it decodes), within `chunk` in all. The oldest
+/// request still prefilling gets a quarter of the chunk, so a long prompt always advances;
+/// the others go shortest first, so a short prompt is not held behind a long one for the
+/// long one's whole prefill. Only when no other request is prefilling does the oldest get
+/// the rest: a step that carries a short prompt stays short (its cost is its tokens).
 pub(super) fn prefill_grants(remaining: &[Option<usize>], chunk: usize) -> Vec<usize> {
     let mut grants = vec![0; remaining.len()];
-    let mut left = chunk;
-    if let Some((oldest, Some(r))) = remaining.iter().enumerate().find(|(_, r)| r.is_some()) {
-        grants[oldest] = (*r).min(chunk.div_ceil(4));
-        left -= grants[oldest];
-    }
-    let mut order: Vec<(usize, usize)> = remaining
+    let Some(oldest) = remaining.iter().position(Option::is_some) else {
+        return grants;
+    };
+    let oldest_left = remaining[oldest].unwrap_or(0);
+    grants[oldest] = oldest_left.min(chunk.div_ceil(4));
+    let mut left = chunk - grants[oldest];
+    let mut others: Vec<(usize, usize)> = remaining
         .iter()
         .enumerate()
+        .skip(oldest + 1)
         .filter_map(|(i, r)| r.map(|r| (i, r)))
         .collect();
     // Stable: equal lengths keep their admission order.
-    order.sort_by_key(|&(_, r)| r);
-    for (i, r) in order {
-        let more = (r - grants[i]).min(left);
-        grants[i] += more;
-        left -= more;
+    others.sort_by_key(|&(_, r)| r);
+    for &(i, r) in &others {
+        grants[i] = r.min(left);
+        left -= grants[i];
+    }
+    if others.is_empty() {
+        grants[oldest] = oldest_left.min(chunk);
     }
     grants
 }
@@ -773,12 +778,13 @@ mod tests {
     fn prefill_goes_shortest_first_and_the_oldest_always_advances() {
         // Alone, a long prompt takes the whole chunk.
         assert_eq!(prefill_grants(&[Some(2400)], 512), vec![512]);
-        // A short prompt behind a long one finishes in this step; the long one gets the rest.
-        assert_eq!(prefill_grants(&[Some(2400), Some(4)], 512), vec![508, 4]);
+        // A short prompt behind a long one finishes in this step, which stays light: the
+        // long one keeps its quarter only.
+        assert_eq!(prefill_grants(&[Some(2400), Some(4)], 512), vec![128, 4]);
         // Decoding requests (None) get nothing.
         assert_eq!(
             prefill_grants(&[None, Some(100), None, Some(30)], 64),
-            vec![0, 34, 0, 30]
+            vec![0, 16, 0, 30]
         );
         // Many short prompts cannot starve the oldest: it keeps a quarter of the chunk.
         let many: Vec<Option<usize>> = std::iter::once(Some(2400))
@@ -791,5 +797,6 @@ mod tests {
         // Never more than a request has left, never more than the chunk.
         assert_eq!(prefill_grants(&[Some(3), Some(2)], 512), vec![3, 2]);
         assert_eq!(prefill_grants(&[Some(1)], 1), vec![1]);
+        assert_eq!(prefill_grants(&[None, None], 8), vec![0, 0]);
     }
 }
