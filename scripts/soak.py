@@ -13,7 +13,9 @@ Starts the server itself on a free port with an adapter folder, then:
 2. soak: C clients x R requests (completions and chats, n of 1-4, streamed or not, some
    with a verifier), mixed with feedback on their traces, learn steps and adapter saves;
    then the runtime's counters must be back to 0, no request may fail, and the server's
-   RSS after the run is compared with its RSS after warm-up (the first 10% of requests).
+   RSS after the run is compared with its RSS after warm-up (the first 25% of requests,
+   which include the first learn steps and adapter saves: the optimizer state and the
+   autograd buffers are allocated then); the RSS every 5% is reported too.
 
 usage: scripts/soak.py [--verity target/release/verity] [--model PATH]
                        [--clients 64] [--requests 100] [--out soak.json]
@@ -178,6 +180,7 @@ def soak(port, pid, clients, requests_per_client):
     total = clients * requests_per_client
     done = [0]
     warm_rss = [None]
+    rss_series = []
     latencies = []
 
     def one(rng, i):
@@ -234,9 +237,10 @@ def soak(port, pid, clients, requests_per_client):
                 done[0] += 1
                 if not ok:
                     errors.append(str(detail)[:300])
-                if warm_rss[0] is None and done[0] >= total // 10:
+                if warm_rss[0] is None and done[0] >= total // 4:
                     warm_rss[0] = rss_kib(pid)
                 if done[0] % max(1, total // 20) == 0:
+                    rss_series.append(rss_kib(pid) // 1024)
                     print(f"soak: {done[0]}/{total} requests, {len(errors)} errors, "
                           f"RSS {rss_kib(pid) // 1024} MiB", file=sys.stderr, flush=True)
 
@@ -268,7 +272,8 @@ def soak(port, pid, clients, requests_per_client):
             "in_flight": gauge(metrics, "verity_in_flight_requests"),
             "kv_reserved": gauge(metrics, "verity_kv_reserved_tokens"),
         },
-        "rss_mib": {"after_warmup": warm_rss[0] // 1024, "end": end_rss // 1024,
+        "rss_mib": {"every_5_percent": rss_series,
+                    "after_warmup": warm_rss[0] // 1024, "end": end_rss // 1024,
                     "growth_pct": round(100.0 * (end_rss - warm_rss[0]) / warm_rss[0], 2)},
     }
 
