@@ -9,6 +9,7 @@
 //! decode step uses them (see `LoraAdapter::publish`).
 
 pub mod advantage;
+pub mod guard;
 pub mod loss;
 pub mod optim;
 pub mod rewards;

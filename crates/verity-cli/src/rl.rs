@@ -2,9 +2,11 @@
 //! rollouts from the engine (decoded with the adapter being trained), rewards (a verifier,
 //! or TTRL / INTUITOR without labels), and a GRPO update; the next rollouts already use
 //! the new adapter version. A held-out greedy evaluation runs periodically; the best
-//! adapter version is checkpointed, and a collapse (held-out accuracy falling well below
-//! the best, or mean entropy collapsing when no labels are given) rolls the adapter back to
-//! the best version and halves the learning rate.
+//! adapter version is checkpointed, and a collapse rolls the adapter back to the best
+//! version and halves the learning rate. With a held-out set, a collapse is held-out
+//! accuracy falling well below the best; without one, the label-free
+//! [`CollapseGuard`] decides (agreement, entropy, answer diversity, length, truncation, and
+//! the policy's KL from the base model on probe prompts), and ranks checkpoints.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,13 +16,15 @@ use serde::Serialize;
 
 use crate::eval::{self, EvalConfig, EvalItem};
 use verity::adapter::save_versioned;
+use verity::engine::FinishReason;
 use verity::runtime::{GenerateResult, Generation, Runtime};
 use verity::select::SelectionRule;
+use verity::train::guard::{CollapseGuard, GuardConfig, StepSignals, Verdict};
 use verity::train::rewards::{
-    entropy_rewards, intuitor_rewards, rlpr_rewards, ttrl_rewards, verifier_rewards,
+    entropy_rewards, intuitor_rewards, majority_label, rlpr_rewards, ttrl_rewards, verifier_rewards,
 };
 use verity::train::{Rollout, StepReport};
-use verity::verify::{equivalent, reference_answer, MathVerifier};
+use verity::verify::{equivalent, extract_answer, reference_answer, MathVerifier};
 use verity::{Error, Result};
 
 /// Where rewards come from.
@@ -90,6 +94,14 @@ pub struct StepMetrics {
     pub train_seconds: f64,
     pub handoff_microseconds: f64,
     pub heldout_accuracy: Option<f64>,
+    /// Label-free signals of the step (no held-out set): group agreement, mean length,
+    /// share truncated, KL from the base on the probe prompts when measured.
+    pub agreement: f64,
+    pub mean_length: f64,
+    pub truncated: f64,
+    pub probe_kl: Option<f64>,
+    /// The label-free guard's reasons, when it tripped.
+    pub guard: Option<Vec<String>>,
     pub rolled_back: bool,
     #[serde(flatten)]
     pub train: StepReport,
@@ -102,6 +114,71 @@ fn mean(x: impl Iterator<Item = f64>) -> f64 {
     } else {
         s / n as f64
     }
+}
+
+/// The share of a group that gives its majority answer, and that answer (as text; None
+/// when no sample has an extractable answer).
+fn group_agreement(texts: &[&str]) -> (f64, Option<String>) {
+    let Some(label) = majority_label(texts) else {
+        return (0.0, None);
+    };
+    let agree = texts
+        .iter()
+        .filter(|t| extract_answer(t).is_some_and(|e| equivalent(&e.answer, &label)))
+        .count();
+    (
+        agree as f64 / texts.len().max(1) as f64,
+        Some(format!("{label:?}")),
+    )
+}
+
+/// KL(policy ‖ base) per token on the probe prompts (nats): two samples of each from the
+/// policy at temperature 1, their log-probs as decoded minus the base model's (no
+/// adapter) on the same tokens, averaged over the tokens (the unbiased k1 estimator).
+fn probe_kl(
+    runtime: &Runtime,
+    probes: &[&EvalItem],
+    eval_config: &EvalConfig,
+    config: &LearnConfig,
+) -> Result<f64> {
+    let model = runtime.model();
+    let (mut sum, mut tokens) = (0.0f64, 0usize);
+    for (k, item) in probes.iter().enumerate() {
+        let seed = config.seed ^ 0x9e37_79b9 ^ k as u64;
+        let result = runtime.generate(eval::request(
+            &item.question,
+            2,
+            eval_config,
+            1.0,
+            seed,
+            &[],
+        ))?;
+        let completions: Vec<&[u32]> = result
+            .traces
+            .iter()
+            .map(|t| t.trace.tokens.as_slice())
+            .filter(|c| !c.is_empty())
+            .collect();
+        if completions.is_empty() {
+            continue;
+        }
+        let base = verity::train::completion_logprobs(
+            &model.transformer,
+            result.prompt_ids(),
+            &completions,
+            None,
+        )?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
+        let policy = result.traces.iter().filter(|t| !t.trace.tokens.is_empty());
+        for (t, base_row) in policy.zip(&base) {
+            for (s, b) in t.trace.stats.iter().zip(base_row) {
+                sum += f64::from(s.logprob) - f64::from(*b);
+                tokens += 1;
+            }
+        }
+    }
+    Ok(sum / tokens.max(1) as f64)
 }
 
 /// Held-out greedy accuracy with the adapter.
@@ -162,14 +239,20 @@ pub fn learn(
         concurrency: 1,
     };
     let checkpoints = config.out.join("checkpoints");
-    let mut best: Option<(f64, PathBuf)> = None;
-    let mut first_entropy: Option<f64> = None;
+    let mut best: Option<(f64, PathBuf)>;
+    let mut guard = CollapseGuard::new(GuardConfig::default());
+    // Fixed prompts on which the policy's distance from the base model is measured.
+    let probes: Vec<&EvalItem> = train.iter().take(4).collect();
     let mut rollbacks = 0;
     let mut heldout_before = None;
-    if !heldout.is_empty() {
+    // The starting adapter is the first checkpoint: a collapse before a better one
+    // exists goes back to it (without labels any healthy checkpoint outranks it).
+    let start_dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
+    if heldout.is_empty() {
+        best = Some((f64::NEG_INFINITY, start_dir));
+    } else {
         let acc = heldout_accuracy(runtime, heldout, config.max_tokens, Some(&adapter_id))?;
-        let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
-        best = Some((acc, dir));
+        best = Some((acc, start_dir));
         heldout_before = Some(acc);
     }
     let mut all = Vec::new();
@@ -217,6 +300,8 @@ pub fn learn(
         let mut rollouts = Vec::new();
         let (mut correct, mut total, mut label_right, mut labels) =
             (0usize, 0usize, 0usize, 0usize);
+        let mut majority_answers = Vec::new();
+        let mut agreements = Vec::new();
         for (g, (prompt, result, item)) in groups.iter().enumerate() {
             let traces: Vec<_> = result.traces.iter().map(|t| &t.trace).collect();
             let texts: Vec<&str> = traces.iter().map(|t| t.text.as_str()).collect();
@@ -247,6 +332,9 @@ pub fn learn(
                     r
                 }
             };
+            let (agreement, majority) = group_agreement(&texts);
+            agreements.push(agreement);
+            majority_answers.push(majority);
             let true_rewards = verifier_rewards(&MathVerifier, &texts, &item.answer);
             correct += true_rewards.iter().filter(|&&r| r >= 1.0).count();
             total += texts.len();
@@ -269,6 +357,14 @@ pub fn learn(
                 .iter()
                 .flat_map(|t| t.trace.stats.iter().map(|s| s.entropy as f64))
         }));
+        let traces = || groups.iter().flat_map(|(_, r, _)| r.traces.iter());
+        let rollout_count = traces().count().max(1) as f64;
+        let mean_length =
+            traces().map(|t| t.trace.tokens.len() as f64).sum::<f64>() / rollout_count;
+        let truncated = traces()
+            .filter(|t| t.trace.finish == FinishReason::Length)
+            .count() as f64
+            / rollout_count;
         if config.overlap && step < config.steps {
             // Bounded staleness of one step: the next rollouts decode with this step's
             // adapter version while it trains; each trace records the version it used.
@@ -285,11 +381,15 @@ pub fn learn(
             train_seconds: report.train_time.as_secs_f64(),
             handoff_microseconds: report.handoff_time.as_secs_f64() * 1e6,
             heldout_accuracy: None,
+            agreement: mean(agreements.iter().copied()),
+            mean_length,
+            truncated,
+            probe_kl: None,
+            guard: None,
             rolled_back: false,
             train: report,
         };
         // Collapse guard.
-        let first = *first_entropy.get_or_insert(entropy);
         let evaluate = !heldout.is_empty()
             && (step == config.steps || (config.eval_every > 0 && step % config.eval_every == 0));
         if evaluate {
@@ -309,18 +409,41 @@ pub fn learn(
                     best = Some((acc, dir));
                 }
             }
-        } else if heldout.is_empty() && entropy < 0.1 * first {
-            // No labels: an entropy collapse to a tenth of where it started is a collapse.
-            if let Some((_, dir)) = &best {
-                runtime.restore_learning_adapter(dir)?;
+        } else if heldout.is_empty() {
+            // No labels: the label-free guard reads the step (and, every `eval_every`
+            // steps, the policy's distance from the base on the probe prompts).
+            let probe_now = config.eval_every > 0 && step % config.eval_every == 0;
+            if probe_now {
+                m.probe_kl = Some(probe_kl(runtime, &probes, &eval_config, config)?);
             }
-            runtime.scale_learning_rate(0.5);
-            rollbacks += 1;
-            m.rolled_back = true;
-        }
-        if heldout.is_empty() && step % config.eval_every.max(1) == 0 && !m.rolled_back {
-            let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
-            best = Some((0.0, dir));
+            let verdict = guard.observe(StepSignals {
+                agreement: m.agreement,
+                entropy,
+                majority_answers,
+                length: mean_length,
+                truncated,
+                probe_kl: m.probe_kl,
+            });
+            match verdict {
+                Verdict::Collapsed { reasons } => {
+                    if let Some((_, dir)) = &best {
+                        runtime.restore_learning_adapter(dir)?;
+                    }
+                    runtime.scale_learning_rate(0.5);
+                    guard.reset_window();
+                    rollbacks += 1;
+                    m.rolled_back = true;
+                    m.guard = Some(reasons);
+                }
+                // Checkpoints are ranked by label-free health; the best is kept.
+                Verdict::Healthy { health }
+                    if probe_now && best.as_ref().is_none_or(|(b, _)| health > *b) =>
+                {
+                    let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
+                    best = Some((health, dir));
+                }
+                _ => {}
+            }
         }
         let line = serde_json::to_string(&m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;

@@ -19,7 +19,10 @@ pub struct Args {
     /// Training prompts (JSONL, question/answer).
     #[arg(long)]
     data: PathBuf,
-    /// Held-out set for greedy accuracy and the collapse guard (JSONL).
+    /// Held-out set for greedy accuracy and the collapse guard (JSONL). Without it, a
+    /// label-free guard watches the run (group agreement, entropy, answer diversity,
+    /// length, truncation, KL from the base model on probe prompts every --eval-every
+    /// steps) and rolls back to the healthiest checkpoint when they say it collapsed.
     #[arg(long)]
     eval: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
@@ -123,12 +126,14 @@ pub fn run(args: Args) -> Result<(), String> {
 
 fn print_step(m: &StepMetrics, steps: usize) {
     eprintln!(
-        "step {:>3}/{steps}  reward {:.3}  acc {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}",
-        m.train.step, m.reward, m.sample_accuracy, m.train.loss, m.train.clip_fraction, m.entropy,
+        "step {:>3}/{steps}  reward {:.3}  acc {:.2}  agree {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}{}{}",
+        m.train.step, m.reward, m.sample_accuracy, m.agreement, m.train.loss, m.train.clip_fraction, m.entropy,
         m.tokens_per_second, m.rollout_seconds, m.train_seconds, m.handoff_microseconds,
         m.heldout_accuracy.map(|a| format!("  held-out {:.1}%", 100.0 * a)).unwrap_or_default(),
+        m.probe_kl.map(|k| format!("  probe KL {k:.4}")).unwrap_or_default(),
         m.train.skipped.as_ref().map(|s| format!("  [skipped: {s}]")).unwrap_or_default(),
         if m.rolled_back { "  [rolled back]" } else { "" },
+        m.guard.as_ref().map(|r| format!(" ({})", r.join("; "))).unwrap_or_default(),
     );
 }
 

@@ -1,0 +1,332 @@
+//! A collapse guard for learning without labels (TTRL, INTUITOR, EM-RL rewards). Such
+//! rewards can rise while the policy gets worse: TTRL's majority agrees with itself more
+//! and more while its pseudo-labels are wrong, entropy falls, every prompt gets the same
+//! answer ("No Free Lunch", arXiv 2506.17219). The guard sees only what needs no reference
+//! answer — agreement and margin of each group, token entropy, answer diversity across
+//! prompts, response length and truncation, and (when measured) the policy's distance from
+//! the base model on fixed probe prompts — compares a moving window with the first steps,
+//! says when the policy has collapsed and why, and ranks checkpoints by label-free health
+//! so the caller can roll back to the best one.
+
+use std::collections::{HashSet, VecDeque};
+
+/// What one learning step's rollouts say, without labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSignals {
+    /// Mean over groups of the share of samples that give the group's majority answer.
+    pub agreement: f64,
+    /// Mean per-token entropy of the rollouts (nats).
+    pub entropy: f64,
+    /// The majority answer of each group (normalized text), None where no sample answered.
+    pub majority_answers: Vec<Option<String>>,
+    /// Mean generated tokens per rollout.
+    pub length: f64,
+    /// Share of rollouts cut at the token limit.
+    pub truncated: f64,
+    /// Mean KL(policy ‖ base) per token on the probe prompts (nats), when measured this
+    /// step.
+    pub probe_kl: Option<f64>,
+}
+
+/// Thresholds, each relative to the baseline (the mean of the first steps) where it can be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuardConfig {
+    /// Steps averaged into the baseline.
+    pub baseline_steps: usize,
+    /// Steps in the moving window compared with it.
+    pub window: usize,
+    /// Collapse when the window's entropy falls below this fraction of the baseline's
+    /// while agreement is at least `high_agreement`.
+    pub entropy_floor: f64,
+    /// See `entropy_floor`: low entropy alone is sharpening, not collapse.
+    pub high_agreement: f64,
+    /// Collapse when the share of distinct majority answers across the window's prompts
+    /// falls below this fraction of the baseline's (one answer for everything).
+    pub diversity_floor: f64,
+    /// Collapse when the window's mean length leaves [low, high] × the baseline's.
+    pub length_band: (f64, f64),
+    /// Collapse when more than this share of the window's rollouts hit the token limit,
+    /// and a quarter more than at the start (a limit that cut most rollouts from the
+    /// start says nothing about drift).
+    pub truncation_ceiling: f64,
+    /// Collapse when the policy is farther than this from the base on the probe prompts
+    /// (nats per token).
+    pub kl_ceiling: f64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            baseline_steps: 5,
+            window: 5,
+            entropy_floor: 0.3,
+            high_agreement: 0.9,
+            diversity_floor: 0.5,
+            length_band: (0.4, 2.5),
+            truncation_ceiling: 0.5,
+            kl_ceiling: 1.0,
+        }
+    }
+}
+
+/// The guard's reading of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Still filling the baseline: nothing to compare with yet.
+    Warming,
+    /// No collapse signal; `health` ranks checkpoints (higher is better).
+    Healthy {
+        /// The window's mean agreement.
+        health: f64,
+    },
+    /// Collapsed, with one line per signal that tripped.
+    Collapsed {
+        /// What tripped, readable.
+        reasons: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Baseline {
+    entropy: f64,
+    diversity: f64,
+    length: f64,
+    truncated: f64,
+}
+
+/// Watches steps; see the module doc.
+#[derive(Debug, Clone)]
+pub struct CollapseGuard {
+    config: GuardConfig,
+    seen: Vec<StepSignals>,
+    baseline: Option<Baseline>,
+    window: VecDeque<StepSignals>,
+}
+
+fn mean(x: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    if n == 0 {
+        0.0
+    } else {
+        s / n as f64
+    }
+}
+
+/// Distinct answers over answered prompts (1 = every prompt its own answer).
+fn diversity<'a>(steps: impl Iterator<Item = &'a StepSignals>) -> Option<f64> {
+    let answers: Vec<&String> = steps
+        .flat_map(|s| s.majority_answers.iter().flatten())
+        .collect();
+    if answers.len() < 2 {
+        return None;
+    }
+    let distinct: HashSet<&String> = answers.iter().copied().collect();
+    Some(distinct.len() as f64 / answers.len() as f64)
+}
+
+impl CollapseGuard {
+    /// A guard with no baseline yet.
+    pub fn new(config: GuardConfig) -> Self {
+        Self {
+            config,
+            seen: Vec::new(),
+            baseline: None,
+            window: VecDeque::new(),
+        }
+    }
+
+    /// Reads one step.
+    pub fn observe(&mut self, step: StepSignals) -> Verdict {
+        let c = &self.config;
+        if self.baseline.is_none() {
+            self.seen.push(step);
+            if self.seen.len() < c.baseline_steps.max(1) {
+                return Verdict::Warming;
+            }
+            self.baseline = Some(Baseline {
+                entropy: mean(self.seen.iter().map(|s| s.entropy)),
+                diversity: diversity(self.seen.iter()).unwrap_or(1.0),
+                length: mean(self.seen.iter().map(|s| s.length)),
+                truncated: mean(self.seen.iter().map(|s| s.truncated)),
+            });
+            self.window.extend(self.seen.drain(..));
+            while self.window.len() > c.window.max(1) {
+                self.window.pop_front();
+            }
+            return self.verdict();
+        }
+        self.window.push_back(step);
+        while self.window.len() > c.window.max(1) {
+            self.window.pop_front();
+        }
+        self.verdict()
+    }
+
+    /// Forgets the window (after a rollback: the restored policy starts a fresh window
+    /// against the same baseline).
+    pub fn reset_window(&mut self) {
+        self.window.clear();
+    }
+
+    fn verdict(&self) -> Verdict {
+        let (c, Some(b)) = (&self.config, &self.baseline) else {
+            return Verdict::Warming;
+        };
+        if self.window.is_empty() {
+            return Verdict::Warming;
+        }
+        let w = &self.window;
+        let entropy = mean(w.iter().map(|s| s.entropy));
+        let agreement = mean(w.iter().map(|s| s.agreement));
+        let length = mean(w.iter().map(|s| s.length));
+        let truncated = mean(w.iter().map(|s| s.truncated));
+        let mut reasons = Vec::new();
+        if entropy < c.entropy_floor * b.entropy && agreement >= c.high_agreement {
+            reasons.push(format!(
+                "entropy fell to {:.0}% of its start ({entropy:.3} vs {:.3} nats) while {:.0}% of each group agrees",
+                100.0 * entropy / b.entropy.max(1e-12),
+                b.entropy,
+                100.0 * agreement
+            ));
+        }
+        if let Some(d) = diversity(w.iter()) {
+            if d < c.diversity_floor * b.diversity {
+                reasons.push(format!(
+                    "answers across prompts collapsed: {:.0}% distinct vs {:.0}% at the start",
+                    100.0 * d,
+                    100.0 * b.diversity
+                ));
+            }
+        }
+        let (low, high) = c.length_band;
+        if b.length > 0.0 && (length < low * b.length || length > high * b.length) {
+            reasons.push(format!(
+                "response length drifted to {length:.0} tokens from {:.0}",
+                b.length
+            ));
+        }
+        if truncated > c.truncation_ceiling.max(b.truncated + 0.25) {
+            reasons.push(format!(
+                "{:.0}% of rollouts hit the token limit",
+                100.0 * truncated
+            ));
+        }
+        if let Some(kl) = w.iter().rev().find_map(|s| s.probe_kl) {
+            if kl > c.kl_ceiling {
+                reasons.push(format!(
+                    "the policy is {kl:.3} nats/token from the base model on the probe prompts (ceiling {:.3})",
+                    c.kl_ceiling
+                ));
+            }
+        }
+        if reasons.is_empty() {
+            // Without labels, a group that agrees with itself is the best available sign
+            // of a right answer (self-consistency), as long as nothing above tripped.
+            Verdict::Healthy { health: agreement }
+        } else {
+            Verdict::Collapsed { reasons }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(agreement: f64, entropy: f64, answers: &[&str], length: f64) -> StepSignals {
+        StepSignals {
+            agreement,
+            entropy,
+            majority_answers: answers.iter().map(|a| Some(a.to_string())).collect(),
+            length,
+            truncated: 0.0,
+            probe_kl: None,
+        }
+    }
+
+    fn guard() -> CollapseGuard {
+        CollapseGuard::new(GuardConfig {
+            baseline_steps: 2,
+            window: 2,
+            ..GuardConfig::default()
+        })
+    }
+
+    #[test]
+    fn a_healthy_run_stays_healthy_and_is_ranked_by_agreement() {
+        let mut g = guard();
+        assert_eq!(
+            g.observe(step(0.4, 1.0, &["1", "2"], 100.0)),
+            Verdict::Warming
+        );
+        // Baseline: entropy 1.0, diversity 4/4, length 100; window = the two steps.
+        let health = |v: Verdict| match v {
+            Verdict::Healthy { health } => health,
+            v => panic!("{v:?}"),
+        };
+        let h = health(g.observe(step(0.6, 0.9, &["3", "4"], 110.0)));
+        assert!((h - 0.5).abs() < 1e-12, "{h}");
+        let h = health(g.observe(step(0.8, 0.6, &["5", "6"], 90.0)));
+        assert!((h - 0.7).abs() < 1e-12, "{h}");
+    }
+
+    #[test]
+    fn ttrl_collapse_trips_on_entropy_and_diversity_not_on_agreement() {
+        let mut g = guard();
+        g.observe(step(0.4, 1.0, &["1", "2"], 100.0));
+        g.observe(step(0.4, 1.0, &["3", "4"], 100.0));
+        // Every group agrees on one answer for every prompt, entropy near zero.
+        g.observe(step(0.95, 0.1, &["7", "7"], 100.0));
+        match g.observe(step(0.97, 0.1, &["7", "7"], 100.0)) {
+            Verdict::Collapsed { reasons } => {
+                assert_eq!(reasons.len(), 2, "{reasons:?}");
+                assert!(reasons[0].contains("entropy fell to 10%"), "{reasons:?}");
+                assert!(reasons[1].contains("25% distinct vs 100%"), "{reasons:?}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // After a rollback the window starts afresh against the same baseline.
+        g.reset_window();
+        assert!(matches!(
+            g.observe(step(0.5, 0.9, &["1", "8"], 100.0)),
+            Verdict::Healthy { .. }
+        ));
+    }
+
+    #[test]
+    fn a_token_limit_that_cut_most_rollouts_from_the_start_is_not_drift() {
+        let mut g = guard();
+        let mut cut = step(0.4, 1.0, &["1", "2"], 48.0);
+        cut.truncated = 0.9;
+        g.observe(cut.clone());
+        g.observe(cut.clone());
+        cut.truncated = 1.0;
+        assert!(matches!(g.observe(cut), Verdict::Healthy { .. }));
+    }
+
+    #[test]
+    fn low_entropy_alone_is_not_a_collapse_but_length_truncation_and_kl_are() {
+        let mut g = guard();
+        g.observe(step(0.4, 1.0, &["1", "2"], 100.0));
+        g.observe(step(0.4, 1.0, &["3", "4"], 100.0));
+        // Confident but still diverse and disagreeing: sharpening, not collapse.
+        g.observe(step(0.6, 0.1, &["5", "6"], 100.0));
+        assert!(matches!(
+            g.observe(step(0.6, 0.1, &["8", "9"], 100.0)),
+            Verdict::Healthy { .. }
+        ));
+        let mut long = step(0.5, 1.0, &["a", "b"], 400.0);
+        long.truncated = 0.9;
+        long.probe_kl = Some(2.0);
+        g.observe(long.clone());
+        match g.observe(long) {
+            Verdict::Collapsed { reasons } => {
+                assert_eq!(reasons.len(), 3, "{reasons:?}");
+                assert!(reasons[0].contains("length drifted to 400 tokens from 100"));
+                assert!(reasons[1].contains("90% of rollouts hit the token limit"));
+                assert!(reasons[2].contains("2.000 nats/token"));
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+}
