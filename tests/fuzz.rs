@@ -145,35 +145,51 @@ fn hf_folders() {
     let mutant = dir.join("mutant");
     write_tiny_hf(&mutant, &config, &weights, &tokenizer);
     for file in ["model.safetensors", "config.json"] {
-        let bytes = std::fs::read(seed.join(file)).unwrap();
-        // A safetensors file is an 8-byte length and a JSON header, then the data.
-        let focus = if file == "config.json" {
-            bytes.len()
-        } else {
-            8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
-        };
-        let (mut loaded, mut refused) = (0, 0);
-        fuzz::run(
-            file,
-            std::slice::from_ref(&bytes),
-            JSON_TOKENS,
-            focus,
-            fuzz::cases(1000),
-            |input| {
-                std::fs::write(mutant.join(file), input).unwrap();
-                match Model::load(&mutant, &dense()) {
-                    Ok(_) => loaded += 1,
-                    Err(_) => refused += 1,
-                }
-            },
-        );
-        std::fs::write(mutant.join(file), &bytes).unwrap();
-        println!("{file}: {loaded} loaded, {refused} refused");
-        assert!(
-            refused > 0 && loaded > 0,
-            "{file}: {loaded} loaded, {refused} refused"
-        );
+        fuzz_file_in_folder(&seed, &mutant, file, fuzz::cases(1000), |dir| {
+            Model::load(dir, &dense()).is_ok()
+        });
     }
+}
+
+/// Fuzzes one file of a folder (`seed` holds the valid one): each mutant is written into
+/// `mutant` (a copy of the folder) and `loads` must return without panicking, loading
+/// some mutants and refusing others. A JSON file is mutated anywhere, a safetensors file
+/// mostly in its 8-byte length and JSON header.
+fn fuzz_file_in_folder(
+    seed: &Path,
+    mutant: &Path,
+    file: &str,
+    cases: usize,
+    mut loads: impl FnMut(&Path) -> bool,
+) {
+    let bytes = std::fs::read(seed.join(file)).unwrap();
+    let focus = if file.ends_with(".json") {
+        bytes.len()
+    } else {
+        8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
+    };
+    let (mut loaded, mut refused) = (0, 0);
+    fuzz::run(
+        file,
+        std::slice::from_ref(&bytes),
+        JSON_TOKENS,
+        focus,
+        cases,
+        |input| {
+            std::fs::write(mutant.join(file), input).unwrap();
+            if loads(mutant) {
+                loaded += 1;
+            } else {
+                refused += 1;
+            }
+        },
+    );
+    std::fs::write(mutant.join(file), &bytes).unwrap();
+    println!("{file}: {loaded} loaded, {refused} refused");
+    assert!(
+        refused > 0 && loaded > 0,
+        "{file}: {loaded} loaded, {refused} refused"
+    );
 }
 
 #[test]
@@ -192,33 +208,9 @@ fn adapter_folders() {
     let mutant = root.join("mutant");
     save_peft(&adapter, &config, &mutant, "").unwrap();
     for file in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
-        let bytes = std::fs::read(seed.join(file)).unwrap();
-        let focus = if file == ADAPTER_CONFIG_FILE {
-            bytes.len()
-        } else {
-            8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize
-        };
-        let (mut loaded, mut refused) = (0, 0);
-        fuzz::run(
-            file,
-            std::slice::from_ref(&bytes),
-            JSON_TOKENS,
-            focus,
-            fuzz::cases(2000),
-            |input| {
-                std::fs::write(mutant.join(file), input).unwrap();
-                match load(&mutant, &config) {
-                    Ok(_) => loaded += 1,
-                    Err(_) => refused += 1,
-                }
-            },
-        );
-        std::fs::write(mutant.join(file), &bytes).unwrap();
-        println!("{file}: {loaded} loaded, {refused} refused");
-        assert!(
-            refused > 0 && loaded > 0,
-            "{file}: {loaded} loaded, {refused} refused"
-        );
+        fuzz_file_in_folder(&seed, &mutant, file, fuzz::cases(2000), |dir| {
+            load(dir, &config).is_ok()
+        });
     }
 }
 

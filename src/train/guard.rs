@@ -103,7 +103,8 @@ pub struct CollapseGuard {
     window: VecDeque<StepSignals>,
 }
 
-fn mean(x: impl Iterator<Item = f64>) -> f64 {
+/// The mean of `x` (0 when empty).
+pub fn mean(x: impl Iterator<Item = f64>) -> f64 {
     let (s, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     if n == 0 {
         0.0

@@ -19,7 +19,7 @@ use verity::adapter::save_versioned;
 use verity::engine::FinishReason;
 use verity::runtime::{GenerateResult, Generation, Runtime};
 use verity::select::SelectionRule;
-use verity::train::guard::{CollapseGuard, GuardConfig, StepSignals, Verdict};
+use verity::train::guard::{mean, CollapseGuard, GuardConfig, StepSignals, Verdict};
 use verity::train::rewards::{
     entropy_rewards, intuitor_rewards, majority_label, rlpr_rewards, ttrl_rewards, verifier_rewards,
 };
@@ -105,15 +105,6 @@ pub struct StepMetrics {
     pub rolled_back: bool,
     #[serde(flatten)]
     pub train: StepReport,
-}
-
-fn mean(x: impl Iterator<Item = f64>) -> f64 {
-    let (s, n) = x.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
-    if n == 0 {
-        0.0
-    } else {
-        s / n as f64
-    }
 }
 
 /// The share of a group that gives its majority answer, and that answer (as text; None
