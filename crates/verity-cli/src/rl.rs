@@ -235,6 +235,8 @@ pub fn learn(
     // Fixed prompts on which the policy's distance from the base model is measured.
     let probes: Vec<&EvalItem> = train.iter().take(4).collect();
     let mut rollbacks = 0;
+    // The guard's last reading of the policy as it stands (label-free runs).
+    let mut last_health: Option<f64> = None;
     let mut heldout_before = None;
     // The starting adapter is the first checkpoint: a collapse before a better one
     // exists goes back to it (without labels any healthy checkpoint outranks it).
@@ -415,6 +417,10 @@ pub fn learn(
                 truncated,
                 probe_kl: m.probe_kl,
             });
+            last_health = match &verdict {
+                Verdict::Healthy { health } => Some(*health),
+                _ => None,
+            };
             match verdict {
                 Verdict::Collapsed { reasons } => {
                     if let Some((_, dir)) = &best {
@@ -450,6 +456,17 @@ pub fn learn(
             break;
         }
     }
+    // Without labels, the run keeps its healthiest checkpoint when the policy as it stands
+    // reads less healthy (or was not read healthy at all).
+    let mut kept_checkpoint = None;
+    if heldout.is_empty() {
+        if let Some((health, dir)) = &best {
+            if health.is_finite() && last_health.is_none_or(|h| *health > h) {
+                runtime.restore_learning_adapter(dir)?;
+                kept_checkpoint = Some((*health, dir.clone()));
+            }
+        }
+    }
     // The adapter as it stands now: after a final rollback it is the restored checkpoint,
     // so it is measured again rather than taken from the metrics.
     let heldout_after = match all.iter().rev().find(|m| m.heldout_accuracy.is_some()) {
@@ -465,6 +482,7 @@ pub fn learn(
     Ok(LearnReport {
         heldout_before,
         heldout_after,
+        kept_checkpoint,
         steps: all,
     })
 }
@@ -475,5 +493,8 @@ pub fn learn(
 pub struct LearnReport {
     pub heldout_before: Option<f64>,
     pub heldout_after: Option<f64>,
+    /// Without labels: the checkpoint (its label-free health and folder) the run ended on
+    /// instead of the last policy, when that read less healthy.
+    pub kept_checkpoint: Option<(f64, PathBuf)>,
     pub steps: Vec<StepMetrics>,
 }

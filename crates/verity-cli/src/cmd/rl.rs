@@ -120,6 +120,12 @@ pub fn run(args: Args) -> Result<(), String> {
         adapter.version(),
         final_dir.display()
     );
+    if let Some((health, dir)) = &report.kept_checkpoint {
+        println!(
+            "kept the healthiest checkpoint {} (group agreement {health:.3}), which reads healthier than the last policy",
+            dir.display()
+        );
+    }
     print_heldout(&report, heldout.len());
     Ok(())
 }
