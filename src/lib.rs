@@ -78,3 +78,22 @@ pub fn pin_thread_count() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
 }
+
+/// Bound glibc's malloc arenas, once, at the start of a program that trains while it
+/// serves. A training step allocates about a gigabyte of short-lived buffers; glibc gives
+/// each thread that allocates its own arena (up to 8 per core) and keeps each arena's high
+/// water mark, so learn steps that run on different threads (the server's blocking pool)
+/// grow the resident size by that much per arena: 0.9 → 2.7 GB over 640 soak requests, flat
+/// at 1.4 GB with one arena at the same speed. `MALLOC_ARENA_MAX`, when set, wins. A no-op
+/// elsewhere than glibc; C hosts set `MALLOC_ARENA_MAX` themselves.
+pub fn bound_malloc_arenas(arenas: i32) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before other threads.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = arenas;
+}

@@ -46,6 +46,7 @@ enum Command {
 
 fn main() -> ExitCode {
     verity::pin_thread_count();
+    verity::bound_malloc_arenas(2);
     let result = match Cli::parse().command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Info(a) => cmd::info::run(a),
