@@ -17,6 +17,7 @@
 //! and event types in `request`, stop-sequence matching in `stop`.
 
 mod logits;
+mod prefill;
 mod reduce;
 mod request;
 mod scheduler;
