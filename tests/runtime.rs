@@ -245,3 +245,114 @@ fn online_sequential_rules_equal_their_offline_simulation() {
     zero.parallel = Some(0);
     assert!(matches!(rt.generate(zero), Err(Error::InvalidArgument(_))));
 }
+
+/// DeepConf online in the engine: the warm-up samples run whole, their lowest group
+/// confidences set the threshold, and every later sample is the plain request's sample
+/// cut at the token where a replayed window tracker falls below that threshold. Stopped
+/// samples free their slot for the next one, so the whole budget is drawn; stopped
+/// samples never vote.
+#[test]
+fn deepconf_online_cuts_later_samples_where_the_warmup_threshold_says() {
+    use verity::engine::FinishReason;
+    use verity::score::lowest_group_confidence;
+    use verity::select::{percentile, WindowTracker};
+    let rt = runtime();
+    let (n, warmup, window, pct) = (8, 3, 6, 75.0);
+    let make = |selection: Option<SelectionRule>, parallel: Option<usize>| {
+        let mut r = Request::chat(vec![ChatMessage::user(
+            "What is 17 + 25? Think step by step, then answer in \\boxed{}.",
+        )]);
+        r.n = n;
+        r.max_tokens = 40;
+        r.sampling.temperature = 1.0;
+        r.sampling.seed = 5;
+        GenerateRequest {
+            selection,
+            parallel,
+            remember: false,
+            ..GenerateRequest::new(r)
+        }
+    };
+    let plain = rt.generate(make(None, None)).unwrap();
+    let confidences: Vec<Vec<f32>> = plain
+        .traces
+        .iter()
+        .map(|t| t.trace.stats.iter().map(|s| s.confidence).collect())
+        .collect();
+    let warm: Vec<f64> = confidences[..warmup]
+        .iter()
+        .filter_map(|c| lowest_group_confidence(c, window))
+        .collect();
+    let threshold = percentile(&warm, pct).unwrap();
+    let rule = SelectionRule::DeepConfOnline {
+        warmup,
+        percentile: pct,
+        window,
+        tau: None,
+    };
+    // One sample at a time: every later sample knows the threshold from its first token.
+    let online = rt.generate(make(Some(rule), Some(1))).unwrap();
+    assert_eq!(online.traces.len(), n, "the whole budget is drawn");
+    assert_eq!(online.settled_after, None);
+    let mut cut = 0;
+    for (i, (p, o)) in plain.traces.iter().zip(&online.traces).enumerate() {
+        let stop = if i < warmup {
+            None
+        } else {
+            let mut tracker = WindowTracker::new(window, Some(threshold));
+            confidences[i].iter().position(|&c| tracker.push(c))
+        };
+        match stop {
+            Some(k) if k + 1 < p.trace.tokens.len() => {
+                cut += 1;
+                assert_eq!(o.trace.finish, FinishReason::AbortedLowConfidence, "{i}");
+                assert_eq!(o.trace.tokens, p.trace.tokens[..=k], "sample {i}");
+                assert_eq!(o.answer, None, "a cut sample has no answer");
+            }
+            _ => assert_eq!(o.trace.tokens, p.trace.tokens, "sample {i}"),
+        }
+    }
+    assert!(cut >= 1, "no later sample fell below {threshold}");
+    // The vote: samples that ran whole and reach the threshold, weighted by their lowest
+    // group confidence.
+    let voters: f64 = online
+        .traces
+        .iter()
+        .zip(&confidences)
+        .filter(|(o, _)| !o.trace.finish.is_cut_short() && o.answer.is_some())
+        .filter_map(|(_, c)| lowest_group_confidence(c, window))
+        .filter(|&l| l >= threshold)
+        .sum();
+    let weights: f64 = online.votes.iter().map(|v| v.weight).sum();
+    assert!((voters - weights).abs() < 1e-9, "{voters} vs {weights}");
+    // Refill at the default width (the warm-up): still the whole budget, and every sample
+    // a prefix of the plain one.
+    let wide = rt.generate(make(Some(rule), None)).unwrap();
+    assert_eq!(wide.traces.len(), n);
+    for (p, o) in plain.traces.iter().zip(&wide.traces) {
+        assert!(p.trace.tokens.starts_with(&o.trace.tokens));
+    }
+    assert_eq!(
+        wide.traces[..warmup]
+            .iter()
+            .map(|t| &t.trace.tokens)
+            .collect::<Vec<_>>(),
+        plain.traces[..warmup]
+            .iter()
+            .map(|t| &t.trace.tokens)
+            .collect::<Vec<_>>()
+    );
+    // A consensus share any vote reaches settles the request right after the warm-up.
+    let settle = SelectionRule::DeepConfOnline {
+        warmup,
+        percentile: pct,
+        window,
+        tau: Some(0.01),
+    };
+    let settled = rt.generate(make(Some(settle), None)).unwrap();
+    let a_voter = plain.traces[..warmup]
+        .iter()
+        .zip(&confidences)
+        .any(|(t, c)| t.answer.is_some() && lowest_group_confidence(c, window) >= Some(threshold));
+    assert_eq!(settled.settled_after, a_voter.then_some(warmup));
+}

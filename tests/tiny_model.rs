@@ -64,7 +64,11 @@ fn step(
 
 #[test]
 fn gguf_and_hf_folder_give_the_same_logits_for_both_architectures() {
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
         let (gguf, hf) = tiny_files(arch, &format!("formats-{arch:?}"));
         let a = Model::load(&gguf, &dense(DType::F32)).unwrap();
         let b = Model::load(&hf, &dense(DType::F32)).unwrap();
@@ -94,7 +98,11 @@ fn gguf_and_hf_folder_give_the_same_logits_for_both_architectures() {
 
 #[test]
 fn batched_incremental_decode_equals_whole_sequence_and_single_decode() {
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
         let (gguf, _) = tiny_files(arch, &format!("batch-{arch:?}"));
         let model = Model::load(&gguf, &dense(DType::F32)).unwrap();
         let seqs: Vec<Vec<u32>> = vec![
@@ -295,7 +303,11 @@ fn numeric_grad(f: &dyn Fn() -> f64, var: &candle_core::Var, index: usize, h: f6
 
 #[test]
 fn lora_gradients_of_forward_train_match_finite_differences() {
-    for arch in [Architecture::Llama, Architecture::Qwen2] {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
         let (_, hf) = tiny_files(arch, &format!("grad-{arch:?}"));
         let model = Model::load(&hf, &dense(DType::F64)).unwrap();
         let adapter =

@@ -250,6 +250,17 @@ pub enum FinishReason {
     Unneeded,
 }
 
+impl FinishReason {
+    /// The engine cut the trace short (low confidence, or the answer was settled): its
+    /// text is a fragment, with no final answer to vote on, verify or learn from.
+    pub fn is_cut_short(self) -> bool {
+        matches!(
+            self,
+            FinishReason::AbortedLowConfidence | FinishReason::Unneeded
+        )
+    }
+}
+
 /// One finished sample.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Trace {

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The architectures verity runs. Both are the Llama block (RMSNorm, RoPE, GQA attention,
-/// SwiGLU MLP); Qwen2 adds q/k/v biases.
+/// The architectures verity runs. All are the Llama block (RMSNorm, RoPE, GQA attention,
+/// SwiGLU MLP); Qwen2 adds q/k/v biases, Qwen3 an RMSNorm of each query and key head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
@@ -15,6 +15,8 @@ pub enum Architecture {
     Llama,
     /// Qwen2 / Qwen2.5: the Llama block with q/k/v biases.
     Qwen2,
+    /// Qwen3 (dense): per-head RMSNorm on q and k before RoPE, `head_dim` set on its own.
+    Qwen3,
 }
 
 impl Architecture {
@@ -25,6 +27,7 @@ impl Architecture {
         match name {
             "llama" | "LlamaForCausalLM" | "MistralForCausalLM" | "mistral" => Ok(Self::Llama),
             "qwen2" | "Qwen2ForCausalLM" => Ok(Self::Qwen2),
+            "qwen3" | "Qwen3ForCausalLM" => Ok(Self::Qwen3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -33,6 +36,7 @@ impl Architecture {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
         }
     }
 }
@@ -122,17 +126,19 @@ fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<Llama3RopeScali
 }
 
 /// The attention window a HF config sets, if any: Mistral's `sliding_window` (null means
-/// none), Qwen2's when `use_sliding_window` is true.
+/// none), Qwen2's and Qwen3's when `use_sliding_window` is true or some `layer_types` entry
+/// is `sliding_attention`.
 fn sliding_window(json: &serde_json::Value, architecture: Architecture) -> Option<usize> {
     let window = json
         .get("sliding_window")
         .and_then(|v| v.as_u64())
         .map(|w| w as usize);
     match architecture {
-        Architecture::Qwen2 => window.filter(|_| {
-            json.get("use_sliding_window")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false)
+        Architecture::Qwen2 | Architecture::Qwen3 => window.filter(|_| {
+            let flag = json.get("use_sliding_window").and_then(|v| v.as_bool());
+            let layers = json.get("layer_types").and_then(|v| v.as_array());
+            flag.unwrap_or(false)
+                || layers.is_some_and(|l| l.iter().any(|t| t == "sliding_attention"))
         }),
         Architecture::Llama => window,
     }
@@ -172,7 +178,12 @@ fn refuse_unimplemented(json: &serde_json::Value, architecture: Architecture) ->
             return refuse(field, v);
         }
     }
-    for field in ["mlp_bias", "use_qk_norm", "qk_layernorm"] {
+    let qk_norm_fields: &[&str] = match architecture {
+        // Qwen3's q/k norm is part of its block.
+        Architecture::Qwen3 => &[],
+        _ => &["use_qk_norm", "qk_layernorm"],
+    };
+    for field in std::iter::once(&"mlp_bias").chain(qk_norm_fields) {
         if let Some(v) = json.get(field).filter(|v| v.as_bool() == Some(true)) {
             return refuse(field, v);
         }
@@ -218,10 +229,14 @@ pub struct ModelConfig {
     /// q, k, v and o alike).
     #[serde(default)]
     pub o_bias: bool,
+    /// An RMSNorm (weight of `head_dim`) over each query and key head before RoPE (Qwen3).
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
-    /// Reads a Hugging Face `config.json` (LlamaForCausalLM, Qwen2ForCausalLM, Mistral).
+    /// Reads a Hugging Face `config.json` (LlamaForCausalLM, Qwen2ForCausalLM,
+    /// Qwen3ForCausalLM, Mistral).
     pub fn from_hf_json(json: &serde_json::Value) -> Result<Self> {
         let arch_name = json
             .get("architectures")
@@ -259,7 +274,7 @@ impl ModelConfig {
             .unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama => (attention_bias, attention_bias),
+            Architecture::Llama | Architecture::Qwen3 => (attention_bias, attention_bias),
         };
         let max_position_embeddings = usize_field("max_position_embeddings").unwrap_or(4096);
         let config = Self {
@@ -287,6 +302,7 @@ impl ModelConfig {
                 .unwrap_or(false),
             qkv_bias,
             o_bias,
+            qk_norm: architecture == Architecture::Qwen3,
         };
         config.validate()?;
         Ok(config)
@@ -297,6 +313,7 @@ impl ModelConfig {
         let (arch, model_type) = match self.architecture {
             Architecture::Llama => ("LlamaForCausalLM", "llama"),
             Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         };
         let mut json = serde_json::json!({
             "architectures": [arch],
@@ -315,7 +332,7 @@ impl ModelConfig {
             "hidden_act": "silu",
             "torch_dtype": "float32",
         });
-        if self.architecture == Architecture::Llama {
+        if matches!(self.architecture, Architecture::Llama | Architecture::Qwen3) {
             json["attention_bias"] = self.qkv_bias.into();
         }
         if let Some(s) = &self.rope_scaling {
@@ -392,6 +409,12 @@ impl ModelConfig {
                 "rope_theta and rms_norm_eps must be positive".into(),
             ));
         }
+        if self.qk_norm != (self.architecture == Architecture::Qwen3) {
+            return Err(Error::Config(format!(
+                "{}: q/k norm is part of the Qwen3 block and of no other",
+                self.architecture.name()
+            )));
+        }
         if let Some(f) = &self.rope_freq_factors {
             if f.len() != self.head_dim / 2 {
                 return Err(Error::Config(format!(
@@ -446,7 +469,8 @@ impl ModelConfig {
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
-        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h;
+        let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h + qk_norm;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * layer + h + head
     }

@@ -131,6 +131,7 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
             .content
             .tensor_infos
             .contains_key("blk.0.attn_output.bias"),
+        qk_norm: architecture == Architecture::Qwen3,
     };
     // Checked here too, before the weights are read and rearranged by these sizes.
     config
@@ -161,6 +162,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",

@@ -12,13 +12,14 @@ use serde::Serialize;
 use super::feedback::TraceRecord;
 use super::Inner;
 use crate::engine::{
-    engine_gone, Completion, Event, FinishReason, Request, RequestHandle, Sequential, Trace,
+    engine_gone, Completion, EarlyStop, Event, Request, RequestHandle, Sequential, Trace,
+    TraceMonitor,
 };
 use crate::error::{Error, Result};
 use crate::score::{TraceScore, TraceView};
-use crate::select::{select, Candidate, SelectionRule};
+use crate::select::{select, Candidate, SelectionRule, WindowTracker};
 use crate::stats::TokenStats;
-use crate::verify::{extract_answer, Verifier};
+use crate::verify::Verifier;
 
 /// A generation request as the surfaces pass it: the engine request plus which adapter to
 /// decode with, how to pick among its traces and, optionally, how to verify them.
@@ -279,25 +280,78 @@ impl Generation {
     }
 }
 
+/// A finished trace as the selection rules see it: its extracted answer and `scores`. A
+/// trace cut short (stopped for low confidence, or because the answer was settled) is a
+/// fragment and has no answer, so it never votes.
+fn candidate_of(trace: &Trace, scores: &[TraceScore]) -> Candidate {
+    let view = TraceView {
+        text: &trace.text,
+        stats: &trace.stats,
+        token_end: &trace.token_end,
+    };
+    let mut candidate = Candidate::from_trace(&view, scores);
+    if trace.finish.is_cut_short() {
+        candidate.answer = None;
+    }
+    candidate
+}
+
 /// The engine's sequential drawing for a sequential selection rule: `parallel` samples at
-/// a time, settled when the rule would stop drawing on the finished ones' answers.
-pub(super) fn sequential_for(rule: SelectionRule, parallel: usize) -> Sequential {
-    // The engine asks with ever longer runs of the same samples: each answer is extracted
-    // once, not once per question.
+/// a time, settled when the rule would stop drawing on the finished ones. For DeepConf
+/// online also the monitors that stop a later sample once its window confidence falls
+/// below the threshold the warm-up samples set (the warm-up samples never stop).
+pub(super) fn sequential_for(
+    rule: SelectionRule,
+    parallel: usize,
+) -> (Sequential, Option<EarlyStop>) {
+    let threshold = Arc::new(std::sync::OnceLock::<f64>::new());
+    let early_stop: Option<EarlyStop> = match rule {
+        SelectionRule::DeepConfOnline { warmup, window, .. } => {
+            let threshold = threshold.clone();
+            Some(Arc::new(move |sample: usize| {
+                Box::new(ThresholdMonitor {
+                    tracker: WindowTracker::new(window, None),
+                    threshold: (sample >= warmup).then(|| threshold.clone()),
+                }) as Box<dyn TraceMonitor>
+            }))
+        }
+        _ => None,
+    };
+    let scores = rule.required_scores();
+    // The engine asks with ever longer runs of the same samples: each is scored once,
+    // not once per question.
     let drawn = parking_lot::Mutex::new(Vec::<Candidate>::new());
-    Sequential {
+    let sequential = Sequential {
         parallel,
         settled: Arc::new(move |traces: &[&Trace]| {
             let mut drawn = drawn.lock();
             drawn.truncate(traces.len());
             let known = drawn.len();
-            drawn.extend(
-                traces[known..]
-                    .iter()
-                    .map(|t| Candidate::new(extract_answer(&t.text).map(|found| found.answer))),
-            );
+            drawn.extend(traces[known..].iter().map(|t| candidate_of(t, &scores)));
+            if let Some(t) = rule.online_threshold(&drawn) {
+                let _ = threshold.set(t);
+            }
             rule.settled(&drawn)
         }),
+    };
+    (sequential, early_stop)
+}
+
+/// Stops a DeepConf-online sample once its window confidence falls below the threshold,
+/// from the moment the warm-up has set one.
+struct ThresholdMonitor {
+    tracker: WindowTracker,
+    /// `None` for a warm-up sample.
+    threshold: Option<Arc<std::sync::OnceLock<f64>>>,
+}
+
+impl TraceMonitor for ThresholdMonitor {
+    fn observe(&mut self, stats: &TokenStats) -> bool {
+        if let Some(t) = self.threshold.as_ref().and_then(|t| t.get()) {
+            self.tracker.set_threshold(*t);
+            self.threshold = None;
+        }
+        self.tracker.push(stats.confidence)
     }
 }
 
@@ -329,14 +383,7 @@ impl Inner {
         let candidates: Vec<Candidate> = completion
             .traces
             .iter()
-            .map(|t| {
-                let view = TraceView {
-                    text: &t.text,
-                    stats: &t.stats,
-                    token_end: &t.token_end,
-                };
-                Candidate::from_trace(&view, &wanted)
-            })
+            .map(|t| candidate_of(t, &wanted))
             .collect();
         let chosen = selection.as_ref().map(|rule| select(rule, &candidates));
         let settled_after = completion.settled_after;
@@ -347,9 +394,9 @@ impl Inner {
         let mut records = Vec::with_capacity(completion.traces.len());
         for (i, (trace, candidate)) in completion.traces.into_iter().zip(&candidates).enumerate() {
             let id = first_id + i as u64;
-            // A sample cut because the answer was settled is a fragment, not an answer:
-            // nothing to verify, nothing to learn from.
-            let whole = trace.finish != FinishReason::Unneeded;
+            // A sample cut short is a fragment, not an answer: nothing to verify, nothing
+            // to learn from.
+            let whole = !trace.finish.is_cut_short();
             let reward = verify
                 .as_ref()
                 .filter(|_| whole)

@@ -294,11 +294,10 @@ impl Runtime {
             (Some(0), _) => {
                 return Err(Error::InvalidArgument("parallel must be at least 1".into()))
             }
-            (Some(_), None) => {
-                return Err(Error::InvalidArgument(
-                    "parallel applies to a sequential selection rule (esc, adaptive)".into(),
-                ))
-            }
+            (Some(_), None) => return Err(Error::InvalidArgument(
+                "parallel applies to a sequential selection rule (esc, adaptive, deepconf-online)"
+                    .into(),
+            )),
             _ => {}
         }
         if let (Some(rule), Some(default), None) =
@@ -307,7 +306,11 @@ impl Runtime {
             // A default wider than a batch (esc:100) runs a batch at a time; a `parallel`
             // asked for explicitly is checked by the engine like any other size.
             let parallel = parallel.unwrap_or(default.min(self.inner.config.max_batch));
-            request.sequential = Some(sequential_for(rule, parallel));
+            let (sequential, early_stop) = sequential_for(rule, parallel);
+            request.sequential = Some(sequential);
+            if request.early_stop.is_none() {
+                request.early_stop = early_stop;
+            }
         }
         let resolved = self.inner.adapters.resolve(adapter.as_deref())?;
         let verify = match verify {

@@ -1,9 +1,9 @@
 //! Choosing one answer among N sampled traces: greedy, best-of-N by a score, majority
 //! vote, score-weighted vote, Borda vote, confidence-informed self-consistency (CISC),
 //! DeepConf offline filtering, the sequential rules that stop sampling once the answer is
-//! settled (early-stopping self-consistency and adaptive consistency, see
-//! [`SelectionRule::samples_needed`]), and the state machine for DeepConf online early
-//! termination ([`DeepConfOnline`]).
+//! settled (early-stopping self-consistency, adaptive consistency and DeepConf online, see
+//! [`SelectionRule::samples_needed`]), and the window tracker that stops DeepConf online's
+//! low-confidence traces while they decode ([`WindowTracker`]).
 //!
 //! Answers are pooled by [`equivalent`]. Ties are broken deterministically: between
 //! answers with equal vote weight, the one whose first supporting candidate has the
@@ -22,7 +22,7 @@ mod sequential;
 #[cfg(test)]
 mod tests;
 
-pub use online::{DeepConfOnline, WindowTracker};
+pub use online::WindowTracker;
 pub use sequential::leader_stays_ahead;
 
 /// One sampled trace as the selection rules see it: its extracted answer and the
@@ -122,6 +122,23 @@ pub enum SelectionRule {
         /// Stopping probability, in (0.5, 1).
         threshold: f64,
     },
+    /// DeepConf online (Fu et al. 2025): the first `warmup` candidates are decoded whole
+    /// and the `percentile`th percentile of their lowest group confidences becomes the
+    /// threshold (90 keeps about the best 10% of traces, 10 about 90%). Every later trace
+    /// stops while it decodes once a window's mean confidence falls below it (a stopped
+    /// trace has no answer). The vote is weighted by lowest group confidence over the
+    /// candidates at or above the threshold; with `tau`, drawing stops once the leading
+    /// answer holds that share of the vote weight.
+    DeepConfOnline {
+        /// Warm-up candidates (≥ 1), decoded in full.
+        warmup: usize,
+        /// Percentile (0–100) of the warm-up values that is the threshold.
+        percentile: f64,
+        /// Group window in tokens (≥ 1).
+        window: usize,
+        /// Consensus share in (0, 1] that stops drawing; `None` draws every sample.
+        tau: Option<f64>,
+    },
 }
 
 /// Borda's default power (DESIGN.md).
@@ -141,25 +158,47 @@ impl SelectionRule {
             SelectionRule::DeepConf { metric, .. } => vec![metric],
             SelectionRule::Cisc { score, .. } => vec![score],
             SelectionRule::Esc { .. } | SelectionRule::Adaptive { .. } => Vec::new(),
+            SelectionRule::DeepConfOnline { window, .. } => {
+                vec![TraceScore::LowestGroup { window }]
+            }
         }
     }
 
-    /// Whether the rule decides how many candidates it needs as they arrive (ESC and
-    /// adaptive consistency): a request with such a rule can stop sampling early.
+    /// Whether the rule decides how many candidates it needs as they arrive (ESC,
+    /// adaptive consistency, DeepConf online): a request with such a rule can stop
+    /// sampling early.
     pub fn is_sequential(&self) -> bool {
         matches!(
             self,
-            SelectionRule::Esc { .. } | SelectionRule::Adaptive { .. }
+            SelectionRule::Esc { .. }
+                | SelectionRule::Adaptive { .. }
+                | SelectionRule::DeepConfOnline { .. }
         )
     }
 
     /// Samples worth decoding at once under a sequential rule: one ESC window; for
-    /// adaptive consistency 4, the fewest votes that can pass its default threshold.
-    /// `None` for rules that use every sample.
+    /// adaptive consistency 4, the fewest votes that can pass its default threshold; for
+    /// DeepConf online the warm-up. `None` for rules that use every sample.
     pub fn default_parallel(&self) -> Option<usize> {
         match *self {
             SelectionRule::Esc { window } => Some(window.max(1)),
             SelectionRule::Adaptive { .. } => Some(4),
+            SelectionRule::DeepConfOnline { warmup, .. } => Some(warmup.max(1)),
+            _ => None,
+        }
+    }
+
+    /// For DeepConf online: the threshold the first `warmup` of `drawn` set (see
+    /// [`SelectionRule::DeepConfOnline`]); `None` for other rules and before the warm-up
+    /// is drawn.
+    pub fn online_threshold(&self, drawn: &[Candidate]) -> Option<f64> {
+        match *self {
+            SelectionRule::DeepConfOnline {
+                warmup,
+                percentile,
+                window,
+                ..
+            } => online::online_threshold(drawn, warmup, percentile, window),
             _ => None,
         }
     }
@@ -171,6 +210,12 @@ impl SelectionRule {
         match *self {
             SelectionRule::Esc { window } => sequential::esc_settled(drawn, window),
             SelectionRule::Adaptive { threshold } => sequential::adaptive_settled(drawn, threshold),
+            SelectionRule::DeepConfOnline {
+                warmup,
+                percentile,
+                window,
+                tau,
+            } => online::online_settled(drawn, warmup, percentile, window, tau),
             _ => false,
         }
     }
@@ -205,6 +250,18 @@ impl fmt::Display for SelectionRule {
             SelectionRule::Cisc { score, temperature } => write!(f, "cisc:{score}:{temperature}"),
             SelectionRule::Esc { window } => write!(f, "esc:{window}"),
             SelectionRule::Adaptive { threshold } => write!(f, "adaptive:{threshold}"),
+            SelectionRule::DeepConfOnline {
+                warmup,
+                percentile,
+                window,
+                tau,
+            } => {
+                write!(f, "deepconf-online:{warmup}:{percentile}:{window}")?;
+                match tau {
+                    Some(tau) => write!(f, ":{tau}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -224,7 +281,8 @@ impl FromStr for SelectionRule {
 
     /// `"greedy"`, `"majority"`, `"max:<score>"`, `"weighted:<score>"`, `"borda[:<p>]"`,
     /// `"deepconf:<metric>:<eta>"` (e.g. `"deepconf:bottom10:2048:10"` keeps the top 10%),
-    /// `"cisc:<score>:<temperature>"`, `"esc[:<window>]"`, `"adaptive[:<threshold>]"`.
+    /// `"cisc:<score>:<temperature>"`, `"esc[:<window>]"`, `"adaptive[:<threshold>]"`,
+    /// `"deepconf-online:<warmup>:<percentile>:<window>[:<tau>]"`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let error = |reason: String| ParseRuleError {
             input: s.to_string(),
@@ -297,12 +355,47 @@ impl FromStr for SelectionRule {
                     "the adaptive-consistency threshold must be in (0.5, 1)".into(),
                 )),
             },
+            ("deepconf-online", Some(rest)) => parse_deepconf_online(rest).map_err(error),
             _ => Err(error(
-                "expected greedy, majority, max:<score>, weighted:<score>, borda:<p>, deepconf:<metric>:<eta>, cisc:<score>:<temperature>, esc:<window> or adaptive:<threshold>"
+                "expected greedy, majority, max:<score>, weighted:<score>, borda:<p>, deepconf:<metric>:<eta>, cisc:<score>:<temperature>, esc:<window>, adaptive:<threshold> or deepconf-online:<warmup>:<percentile>:<window>[:<tau>]"
                     .into(),
             )),
         }
     }
+}
+
+/// `<warmup>:<percentile>:<window>[:<tau>]` of `deepconf-online`.
+fn parse_deepconf_online(spec: &str) -> Result<SelectionRule, String> {
+    let parts: Vec<&str> = spec.split(':').map(str::trim).collect();
+    let [warmup, percentile, window, rest @ ..] = parts.as_slice() else {
+        return Err("expected deepconf-online:<warmup>:<percentile>:<window>[:<tau>]".into());
+    };
+    let warmup = match warmup.parse::<usize>() {
+        Ok(w) if w >= 1 => w,
+        _ => return Err("the DeepConf-online warm-up must be a whole number >= 1".into()),
+    };
+    let percentile = match percentile.parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => p,
+        _ => return Err("the DeepConf-online percentile must be in [0, 100]".into()),
+    };
+    let window = match window.parse::<usize>() {
+        Ok(w) if w >= 1 => w,
+        _ => return Err("the DeepConf-online window must be a whole number >= 1".into()),
+    };
+    let tau = match rest {
+        [] => None,
+        [tau] => match tau.parse::<f64>() {
+            Ok(t) if t > 0.0 && t <= 1.0 => Some(t),
+            _ => return Err("the DeepConf-online consensus tau must be in (0, 1]".into()),
+        },
+        _ => return Err("deepconf-online takes at most 4 values".into()),
+    };
+    Ok(SelectionRule::DeepConfOnline {
+        warmup,
+        percentile,
+        window,
+        tau,
+    })
 }
 
 /// The pooled vote of one answer.
@@ -390,6 +483,19 @@ fn decide(rule: &SelectionRule, candidates: &[Candidate]) -> Selection {
             tally(
                 candidates,
                 ranked(weighted_ballots(candidates, &kept, metric)),
+            )
+        }
+        SelectionRule::DeepConfOnline {
+            warmup,
+            percentile,
+            window,
+            ..
+        } => {
+            let voters = online::online_voters(candidates, warmup, percentile, window);
+            let lowest = TraceScore::LowestGroup { window };
+            tally(
+                candidates,
+                ranked(weighted_ballots(candidates, &voters, lowest)),
             )
         }
         SelectionRule::Cisc { score, temperature } => {

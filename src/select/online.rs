@@ -1,122 +1,82 @@
-//! DeepConf online early termination: a threshold from warm-up traces, a per-trace
-//! window tracker that says when to stop decoding, and a consensus test that says when
-//! to stop sampling new traces.
+//! DeepConf online early termination (Fu et al. 2025): a threshold from warm-up traces,
+//! a per-trace window tracker that says when to stop decoding, and a consensus test that
+//! says when to stop sampling new traces. [`super::SelectionRule::DeepConfOnline`] is the rule;
+//! the engine runs it with a [`WindowTracker`] per sample.
 
-use super::{percentile, SelectionRule, VoteRow};
-use crate::score::{TraceScore, DEFAULT_WINDOW};
+use super::{rank_by, ranked, tally, weighted_ballots, Candidate, VoteRow};
+use crate::score::TraceScore;
 use std::collections::VecDeque;
 
-/// The DeepConf online procedure for one prompt.
-///
-/// 1. Decode `warmup` traces fully and feed each one's lowest group confidence to
-///    [`observe_warmup`](Self::observe_warmup).
-/// 2. [`threshold`](Self::threshold) is the `percentile`th percentile of those values
-///    (90 keeps about the top 10% of traces, 10 about the top 90%).
-/// 3. Decode further traces (up to `budget` in all), each with a [`WindowTracker`] from
-///    [`tracker`](Self::tracker); stop a trace when the tracker says so.
-/// 4. Vote with [`vote_rule`](Self::vote_rule) over the traces that
-///    [`keeps`](Self::keeps); stop sampling early once
-///    [`consensus_reached`](Self::consensus_reached).
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeepConfOnline {
-    /// Number of warm-up traces.
-    pub warmup: usize,
-    /// Percentile (0–100) of warm-up lowest-group confidences used as the threshold.
-    pub percentile: f64,
-    /// Group window in tokens.
-    pub window: usize,
-    /// Stop sampling when the leading answer holds at least this share of vote weight.
-    pub tau: Option<f64>,
-    /// Total number of traces, warm-up included.
-    pub budget: usize,
-    warmup_lowest: Vec<f64>,
+/// The threshold of DeepConf online: the `percentile`th percentile (numpy-style linear
+/// interpolation) of the lowest group confidences of the first `warmup` candidates (those
+/// that have one); `None` until all `warmup` are drawn, or when none has a score.
+pub(super) fn online_threshold(
+    drawn: &[Candidate],
+    warmup: usize,
+    percentile: f64,
+    window: usize,
+) -> Option<f64> {
+    if warmup == 0 || drawn.len() < warmup {
+        return None;
+    }
+    let lowest = TraceScore::LowestGroup { window };
+    let values: Vec<f64> = drawn[..warmup]
+        .iter()
+        .filter_map(|c| c.score(lowest))
+        .collect();
+    super::percentile(&values, percentile)
 }
 
-impl Default for DeepConfOnline {
-    /// The paper's settings: 16 warm-up traces, percentile 90, window 2048, budget 512,
-    /// no consensus stop.
-    fn default() -> Self {
-        DeepConfOnline::new(16, 90.0, DEFAULT_WINDOW, None, 512)
-    }
-}
-
-impl DeepConfOnline {
-    /// A procedure with the given settings (fields of the same names) and no warm-up
-    /// trace observed yet.
-    pub fn new(
-        warmup: usize,
-        percentile: f64,
-        window: usize,
-        tau: Option<f64>,
-        budget: usize,
-    ) -> Self {
-        DeepConfOnline {
-            warmup,
-            percentile,
-            window,
-            tau,
-            budget,
-            warmup_lowest: Vec::new(),
-        }
-    }
-
-    /// Records a warm-up trace's lowest group confidence (non-finite values are ignored).
-    pub fn observe_warmup(&mut self, lowest_group_conf: f64) {
-        if lowest_group_conf.is_finite() {
-            self.warmup_lowest.push(lowest_group_conf);
-        }
-    }
-
-    /// Warm-up values recorded so far (non-finite ones not counted).
-    pub fn warmup_observed(&self) -> usize {
-        self.warmup_lowest.len()
-    }
-
-    /// True once `warmup` values have been recorded and the threshold is final.
-    pub fn warmup_done(&self) -> bool {
-        self.warmup_lowest.len() >= self.warmup
-    }
-
-    /// The stopping threshold: the `percentile`th percentile of the warm-up values seen
-    /// so far (numpy-style linear interpolation); `None` before any.
-    pub fn threshold(&self) -> Option<f64> {
-        percentile(&self.warmup_lowest, self.percentile)
-    }
-
-    /// A tracker for a new trace, with the current threshold (it never stops a trace
-    /// when there is no threshold yet).
-    pub fn tracker(&self) -> WindowTracker {
-        WindowTracker::new(self.window, self.threshold())
-    }
-
-    /// Whether a finished trace with this lowest group confidence takes part in the vote.
-    pub fn keeps(&self, lowest_group_conf: f64) -> bool {
-        self.threshold().is_none_or(|t| lowest_group_conf >= t)
-    }
-
-    /// The final vote: weighted by lowest group confidence.
-    pub fn vote_rule(&self) -> SelectionRule {
-        SelectionRule::Weighted(TraceScore::LowestGroup {
-            window: self.window,
+/// The candidates that vote under DeepConf online, in preference order: those with an
+/// answer whose lowest group confidence reaches the threshold (every one with an answer
+/// and a score while there is no threshold).
+pub(super) fn online_voters(
+    candidates: &[Candidate],
+    warmup: usize,
+    percentile: f64,
+    window: usize,
+) -> Vec<usize> {
+    let lowest = TraceScore::LowestGroup { window };
+    let threshold = online_threshold(candidates, warmup, percentile, window);
+    rank_by(candidates, lowest)
+        .into_iter()
+        .filter(|&i| candidates[i].answer.is_some())
+        .filter(|&i| {
+            candidates[i]
+                .score(lowest)
+                .is_some_and(|v| threshold.is_none_or(|t| v >= t))
         })
-    }
+        .collect()
+}
 
-    /// How many more traces the budget allows after `traces_started`.
-    pub fn traces_left(&self, traces_started: usize) -> usize {
-        self.budget.saturating_sub(traces_started)
+/// Whether DeepConf online stops drawing: the warm-up is done and the leading answer
+/// holds a share ≥ `tau` of the confidence-weighted vote of the voters.
+pub(super) fn online_settled(
+    drawn: &[Candidate],
+    warmup: usize,
+    percentile: f64,
+    window: usize,
+    tau: Option<f64>,
+) -> bool {
+    let Some(tau) = tau else {
+        return false;
+    };
+    if drawn.len() < warmup.max(1) {
+        return false;
     }
+    let voters = online_voters(drawn, warmup, percentile, window);
+    let lowest = TraceScore::LowestGroup { window };
+    let votes = tally(drawn, ranked(weighted_ballots(drawn, &voters, lowest))).votes;
+    consensus_reached(&votes, tau)
+}
 
-    /// Whether the leading answer holds a share ≥ `tau` of the total vote weight
-    /// (always false without `tau` or without positive weight).
-    pub fn consensus_reached(&self, votes: &[VoteRow]) -> bool {
-        let Some(tau) = self.tau else {
-            return false;
-        };
-        let weights = votes.iter().map(|v| v.weight).filter(|w| w.is_finite());
-        let total: f64 = weights.clone().map(|w| w.max(0.0)).sum();
-        let leading = weights.fold(0.0, f64::max);
-        total > 0.0 && leading / total >= tau
-    }
+/// Whether the leading answer holds a share ≥ `tau` of the total vote weight (false
+/// without positive weight).
+pub(super) fn consensus_reached(votes: &[VoteRow], tau: f64) -> bool {
+    let weights = votes.iter().map(|v| v.weight).filter(|w| w.is_finite());
+    let total: f64 = weights.clone().map(|w| w.max(0.0)).sum();
+    let leading = weights.fold(0.0, f64::max);
+    total > 0.0 && leading / total >= tau
 }
 
 /// Follows one trace's token confidences while it decodes and says when to stop it:
@@ -169,6 +129,13 @@ impl WindowTracker {
             self.stopped_at = Some(self.tokens);
         }
         self.should_stop()
+    }
+
+    /// Sets the threshold of a tracker made without one (DeepConf online learns it once
+    /// the warm-up traces are done, while later traces already decode); the tokens seen
+    /// so far are not re-examined, the next ones are.
+    pub fn set_threshold(&mut self, threshold: f64) {
+        self.threshold = Some(threshold);
     }
 
     /// True once a window mean has fallen below the threshold; stays true.

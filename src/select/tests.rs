@@ -343,30 +343,57 @@ fn percentile_matches_numpy() {
 
 // ---- DeepConf online ----
 
-fn online_after_warmup() -> DeepConfOnline {
-    let mut online = DeepConfOnline::new(5, 10.0, 3, Some(0.75), 20);
-    assert_eq!(online.threshold(), None);
-    for value in [14.0, 10.0, 18.0, 12.0, f64::NAN, 16.0] {
-        online.observe_warmup(value);
+const LOWEST3: TraceScore = TraceScore::LowestGroup { window: 3 };
+
+fn online_rule(warmup: usize, percentile: f64, tau: Option<f64>) -> SelectionRule {
+    SelectionRule::DeepConfOnline {
+        warmup,
+        percentile,
+        window: 3,
+        tau,
     }
-    online
+}
+
+/// Six warm-up candidates with lowest group confidences 14, 10, 18, 12, (none), 16.
+fn warmup_candidates() -> Vec<Candidate> {
+    [
+        Some(14.0),
+        Some(10.0),
+        Some(18.0),
+        Some(12.0),
+        None,
+        Some(16.0),
+    ]
+    .into_iter()
+    .map(|v| {
+        let c = Candidate::new(num(1.0));
+        match v {
+            Some(v) => c.with_score(LOWEST3, v),
+            None => c,
+        }
+    })
+    .collect()
 }
 
 #[test]
 fn online_threshold_from_warmup() {
-    let online = online_after_warmup();
-    assert!(online.warmup_done());
-    assert_eq!(online.warmup_observed(), 5);
-    // 10th percentile of 10, 12, 14, 16, 18.
-    let threshold = online.threshold().unwrap_or(f64::NAN);
-    assert!((threshold - 10.8).abs() < 1e-12);
-    assert!(online.keeps(11.0));
-    assert!(!online.keeps(10.0));
-    assert_eq!(online.traces_left(7), 13);
-    assert_eq!(online.traces_left(30), 0);
-    let mut ninety = online_after_warmup();
-    ninety.percentile = 90.0;
-    assert!((ninety.threshold().unwrap_or(f64::NAN) - 17.2).abs() < 1e-12);
+    let drawn = warmup_candidates();
+    let low = online_rule(6, 10.0, None);
+    // Not before the whole warm-up is drawn.
+    assert_eq!(low.online_threshold(&drawn[..5]), None);
+    // 10th percentile of 10, 12, 14, 16, 18 (the candidate without a score is skipped):
+    // position 0.4 between 10 and 12.
+    let t = low.online_threshold(&drawn).unwrap_or(f64::NAN);
+    assert!((t - 10.8).abs() < 1e-12, "{t}");
+    let t = online_rule(6, 90.0, None)
+        .online_threshold(&drawn)
+        .unwrap_or(f64::NAN);
+    assert!((t - 17.2).abs() < 1e-12, "{t}");
+    // Later candidates do not move it.
+    let mut more = drawn.clone();
+    more.push(Candidate::new(num(2.0)).with_score(LOWEST3, 0.0));
+    assert_eq!(low.online_threshold(&more), low.online_threshold(&drawn));
+    assert_eq!(SelectionRule::Majority.online_threshold(&drawn), None);
 }
 
 /// Feeds a stream and returns the step (1-based) at which the tracker stopped it.
@@ -381,9 +408,9 @@ fn stop_step(tracker: &mut WindowTracker, stream: &[f32]) -> Option<usize> {
 
 #[test]
 fn online_traces_stop_at_the_expected_token() {
-    let online = online_after_warmup(); // threshold 10.8, window 3
-                                        // Window means: 12, 11.5, 11.33, then (11+11+10)/3 = 10.67 < 10.8.
-    let mut a = online.tracker();
+    let tracker = || WindowTracker::new(3, Some(10.8));
+    // Window means: 12, 11.5, 11.33, then (11+11+10)/3 = 10.67 < 10.8.
+    let mut a = tracker();
     assert_eq!(
         stop_step(&mut a, &[12.0, 11.0, 11.0, 10.0, 12.0, 12.0]),
         Some(4)
@@ -394,22 +421,29 @@ fn online_traces_stop_at_the_expected_token() {
     assert!(a.push(30.0));
     assert_eq!(a.tokens_seen(), 4);
     // Before a full window the running mean decides: 10 < 10.8 at the first token.
-    let mut b = online.tracker();
+    let mut b = tracker();
     assert_eq!(stop_step(&mut b, &[10.0, 20.0]), Some(1));
     // Running means 11, then 10.75 < 10.8: stopped at 2, before the window is full.
-    let mut c = online.tracker();
+    let mut c = tracker();
     assert_eq!(stop_step(&mut c, &[11.0, 10.5]), Some(2));
     // Never below: never stopped.
-    let mut d = online.tracker();
+    let mut d = tracker();
     assert_eq!(stop_step(&mut d, &[20.0, 5.0, 20.0, 20.0, 20.0]), None);
     assert_eq!(d.lowest_group_confidence(), Some(15.0));
 }
 
 #[test]
-fn tracker_without_threshold_never_stops() {
-    let mut tracker = DeepConfOnline::default().tracker();
+fn tracker_without_threshold_never_stops_until_one_is_set() {
+    let mut tracker = WindowTracker::new(3, None);
     assert_eq!(stop_step(&mut tracker, &[0.0; 100]), None);
     assert_eq!(tracker.current_mean(), Some(0.0));
+    // A threshold learned mid-trace applies from the next token on: window means
+    // (0+0+9)/3 = 3 < 5 stops at once; a fresh one over 9, 9, 9 does not.
+    tracker.set_threshold(5.0);
+    assert_eq!(stop_step(&mut tracker, &[9.0]), Some(1));
+    let mut fresh = WindowTracker::new(3, None);
+    fresh.set_threshold(5.0);
+    assert_eq!(stop_step(&mut fresh, &[9.0, 9.0, 9.0]), None);
 }
 
 #[test]
@@ -441,28 +475,90 @@ fn tracker_lowest_group_matches_score_module() {
 }
 
 #[test]
-fn consensus_stop() {
-    let online = online_after_warmup(); // tau 0.75
+fn consensus_share_of_the_vote_weight() {
     let row = |answer: f64, weight: f64| VoteRow {
         answer: Answer::Number(answer),
         weight,
         count: 1,
     };
-    assert!(online.consensus_reached(&[row(1.0, 3.0), row(2.0, 1.0)]));
-    assert!(!online.consensus_reached(&[row(1.0, 2.0), row(2.0, 1.0)]));
-    assert!(!online.consensus_reached(&[]));
-    assert!(!online.consensus_reached(&[row(1.0, 0.0)]));
-    let no_tau = DeepConfOnline::default();
-    assert!(!no_tau.consensus_reached(&[row(1.0, 3.0)]));
-    // The online vote, fed by trackers' lowest group confidences.
-    let candidates = vec![
-        Candidate::new(num(5.0)).with_score(TraceScore::LowestGroup { window: 3 }, 12.0),
-        Candidate::new(num(6.0)).with_score(TraceScore::LowestGroup { window: 3 }, 11.0),
-        Candidate::new(num(5.0)).with_score(TraceScore::LowestGroup { window: 3 }, 13.0),
-    ];
-    let s = select(&online.vote_rule(), &candidates);
-    assert_eq!((s.answer.clone(), s.chosen), (num(5.0), Some(2)));
-    assert!(!online.consensus_reached(&s.votes)); // 25 / 36 < 0.75
+    let reached = online::consensus_reached;
+    assert!(reached(&[row(1.0, 3.0), row(2.0, 1.0)], 0.75));
+    assert!(!reached(&[row(1.0, 2.0), row(2.0, 1.0)], 0.75));
+    assert!(!reached(&[], 0.75));
+    assert!(!reached(&[row(1.0, 0.0)], 0.75));
+}
+
+#[test]
+fn online_vote_keeps_warmup_and_later_traces_above_the_threshold() {
+    // Warm-up of 3 (window 3): 12, 11, 13 -> 50th percentile 12.
+    let rule = online_rule(3, 50.0, Some(0.75));
+    let c =
+        |answer: Option<Answer>, lowest: f64| Candidate::new(answer).with_score(LOWEST3, lowest);
+    let mut drawn = vec![c(num(5.0), 12.0), c(num(6.0), 11.0), c(num(5.0), 13.0)];
+    // Voters: 5 (12) and 5 (13); 6 (11) is below 12. One answer: consensus.
+    let s = select(&online_rule(3, 50.0, None), &drawn);
+    assert_eq!(rows(&s), vec![("5".to_string(), 25.0, 2)]);
+    assert_eq!((s.answer.clone(), s.chosen, s.used), (num(5.0), Some(2), 3));
+    assert!(rule.settled(&drawn));
+    // Not before the warm-up is complete, even when unanimous.
+    assert!(!rule.settled(&drawn[..2]));
+    // At the 0th percentile (11) every warm-up trace votes: 25 / 36 < 0.75.
+    let wide = online_rule(3, 0.0, Some(0.75));
+    assert!(!wide.settled(&drawn));
+    // A stopped trace (no answer) never votes; a later confident one does.
+    drawn.push(c(None, 30.0));
+    drawn.push(c(num(6.0), 14.0));
+    let s = select(&wide, &drawn);
+    // Equal weight: the answer whose first supporter came first leads.
+    assert_eq!(
+        rows(&s),
+        vec![("5".to_string(), 25.0, 2), ("6".to_string(), 25.0, 2)]
+    );
+    assert_eq!(s.answer, num(5.0));
+    // Drawing stops at the first prefix that settles: here the warm-up itself.
+    assert_eq!(select(&rule, &drawn).used, 3);
+    assert_eq!(rule.samples_needed(&drawn), 3);
+}
+
+#[test]
+fn online_rule_parses_and_prints() {
+    let paper = SelectionRule::DeepConfOnline {
+        warmup: 16,
+        percentile: 90.0,
+        window: 2048,
+        tau: None,
+    };
+    for (text, expected) in [
+        ("deepconf-online:16:90:2048", paper),
+        (
+            "deepconf-online:4:10:3:0.95",
+            online_rule(4, 10.0, Some(0.95)),
+        ),
+    ] {
+        let parsed: SelectionRule = text.parse().unwrap_or(SelectionRule::Greedy);
+        assert_eq!(parsed, expected);
+        assert_eq!(parsed.to_string(), text);
+        assert!(parsed.is_sequential());
+    }
+    assert_eq!(
+        "deepconf-online:4:90:64"
+            .parse::<SelectionRule>()
+            .ok()
+            .and_then(|r| r.default_parallel()),
+        Some(4)
+    );
+    for bad in [
+        "deepconf-online",
+        "deepconf-online:0:90:64",
+        "deepconf-online:4:101:64",
+        "deepconf-online:4:90:0",
+        "deepconf-online:4:90:64:0",
+        "deepconf-online:4:90:64:1.5",
+        "deepconf-online:4:90:64:0.9:1",
+        "deepconf-online:x:90:64",
+    ] {
+        assert!(bad.parse::<SelectionRule>().is_err(), "{bad}");
+    }
 }
 
 /// P(p₁ > p₂) for p₁ ~ Beta(a, b), by Simpson's rule on the density (an independent check

@@ -1,6 +1,8 @@
 //! Finding the final answer in a completion: the last `\boxed{…}`, else a GSM8K
 //! `#### x` line, else "the answer is x", else a clear multiple-choice letter, else the
-//! last number in the text.
+//! last number in the text. A reasoning model's `<think>…</think>` block is not the answer:
+//! only the text after the last `</think>` is searched, and a completion still inside an
+//! unclosed `<think>` has none.
 
 use super::answer::{
     brace_pairs, captured_letter, choice_letter, closing_brace, compile, normalize, Answer,
@@ -44,6 +46,21 @@ pub struct Extracted {
 /// An occurrence whose content is empty (`\boxed{}`, "the answer is.") is skipped and the
 /// search goes on with earlier occurrences and then lower-priority patterns.
 pub fn extract_answer(text: &str) -> Option<Extracted> {
+    const OPEN: &str = "<think>";
+    const CLOSE: &str = "</think>";
+    let start = match (text.rfind(CLOSE), text.contains(OPEN)) {
+        (Some(end), _) => end + CLOSE.len(),
+        // Cut off while thinking (max_tokens, an early stop): no final answer yet.
+        (None, true) => return None,
+        (None, false) => 0,
+    };
+    let mut found = extract_from(&text[start..])?;
+    found.span = found.span.start + start..found.span.end + start;
+    Some(found)
+}
+
+/// [`extract_answer`] on text without a thinking block.
+fn extract_from(text: &str) -> Option<Extracted> {
     find_boxed(text)
         .or_else(|| find_gsm_hashes(text))
         .or_else(|| find_answer_is(text))

@@ -171,6 +171,16 @@ const EXTRACTION_CASES: &[(&str, Option<Exp>)] = &[
     (r"$x = \frac{7}{2}$", Some(N(3.5))),
     (r"so y is -\dfrac{3}{4}", Some(N(-0.75))),
     ("She needs 20 more.\n#### Final Answer\n20", Some(N(20.0))),
+    // a reasoning model's thinking is not its answer
+    (
+        "<think>maybe \\boxed{3}? no, 4</think>The answer is \\boxed{4}.",
+        Some(N(4.0)),
+    ),
+    ("<think>2 + 2 = 4</think>\n\nSo it is 5.", Some(N(5.0))),
+    ("<think>I guess \\boxed{7}</think>\n\nI am not sure.", None),
+    ("<think>first 9, then 12, still working", None),
+    ("reasoning...</think>\\boxed{6}", Some(N(6.0))),
+    ("<think>a</think>x<think>b</think>It is 8", Some(N(8.0))),
 ];
 
 #[test]
@@ -210,6 +220,11 @@ fn extraction_reports_source_and_span() {
         ("Answer: (B)", AnswerSource::Choice, "B"),
         ("it is 3 or 4 apples", AnswerSource::LastNumber, "4"),
         ("down by \u{2212}2", AnswerSource::LastNumber, "\u{2212}2"),
+        (
+            "<think>\\boxed{1}</think>so \\boxed{2}",
+            AnswerSource::Boxed,
+            "2",
+        ),
     ];
     for &(text, source, raw) in cases {
         let found = extract_answer(text).expect(text);

@@ -93,7 +93,8 @@ pub fn tiny_config(arch: Architecture) -> ModelConfig {
         num_layers: 2,
         num_heads: 4,
         num_kv_heads: 2,
-        head_dim: 8,
+        // Qwen3 sets head_dim on its own: wider than hidden / heads here.
+        head_dim: if arch == Architecture::Qwen3 { 16 } else { 8 },
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         rope_scaling: None,
@@ -102,6 +103,7 @@ pub fn tiny_config(arch: Architecture) -> ModelConfig {
         tie_word_embeddings: arch == Architecture::Llama,
         qkv_bias: arch == Architecture::Qwen2,
         o_bias: false,
+        qk_norm: arch == Architecture::Qwen3,
     }
 }
 
@@ -145,6 +147,12 @@ pub fn tiny_weights(config: &ModelConfig, seed: u64) -> HashMap<String, Tensor> 
         }
         if c.o_bias {
             w.insert(format!("{p}.self_attn.o_proj.bias"), rand(&[h], 0.1));
+        }
+        if c.qk_norm {
+            for name in ["q_norm", "k_norm"] {
+                let weight = (rand(&[hd], 0.2) + 1.0).expect("norm");
+                w.insert(format!("{p}.self_attn.{name}.weight"), weight);
+            }
         }
     }
     w.insert(
@@ -270,6 +278,23 @@ pub fn write_tiny_gguf(
         };
         tensors.push((gguf, q));
     }
+    if config.rope_scaling.is_some() {
+        // llama.cpp's converter stores Llama 3 RoPE scaling as per-frequency divisors.
+        let unscaled = ModelConfig {
+            rope_scaling: None,
+            ..config.clone()
+        };
+        let factors: Vec<f32> = unscaled
+            .rope_inv_freq()
+            .iter()
+            .zip(config.rope_inv_freq())
+            .map(|(base, scaled)| base / scaled)
+            .collect();
+        let n = factors.len();
+        let t = Tensor::from_vec(factors, n, &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap();
+        tensors.push(("rope_freqs.weight".to_string(), q));
+    }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let (tokens, merges, types) = tiny_vocab();
     let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
@@ -300,6 +325,14 @@ pub fn write_tiny_gguf(
             Value::U32(config.num_kv_heads as u32),
         ),
         (
+            format!("{arch}.attention.key_length"),
+            Value::U32(config.head_dim as u32),
+        ),
+        (
+            format!("{arch}.attention.value_length"),
+            Value::U32(config.head_dim as u32),
+        ),
+        (
             format!("{arch}.attention.layer_norm_rms_epsilon"),
             Value::F32(config.rms_norm_eps as f32),
         ),
@@ -310,7 +343,7 @@ pub fn write_tiny_gguf(
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         (
             "tokenizer.ggml.pre".into(),
-            Value::String(if arch == "qwen2" { "qwen2" } else { "smollm" }.into()),
+            Value::String(if arch == "llama" { "smollm" } else { "qwen2" }.into()),
         ),
         ("tokenizer.ggml.tokens".into(), strings(&tokens)),
         ("tokenizer.ggml.merges".into(), strings(&merges)),
@@ -354,6 +387,8 @@ fn gguf_name(hf: &str) -> String {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",

@@ -3,24 +3,22 @@
 //! (with a 95% Wilson interval), tokens generated and wall time per rule. Sequential rules
 //! (ESC, adaptive consistency) are simulated on those traces in sample order and charged
 //! only the samples they would have drawn. Online rules run their own sampling on the same
-//! questions: DeepConf-online (warm-up, then early-stopped traces) and sequential rules
-//! in the engine (samples drawn a few at a time until the answer settles), so their
-//! tokens and wall time are measured, not simulated.
+//! questions, in the engine (ESC, adaptive consistency, DeepConf-online: samples drawn a
+//! few at a time until the answer settles, a stopped sample's slot refilled at once), so
+//! their tokens and wall time are measured, not simulated.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use serde::Serialize;
 
 use verity::chat::ChatMessage;
-use verity::engine::{EarlyStop, FinishReason, Request, TraceMonitor};
-use verity::runtime::{GenerateRequest, GenerateResult, Runtime, BASE_ADAPTER};
+use verity::engine::Request;
+use verity::runtime::{GenerateRequest, Runtime, BASE_ADAPTER};
 use verity::sampling::SamplingParams;
-use verity::score::{TokenStats, TraceScore};
-use verity::select::{select, Candidate, DeepConfOnline, SelectionRule, WindowTracker};
+use verity::score::TraceScore;
+use verity::select::{select, SelectionRule};
 use verity::verify::{equivalent, reference_answer, Answer};
 use verity::{Error, Result};
 
@@ -75,9 +73,8 @@ pub struct EvalConfig {
     pub top_p: f32,
     pub seed: u64,
     pub rules: Vec<SelectionRule>,
-    pub online: Option<DeepConfOnline>,
     /// Sequential rules run in the engine, each on its own samples.
-    pub online_sequential: Vec<SelectionRule>,
+    pub online: Vec<SelectionRule>,
     /// Loaded adapter to decode with (None = the base model).
     pub adapter: Option<String>,
     /// Questions in flight at once (their requests share the engine's batches); 1 = one
@@ -189,16 +186,6 @@ pub fn wilson(correct: usize, total: usize) -> (f64, f64) {
     ((center - half).max(0.0), (center + half).min(1.0))
 }
 
-/// The candidates of the traces that ran to their end (not stopped for low confidence).
-fn finished_candidates(result: &GenerateResult) -> impl Iterator<Item = Candidate> + '_ {
-    result
-        .traces
-        .iter()
-        .zip(result.candidates())
-        .filter(|(t, _)| t.trace.finish != FinishReason::AbortedLowConfidence)
-        .map(|(_, c)| c.clone())
-}
-
 fn is_correct(answer: &Option<Answer>, reference: &Option<Answer>) -> bool {
     matches!((answer, reference), (Some(a), Some(r)) if equivalent(a, r))
 }
@@ -238,23 +225,14 @@ pub fn request(
     }
 }
 
-/// Stops a trace when DeepConf's window tracker says so.
-struct OnlineMonitor(WindowTracker);
-impl TraceMonitor for OnlineMonitor {
-    fn observe(&mut self, stats: &TokenStats) -> bool {
-        self.0.push(stats.confidence)
-    }
-}
-
-/// What one question contributed: per rule (in `config.rules` order, then DeepConf-online,
-/// then the online sequential rules) whether it was right, the tokens generated and the
+/// What one question contributed: per rule (in `config.rules` order, then the online
+/// rules) whether it was right, the tokens generated and the
 /// wall time; and its output lines.
 struct QuestionOutcome {
     question: usize,
     /// (rule index, correct, tokens, wall)
     rules: Vec<(usize, bool, usize, Duration)>,
-    online: Option<(bool, usize, Duration)>,
-    online_sequential: Vec<(bool, usize, Duration)>,
+    online: Vec<(bool, usize, Duration)>,
     lines: Vec<serde_json::Value>,
 }
 
@@ -271,7 +249,7 @@ fn needed_scores(rules: &[SelectionRule]) -> Vec<TraceScore> {
     scores
 }
 
-/// Greedy, the sampled rules and DeepConf-online on one question.
+/// Greedy, the sampled rules and the online rules on one question.
 fn evaluate_question(
     runtime: &Runtime,
     qi: usize,
@@ -284,8 +262,7 @@ fn evaluate_question(
     let mut outcome = QuestionOutcome {
         question: qi,
         rules: Vec::new(),
-        online: None,
-        online_sequential: Vec::new(),
+        online: Vec::new(),
         lines: vec![
             serde_json::json!({"question": qi, "kind": "question", "text": item.question, "reference": item.answer}),
         ],
@@ -343,14 +320,7 @@ fn evaluate_question(
             outcome.lines.push(serde_json::json!({"question": qi, "kind": "sample", "index": t.index, "text": t.text, "tokens": t.tokens.len(), "finish": t.finish, "answer": c.answer.as_ref().map(|a| a.to_string()), "correct": is_correct(&c.answer, &reference), "scores": s, "token_stats": crate::rescore::TokenColumns::from_stats(&t.stats), "token_end": t.token_end}));
         }
     }
-    if let Some(online) = &config.online {
-        let start = Instant::now();
-        let (answer, tokens) = run_online(runtime, item, config, online.clone(), seed)?;
-        let ok = is_correct(&answer, &reference);
-        outcome.online = Some((ok, tokens, start.elapsed()));
-        outcome.lines.push(serde_json::json!({"question": qi, "kind": "online", "answer": answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens}));
-    }
-    for rule in &config.online_sequential {
+    for rule in &config.online {
         let start = Instant::now();
         let mut r = sampled();
         r.selection = Some(*rule);
@@ -360,7 +330,7 @@ fn evaluate_question(
         let ok = is_correct(&answer, &reference);
         // Every token decoded counts, those of samples cut when the answer settled too.
         let tokens = result.generated_tokens();
-        outcome.online_sequential.push((ok, tokens, wall));
+        outcome.online.push((ok, tokens, wall));
         outcome.lines.push(serde_json::json!({"question": qi, "kind": "online", "rule": rule.to_string(), "answer": answer.map(|a| a.to_string()), "correct": ok, "tokens": tokens, "settled_after": result.settled_after, "samples_started": result.traces.len()}));
     }
     Ok(outcome)
@@ -382,17 +352,8 @@ pub fn run(
         .iter()
         .map(|r| RuleResult::new(r.to_string(), items.len()))
         .collect();
-    let mut online_result = config.online.as_ref().map(|o| {
-        RuleResult::new(
-            format!(
-                "deepconf-online(warmup {}, p{}, window {})",
-                o.warmup, o.percentile, o.window
-            ),
-            items.len(),
-        )
-    });
-    let mut sequential_results: Vec<RuleResult> = config
-        .online_sequential
+    let mut online_results: Vec<RuleResult> = config
+        .online
         .iter()
         .map(|r| RuleResult::new(format!("online {r}"), items.len()))
         .collect();
@@ -433,15 +394,7 @@ pub fn run(
             for (ri, ok, tokens, wall) in outcome.rules {
                 results[ri].record(outcome.question, ok, tokens, wall);
             }
-            if let (Some((ok, tokens, wall)), Some(res)) = (outcome.online, online_result.as_mut())
-            {
-                res.record(outcome.question, ok, tokens, wall);
-            }
-            for ((ok, tokens, wall), res) in outcome
-                .online_sequential
-                .into_iter()
-                .zip(&mut sequential_results)
-            {
+            for ((ok, tokens, wall), res) in outcome.online.into_iter().zip(&mut online_results) {
                 res.record(outcome.question, ok, tokens, wall);
             }
             if let Some(out) = out.as_deref_mut() {
@@ -455,79 +408,9 @@ pub fn run(
         }
         Ok(())
     })?;
-    results.extend(online_result);
-    results.extend(sequential_results);
+    results.extend(online_results);
     results.iter_mut().for_each(RuleResult::finish);
     Ok(results)
-}
-
-/// DeepConf-online for one question: warm-up traces set the threshold, later traces (in
-/// rounds, so consensus can stop sampling) stop when their window confidence drops.
-fn run_online(
-    runtime: &Runtime,
-    item: &EvalItem,
-    config: &EvalConfig,
-    mut online: DeepConfOnline,
-    seed: u64,
-) -> Result<(Option<Answer>, usize)> {
-    let window = online.window;
-    let lowest = TraceScore::LowestGroup { window };
-    let warm = runtime.generate(request(
-        &item.question,
-        online.warmup.min(online.budget),
-        config,
-        config.temperature,
-        seed,
-        &[lowest],
-    ))?;
-    let mut kept = Vec::new();
-    let mut tokens = warm.generated_tokens();
-    let mut started = warm.traces.len();
-    for c in warm.candidates().iter().cloned() {
-        if let Some(l) = c.score(lowest) {
-            online.observe_warmup(l);
-        }
-        kept.push(c);
-    }
-    let round = 4usize;
-    while online.traces_left(started) > 0 {
-        let votes = select(
-            &online.vote_rule(),
-            &kept
-                .iter()
-                .filter(|c| c.score(lowest).is_some_and(|l| online.keeps(l)))
-                .cloned()
-                .collect::<Vec<_>>(),
-        )
-        .votes;
-        if online.consensus_reached(&votes) {
-            break;
-        }
-        let n = round.min(online.traces_left(started));
-        let shared = Arc::new(Mutex::new(online.clone()));
-        let make: EarlyStop = Arc::new(move |_| {
-            Box::new(OnlineMonitor(shared.lock().tracker())) as Box<dyn TraceMonitor>
-        });
-        let mut r = request(
-            &item.question,
-            n,
-            config,
-            config.temperature,
-            seed.wrapping_add(started as u64),
-            &[lowest],
-        );
-        r.request.early_stop = Some(make);
-        let result = runtime.generate(r)?;
-        tokens += result.generated_tokens();
-        started += n;
-        // Traces stopped early carry no answer worth voting on.
-        kept.extend(finished_candidates(&result));
-    }
-    let voters: Vec<Candidate> = kept
-        .into_iter()
-        .filter(|c| c.score(lowest).is_some_and(|l| online.keeps(l)))
-        .collect();
-    Ok((select(&online.vote_rule(), &voters).answer, tokens))
 }
 
 #[cfg(test)]

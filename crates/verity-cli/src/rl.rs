@@ -186,8 +186,7 @@ pub fn heldout_accuracy(
         top_p: 1.0,
         seed: 0,
         rules: vec![SelectionRule::Greedy],
-        online: None,
-        online_sequential: Vec::new(),
+        online: Vec::new(),
         adapter: adapter.map(str::to_string),
         // Greedy questions are short requests: many in flight fill the batch.
         concurrency: 16,
@@ -224,8 +223,7 @@ pub fn learn(
         top_p: 1.0,
         seed: config.seed,
         rules: Vec::new(),
-        online: None,
-        online_sequential: Vec::new(),
+        online: Vec::new(),
         adapter: Some(adapter_id.clone()),
         concurrency: 1,
     };

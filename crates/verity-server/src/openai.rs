@@ -70,11 +70,13 @@ pub enum PromptField {
 #[serde(deny_unknown_fields)]
 pub struct VerityOptions {
     /// A selection rule ("majority", "borda:0.5", "max:self_certainty", ...). The
-    /// sequential rules ("esc:4", "adaptive:0.95") draw the n samples a few at a time and
-    /// stop once the answer is settled.
+    /// sequential rules ("esc:4", "adaptive:0.95", "deepconf-online:8:90:64:0.95") draw
+    /// the n samples a few at a time and stop once the answer is settled; DeepConf online
+    /// also stops each sample after its warm-up whose confidence falls below the warm-up's
+    /// threshold, and starts the next in its place.
     pub selection: Option<String>,
     /// Samples decoding at once under a sequential rule (default: the ESC window; 4 for
-    /// adaptive).
+    /// adaptive; DeepConf online's warm-up).
     pub parallel: Option<usize>,
     /// Per-token statistics and trace scores in the response.
     #[serde(default)]
@@ -457,7 +459,7 @@ fn build(
     if ext.parallel.is_some() && !selection.is_some_and(|s| s.is_sequential()) {
         return Err(bad(
             "verity.parallel",
-            "parallel applies to a sequential selection rule (esc, adaptive)",
+            "parallel applies to a sequential selection rule (esc, adaptive, deepconf-online)",
         ));
     }
     if ext.parallel == Some(0) {

@@ -1,5 +1,5 @@
-//! The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5): one set of
-//! weights, two entry points.
+//! The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3): one set
+//! of weights, two entry points.
 //!
 //! - [`Transformer::forward_step`] decodes: a batch of sequences, each at its own position,
 //!   each with its own KV cache and LoRA adapter; fused kernels, quantized matmuls.
@@ -42,6 +42,9 @@ struct Block {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3: RMSNorm weights (head_dim) applied to every query / key head before RoPE.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
     post_norm: Tensor,
     gate: Linear,
     up: Linear,
@@ -127,12 +130,22 @@ impl Transformer {
             let gate = linear("mlp.gate_proj", c.intermediate_size, h, false)?;
             let up = linear("mlp.up_proj", c.intermediate_size, h, false)?;
             let down = linear("mlp.down_proj", h, c.intermediate_size, false)?;
+            let mut head_norm = |name: &str| -> Result<Option<Tensor>> {
+                if !c.qk_norm {
+                    return Ok(None);
+                }
+                let w = weights.take(&format!("{p}.self_attn.{name}.weight"), &[hd])?;
+                Ok(Some(w.to_dense(dtype, device)?))
+            };
+            let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
             layers.push(Block {
                 input_norm: norm_vec(weights, &format!("{p}.input_layernorm.weight"))?,
                 q,
                 k,
                 v: vv,
                 o,
+                q_norm,
+                k_norm,
                 post_norm: norm_vec(weights, &format!("{p}.post_attention_layernorm.weight"))?,
                 gate,
                 up,

@@ -34,6 +34,14 @@ struct LoraGroup {
     rows: Option<Tensor>,
 }
 
+/// Qwen3's RMSNorm of every head (over its last dimension, head_dim), when the block has one.
+fn head_norm(x: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+    match norm {
+        Some(w) => Ok(candle_nn::ops::rms_norm(&x, w, eps)?),
+        None => Ok(x),
+    }
+}
+
 impl Transformer {
     fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.embed {
@@ -118,10 +126,10 @@ impl Transformer {
             let q = self.linear_step(block, l, LoraTarget::Q, &h, &groups)?;
             let k = self.linear_step(block, l, LoraTarget::K, &h, &groups)?;
             let v = self.linear_step(block, l, LoraTarget::V, &h, &groups)?;
-            let q = candle_nn::rotary_emb::rope_thd(&q.reshape((1, total, nh, hd))?, &cos, &sin)?
-                .squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.reshape((1, total, nkv, hd))?, &cos, &sin)?
-                .squeeze(0)?;
+            let q = head_norm(q.reshape((1, total, nh, hd))?, block.q_norm.as_ref(), eps)?;
+            let k = head_norm(k.reshape((1, total, nkv, hd))?, block.k_norm.as_ref(), eps)?;
+            let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
             let v = v.reshape((total, nkv, hd))?;
             let attn = match &plan {
                 Some(plan) => self.attend_decode(plan, l, &q, &k, &v)?,

@@ -10,6 +10,17 @@ use crate::model::lora::{LoraAdapter, LoraTarget};
 use crate::model::ops;
 use crate::model::weights::Weight;
 
+/// Qwen3's RMSNorm of every head of `x` (rows, heads·head_dim), differentiable, when the
+/// block has one.
+fn head_norm(x: &Tensor, norm: Option<&Tensor>, heads: usize, eps: f64) -> Result<Tensor> {
+    let Some(w) = norm else {
+        return Ok(x.clone());
+    };
+    let (rows, width) = x.dims2()?;
+    let per_head = x.reshape((rows, heads, width / heads))?;
+    Ok(ops::rms_norm(&per_head, w, eps)?.reshape((rows, width))?)
+}
+
 impl Transformer {
     fn embed_dense(&self) -> Result<Tensor> {
         match &self.embed {
@@ -104,6 +115,8 @@ impl Transformer {
             let h = ops::rms_norm(&x, &block.input_norm, c.rms_norm_eps)?;
             let q = self.linear_train(block, l, LoraTarget::Q, &h, adapter)?;
             let k = self.linear_train(block, l, LoraTarget::K, &h, adapter)?;
+            let q = head_norm(&q, block.q_norm.as_ref(), nh, c.rms_norm_eps)?;
+            let k = head_norm(&k, block.k_norm.as_ref(), nkv, c.rms_norm_eps)?;
             let v = self.linear_train(block, l, LoraTarget::V, &h, adapter)?;
             let qc = ops::rope(&heads(&q, nh, p, b, t)?, &cos, &sin)?;
             let kc = ops::rope(&heads(&k, nkv, p, b, t)?, &cos, &sin)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use verity::score::TraceScore;
-use verity::select::{DeepConfOnline, SelectionRule};
+use verity::select::SelectionRule;
 use verity_cli::eval::{read_jsonl, run as run_eval, EvalConfig, RuleResult};
 use verity_cli::plot::accuracy_vs_tokens;
 use verity_cli::rescore::{
@@ -42,9 +42,11 @@ pub struct Args {
     /// adaptive:tune the threshold (the fewest tokens within 1 question of majority).
     #[arg(long, default_value = DEFAULT_RULES)]
     select: String,
-    /// Rules run online, each on its own samples, comma-separated: a sequential rule
-    /// (esc:<window>, adaptive:<threshold>) drawn in the engine until the answer settles,
-    /// or DeepConf-online as deepconf:warmup:percentile:window[:tau] (budget = --n).
+    /// Rules run online, each on its own samples, comma-separated: the sequential rules
+    /// (esc:<window>, adaptive:<threshold>, deepconf-online:<warmup>:<percentile>:<window>
+    /// [:<tau>], the last also as deepconf:... or bare numbers) drawn in the engine, --n
+    /// at most, until the answer settles; a sample that stops (DeepConf's low confidence)
+    /// frees its batch slot for the next at once.
     #[arg(long, conflicts_with = "from")]
     online: Option<String>,
     /// With --from: tune `:tune` parameters on this leading fraction of the questions and
@@ -96,7 +98,7 @@ pub fn run(args: Args) -> Result<(), String> {
         return Err("--plot needs --out: the curve is drawn from the trace file".into());
     }
     let rules = parse_rules(&args.select)?;
-    let (online, online_sequential) = parse_online_list(args.online.as_deref(), args.n)?;
+    let online = parse_online_list(args.online.as_deref(), args.n)?;
     let mut items =
         read_jsonl(data, &args.question_field, &args.answer_field).map_err(|e| e.to_string())?;
     if let Some(k) = args.limit {
@@ -119,7 +121,6 @@ pub fn run(args: Args) -> Result<(), String> {
         seed: args.seed,
         rules,
         online,
-        online_sequential,
         adapter: args.adapter.as_ref().map(|_| "eval".to_string()),
         concurrency: args.concurrency,
     };
@@ -382,50 +383,36 @@ fn print_table(results: &[RuleResult], show_wall: bool) {
     }
 }
 
-/// --online's comma-separated list: at most one DeepConf-online spec and any sequential
-/// rules.
-fn parse_online_list(
-    list: Option<&str>,
-    budget: usize,
-) -> Result<(Option<DeepConfOnline>, Vec<SelectionRule>), String> {
-    let (mut deepconf, mut sequential) = (None, Vec::new());
+/// --online's comma-separated list of sequential rules, each run in the engine on its own
+/// samples. DeepConf-online may also be written `deepconf:warmup:percentile:window[:tau]`
+/// or without a name.
+fn parse_online_list(list: Option<&str>, n: usize) -> Result<Vec<SelectionRule>, String> {
+    let mut rules = Vec::new();
     for spec in list.unwrap_or("").split(',').map(str::trim) {
         if spec.is_empty() {
             continue;
         }
-        if spec.starts_with("esc") || spec.starts_with("adaptive") {
-            let rule: SelectionRule = spec.parse().map_err(|e| format!("--online: {e}"))?;
-            sequential.push(rule);
-        } else if deepconf.replace(parse_online(spec, budget)?).is_some() {
-            return Err("--online: DeepConf-online can be given once".into());
+        let spec = match spec.strip_prefix("deepconf:") {
+            Some(rest) => format!("deepconf-online:{rest}"),
+            None if spec.starts_with(|c: char| c.is_ascii_digit()) => {
+                format!("deepconf-online:{spec}")
+            }
+            None => spec.to_string(),
+        };
+        let rule: SelectionRule = spec.parse().map_err(|e| format!("--online: {e}"))?;
+        if !rule.is_sequential() {
+            return Err(format!(
+                "--online: {rule} uses every sample; give it to --select (online rules: esc, adaptive, deepconf-online)"
+            ));
         }
+        if let SelectionRule::DeepConfOnline { warmup, .. } = rule {
+            if warmup > n {
+                return Err(format!(
+                    "--online: the DeepConf-online warm-up ({warmup}) is more than --n ({n})"
+                ));
+            }
+        }
+        rules.push(rule);
     }
-    Ok((deepconf, sequential))
-}
-
-/// `warmup:percentile:window[:tau]` with the budget from --n.
-fn parse_online(spec: &str, budget: usize) -> Result<DeepConfOnline, String> {
-    let spec = spec.strip_prefix("deepconf:").unwrap_or(spec);
-    let parts: Vec<&str> = spec.split(':').collect();
-    let num = |i: usize, name: &str| -> Result<f64, String> {
-        parts
-            .get(i)
-            .ok_or_else(|| format!("--online: missing {name} (warmup:percentile:window[:tau])"))?
-            .parse::<f64>()
-            .map_err(|_| format!("--online: {name} is not a number"))
-    };
-    let warmup = num(0, "warmup")? as usize;
-    let percentile = num(1, "percentile")?;
-    let window = num(2, "window")? as usize;
-    let tau = if parts.len() > 3 {
-        Some(num(3, "tau")?)
-    } else {
-        None
-    };
-    if warmup == 0 || warmup > budget || window == 0 || !(0.0..=100.0).contains(&percentile) {
-        return Err(format!(
-            "--online: need 0 < warmup ≤ n ({budget}), window > 0, percentile in [0, 100]"
-        ));
-    }
-    Ok(DeepConfOnline::new(warmup, percentile, window, tau, budget))
+    Ok(rules)
 }

@@ -1,0 +1,203 @@
+//! Each architecture against transformers itself: tiny random-weight models made by
+//! `tests/fixtures/make_tiny.py` (config.json as transformers 5 writes it, safetensors, a
+//! PEFT adapter with random A and B), with transformers' f32 logits at every position of a
+//! few sequences and its greedy continuation. verity must give the same logits through both
+//! entry points (decode steps and the training forward), with and without the PEFT adapter,
+//! from the HF folder and from the same weights written as GGUF, and the same greedy tokens.
+
+mod common;
+use common::*;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use verity::adapter::load_peft;
+use verity::model::{LoraAdapter, StepInput, WeightFormat};
+use verity::{LoadOptions, Model};
+
+/// Worst error relative to the largest reference logit: transformers and verity sum in
+/// different orders, so f32 agreement is to a few ulps of the largest value.
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    repo().join("tests/fixtures/tiny").join(name)
+}
+
+fn dense_f32() -> LoadOptions {
+    LoadOptions {
+        format: WeightFormat::Dense,
+        dtype: Some(DType::F32),
+        ..Default::default()
+    }
+}
+
+struct Golden {
+    sequences: Vec<Vec<u32>>,
+    greedy_prompt: Vec<u32>,
+    greedy: Vec<u32>,
+    adapter_greedy: Vec<u32>,
+    logits: HashMap<String, Tensor>,
+}
+
+fn golden(dir: &Path) -> Golden {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let seqs = |v: &serde_json::Value| -> Vec<u32> { ids(v) };
+    Golden {
+        sequences: json["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(seqs)
+            .collect(),
+        greedy_prompt: ids(&json["greedy_prompt"]),
+        greedy: ids(&json["greedy"]),
+        adapter_greedy: ids(&json["adapter_greedy"]),
+        logits: candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)
+            .unwrap(),
+    }
+}
+
+/// max |a − b| / max |b|.
+fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(a, b) / scale.max(1e-6)
+}
+
+/// Logits (T, V) of every position: once through one decode step over the whole sequence,
+/// once through the training forward. Both must be within tolerance of `want`.
+fn check_logits(
+    model: &Model,
+    tokens: &[u32],
+    adapter: Option<&LoraAdapter>,
+    want: &Tensor,
+    what: &str,
+) {
+    let mut kv = model.transformer.new_kv();
+    let step = model
+        .transformer
+        .forward_step(&mut [StepInput {
+            tokens,
+            kv: &mut kv,
+            adapter,
+            all_logits: true,
+        }])
+        .unwrap();
+    let e = relative_error(&step, want);
+    assert!(e < TOLERANCE, "{what}: decode-step logits off by {e}");
+    let t = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let train = model
+        .transformer
+        .forward_train(&t, adapter)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let e = relative_error(&train, want);
+    assert!(e < TOLERANCE, "{what}: training-forward logits off by {e}");
+}
+
+/// Greedy tokens one decode step at a time (the KV cache path).
+fn greedy(model: &Model, prompt: &[u32], steps: usize, adapter: Option<&LoraAdapter>) -> Vec<u32> {
+    let mut kv = model.transformer.new_kv();
+    let mut next: Vec<u32> = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let logits = model
+            .transformer
+            .forward_step(&mut [StepInput {
+                tokens: &next,
+                kv: &mut kv,
+                adapter,
+                all_logits: false,
+            }])
+            .unwrap();
+        let id = logits
+            .squeeze(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        out.push(id);
+        next = vec![id];
+    }
+    out
+}
+
+fn check_architecture(name: &str, arch: &str) {
+    let dir = fixture(name);
+    let g = golden(&dir);
+    let hf = Model::load(&dir, &dense_f32()).unwrap();
+    assert_eq!(hf.config().architecture.name(), arch);
+    // The same weights as GGUF, written the way llama.cpp's converter lays them out.
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let gguf_path = temp_dir(&format!("arch-{name}")).join("model.gguf");
+    write_tiny_gguf(&gguf_path, hf.config(), &weights, None);
+    let gguf = Model::load(&gguf_path, &dense_f32()).unwrap();
+    assert_eq!(gguf.config().architecture, hf.config().architecture);
+    assert_eq!(gguf.config().head_dim, hf.config().head_dim);
+    let adapter = load_peft(&dir.join("adapter"), hf.config(), DType::F32, &Device::Cpu).unwrap();
+    for (i, seq) in g.sequences.iter().enumerate() {
+        let want = &g.logits[&format!("logits.{i}")];
+        check_logits(&hf, seq, None, want, &format!("{name} HF, sequence {i}"));
+        check_logits(
+            &gguf,
+            seq,
+            None,
+            want,
+            &format!("{name} GGUF, sequence {i}"),
+        );
+        let want = &g.logits[&format!("adapter_logits.{i}")];
+        check_logits(
+            &hf,
+            seq,
+            Some(&adapter),
+            want,
+            &format!("{name} + PEFT adapter, sequence {i}"),
+        );
+    }
+    let steps = g.greedy.len();
+    assert_eq!(
+        greedy(&hf, &g.greedy_prompt, steps, None),
+        g.greedy,
+        "{name}: greedy"
+    );
+    assert_eq!(
+        greedy(&hf, &g.greedy_prompt, steps, Some(&adapter)),
+        g.adapter_greedy,
+        "{name}: greedy with the adapter"
+    );
+}
+
+#[test]
+fn qwen3_matches_transformers() {
+    check_architecture("qwen3", "qwen3");
+}
+
+/// Llama 3 RoPE scaling, from a config in transformers 5's `rope_parameters` form.
+#[test]
+fn llama3_with_rope_scaling_matches_transformers() {
+    check_architecture("llama3", "llama");
+    let model = Model::load(fixture("llama3"), &dense_f32()).unwrap();
+    let scaling = model
+        .config()
+        .rope_scaling
+        .clone()
+        .expect("llama3 scaling read");
+    assert_eq!(
+        (scaling.factor, scaling.original_max_position_embeddings),
+        (8.0, 32)
+    );
+    assert_eq!(model.config().rope_theta, 500_000.0);
+}
