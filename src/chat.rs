@@ -88,8 +88,31 @@ impl ChatTemplate {
     /// The prompt text for `messages`; with `add_generation_prompt` it ends where the
     /// assistant's reply begins.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`Self::render`] with extra variables the template may read, as transformers'
+    /// `apply_chat_template(**kwargs)` passes them (Qwen3's `enable_thinking`). They
+    /// cannot replace the variables verity sets itself.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
         if messages.is_empty() {
             return Err(Error::ChatTemplate("no messages to render".into()));
+        }
+        const RESERVED: [&str; 4] = [
+            "messages",
+            "add_generation_prompt",
+            "bos_token",
+            "eos_token",
+        ];
+        if let Some(name) = kwargs.keys().find(|k| RESERVED.contains(&k.as_str())) {
+            return Err(Error::InvalidArgument(format!(
+                "chat template variable '{name}' is set by verity and cannot be passed"
+            )));
         }
         let template = self
             .env
@@ -101,6 +124,7 @@ impl ChatTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                ..minijinja::Value::from_serialize(kwargs)
             })
             .map_err(|e| Error::ChatTemplate(format!("cannot render: {e:#}")))
     }

@@ -557,6 +557,20 @@ impl Tokenizer {
         template.render(messages, add_generation_prompt)
     }
 
+    /// [`Self::apply_chat_template`] with extra template variables (`enable_thinking`).
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::ChatTemplate("this model has no chat template".into()))?;
+        template.render_with(messages, add_generation_prompt, kwargs)
+    }
+
     /// A decoder that turns ids into text as they arrive.
     pub fn stream_decoder(&self, render_special: bool) -> StreamDecoder<'_> {
         StreamDecoder {

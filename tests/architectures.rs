@@ -201,3 +201,47 @@ fn llama3_with_rope_scaling_matches_transformers() {
     );
     assert_eq!(model.config().rope_theta, 500_000.0);
 }
+
+/// Qwen3's thinking switch: the chat template with `enable_thinking` (unset, false, true)
+/// renders exactly as transformers' `apply_chat_template` does, and a request with those
+/// template variables decodes from the same tokens.
+#[test]
+fn chat_template_variables_render_like_transformers() {
+    let dir = fixture("qwen3");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = Model::load(&dir, &dense_f32()).unwrap();
+    let cases = json["chat"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    let mut thinking_off = 0;
+    for case in cases {
+        let messages: Vec<verity::ChatMessage> =
+            serde_json::from_value(case["messages"].clone()).unwrap();
+        let kwargs = case["kwargs"].as_object().unwrap().clone();
+        let want = case["text"].as_str().unwrap();
+        let got = model
+            .tokenizer
+            .apply_chat_template_with(&messages, true, &kwargs)
+            .unwrap();
+        assert_eq!(got, want, "{kwargs:?}");
+        thinking_off += want.ends_with("<think>\n\n</think>\n\n") as usize;
+        let prompt = verity::engine::Prompt::ChatWith(messages, kwargs);
+        assert_eq!(
+            verity::engine::prompt_tokens(&model, &prompt).unwrap(),
+            model.tokenizer.encode(want, true).unwrap()
+        );
+    }
+    assert_eq!(
+        thinking_off, 2,
+        "enable_thinking=false pre-fills an empty block"
+    );
+    // Variables verity sets itself cannot be overridden.
+    let mut clash = serde_json::Map::new();
+    clash.insert("add_generation_prompt".into(), false.into());
+    let err = model
+        .tokenizer
+        .apply_chat_template_with(&[verity::ChatMessage::user("hi")], true, &clash)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("add_generation_prompt"), "{err}");
+}

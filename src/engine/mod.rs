@@ -25,8 +25,8 @@ mod stop;
 
 pub use reduce::greedy_stats_on_device;
 pub use request::{
-    Completion, EarlyStop, Event, FinishReason, Penalties, Prompt, Request, Sequential, Settled,
-    Trace, TraceMonitor,
+    ChatKwargs, Completion, EarlyStop, Event, FinishReason, Penalties, Prompt, Request, Sequential,
+    Settled, Trace, TraceMonitor,
 };
 pub use stop::StopMatcher;
 
@@ -188,6 +188,11 @@ pub fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>> {
         Prompt::Text(t) => encode(t),
         Prompt::Tokens(ids) => Ok(ids.clone()),
         Prompt::Chat(messages) => encode(&model.tokenizer.apply_chat_template(messages, true)?),
+        Prompt::ChatWith(messages, kwargs) => encode(
+            &model
+                .tokenizer
+                .apply_chat_template_with(messages, true, kwargs)?,
+        ),
     }
 }
 

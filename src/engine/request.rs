@@ -20,7 +20,14 @@ pub enum Prompt {
     Tokens(Vec<u32>),
     /// A conversation rendered with the model's chat template (generation prompt added).
     Chat(Vec<ChatMessage>),
+    /// A conversation rendered with the chat template and extra template variables, as
+    /// transformers' `apply_chat_template(**kwargs)` takes them (Qwen3's
+    /// `enable_thinking`).
+    ChatWith(Vec<ChatMessage>, ChatKwargs),
 }
+
+/// Extra variables for a chat template, by name.
+pub type ChatKwargs = serde_json::Map<String, serde_json::Value>;
 
 /// Per-token logit adjustments beyond the plain sampler.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -82,6 +82,26 @@ impl ModelArgs {
 }
 
 /// A `--prompt` argument as UTF-8, or an error naming the flag.
+/// A conversation as a prompt, with `--chat-template-kwargs` (a JSON object of extra
+/// template variables, e.g. `{"enable_thinking": false}`) when given.
+pub fn chat_prompt(
+    messages: Vec<verity::ChatMessage>,
+    kwargs: Option<&str>,
+) -> Result<verity::engine::Prompt, String> {
+    use verity::engine::Prompt;
+    let Some(text) = kwargs else {
+        return Ok(Prompt::Chat(messages));
+    };
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(Prompt::ChatWith(messages, map)),
+        Ok(_) => Err(
+            "--chat-template-kwargs must be a JSON object, like '{\"enable_thinking\": false}'"
+                .into(),
+        ),
+        Err(e) => Err(format!("--chat-template-kwargs is not JSON: {e}")),
+    }
+}
+
 pub fn utf8_prompt(prompt: OsString) -> Result<String, String> {
     prompt
         .into_string()

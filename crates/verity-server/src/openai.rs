@@ -89,6 +89,8 @@ pub struct VerityOptions {
     pub top_k: Option<usize>,
     pub min_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// Extra chat-template variables (`{"enable_thinking": false}`); chat requests only.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
 }
 
 /// Fields both endpoints share.
@@ -175,6 +177,8 @@ request_body!(
         logprobs: Option<bool>,
         top_logprobs: Option<usize>,
         max_completion_tokens: Option<usize>,
+        /// Extra chat-template variables, vLLM's field (`{"enable_thinking": false}`).
+        chat_template_kwargs: Option<serde_json::Map<String, Value>>,
     }
 );
 
@@ -242,6 +246,16 @@ pub fn parse_completion(
                 format!("logprobs must be at most {}", limits.max_top_logprobs),
             ));
         }
+    }
+    if body
+        .verity
+        .as_ref()
+        .is_some_and(|v| v.chat_template_kwargs.is_some())
+    {
+        return Err(bad(
+            "verity.chat_template_kwargs",
+            "chat_template_kwargs applies to /v1/chat/completions",
+        ));
     }
     build(prompt, &body.common(), body.logprobs, 16, limits, tokenizer)
 }
@@ -323,14 +337,21 @@ pub fn parse_chat(
         common.max_tokens = body.max_completion_tokens;
     }
     let default_max = limits.max_tokens.min(512);
-    build(
-        Prompt::Chat(messages),
-        &common,
-        logprobs,
-        default_max,
-        limits,
-        tokenizer,
-    )
+    let ext_kwargs = common
+        .verity
+        .as_ref()
+        .and_then(|v| v.chat_template_kwargs.clone());
+    let prompt = match (body.chat_template_kwargs.clone(), ext_kwargs) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "chat_template_kwargs",
+                "give chat_template_kwargs once: at the top level or in verity, not both",
+            ))
+        }
+        (Some(kwargs), None) | (None, Some(kwargs)) => Prompt::ChatWith(messages, kwargs),
+        (None, None) => Prompt::Chat(messages),
+    };
+    build(prompt, &common, logprobs, default_max, limits, tokenizer)
 }
 
 fn build(

@@ -258,6 +258,15 @@ fn nonsense_values_are_400s_naming_the_parameter() {
             serde_json::json!({"messages": user, "n": 4, "verity": {"selection": "esc:0"}}),
             "verity.selection",
         ),
+        (
+            serde_json::json!({"messages": user, "n": 4, "verity": {"selection": "deepconf-online:8:90:64:2"}}),
+            "verity.selection",
+        ),
+        (
+            serde_json::json!({"messages": user, "chat_template_kwargs": {"enable_thinking": false},
+                "verity": {"chat_template_kwargs": {"enable_thinking": true}}}),
+            "chat_template_kwargs",
+        ),
     ];
     for (body, param) in cases {
         let (status, text) = post(addr, "/v1/chat/completions", &body.to_string());
@@ -277,6 +286,38 @@ fn nonsense_values_are_400s_naming_the_parameter() {
     let (status, text) = post(addr, "/v1/chat/completions", &ok.to_string());
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"usage\""), "{text}");
+    // Chat-template variables: vLLM's field is taken; one the template reserves is a 400,
+    // and so is the field on plain completions (there is no template there).
+    let kwargs = serde_json::json!({"messages": user, "max_tokens": 2,
+        "chat_template_kwargs": {"enable_thinking": false}});
+    let (status, text) = post(addr, "/v1/chat/completions", &kwargs.to_string());
+    assert_eq!(status, 200, "{text}");
+    let clash = serde_json::json!({"messages": user, "max_tokens": 2,
+        "verity": {"chat_template_kwargs": {"messages": []}}});
+    let (status, text) = post(addr, "/v1/chat/completions", &clash.to_string());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("'messages'"), "{text}");
+    let plain = serde_json::json!({"prompt": "Hi", "max_tokens": 2,
+        "verity": {"chat_template_kwargs": {"enable_thinking": false}}});
+    let (status, text) = post(addr, "/v1/completions", &plain.to_string());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("verity.chat_template_kwargs"), "{text}");
+    // DeepConf online per request: 2 warm-up samples, then 4 more at most, each stopped
+    // once its confidence falls below the warm-up's median; the slots are refilled, so
+    // all 6 start.
+    let deepconf = serde_json::json!({
+        "messages": [{"role": "user", "content": "What is 2 + 2? Put the answer in \\boxed{}."}],
+        "n": 6, "max_tokens": 32, "temperature": 1.0, "seed": 4,
+        "verity": {"selection": "deepconf-online:2:50:8"},
+    });
+    let (status, text) = post(addr, "/v1/chat/completions", &deepconf.to_string());
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["verity"]["traces"].as_array().map(Vec::len),
+        Some(6),
+        "{text}"
+    );
     // A sequential rule with one sample at a time: esc:1 settles on the first sample
     // with an answer, so it never needs all 6.
     let esc = serde_json::json!({

@@ -9,7 +9,7 @@ use verity::runtime::BASE_ADAPTER;
 use verity::sampling::SamplingParams;
 use verity::{ChatMessage, GenerateRequest, GenerationEvent};
 
-use crate::args::{utf8_prompt, ModelArgs};
+use crate::args::{chat_prompt, utf8_prompt, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,6 +24,10 @@ pub struct Args {
     /// A system message (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Extra chat-template variables as a JSON object (with --chat), e.g.
+    /// '{"enable_thinking": false}' for Qwen3.
+    #[arg(long, requires = "chat")]
+    chat_template_kwargs: Option<String>,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     #[arg(long, default_value_t = 0.0)]
@@ -50,7 +54,7 @@ pub fn run(args: Args) -> Result<(), String> {
             messages.push(ChatMessage::system(s));
         }
         messages.push(ChatMessage::user(prompt));
-        Request::chat(messages)
+        Request::new(chat_prompt(messages, args.chat_template_kwargs.as_deref())?)
     } else {
         Request::text(prompt)
     };

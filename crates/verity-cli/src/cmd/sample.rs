@@ -11,7 +11,7 @@ use verity::sampling::SamplingParams;
 use verity::select::SelectionRule;
 use verity::{ChatMessage, GenerateRequest, GenerateResult};
 
-use crate::args::{utf8_prompt, ModelArgs};
+use crate::args::{chat_prompt, utf8_prompt, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -21,6 +21,10 @@ pub struct Args {
     prompt: OsString,
     #[arg(long)]
     chat: bool,
+    /// Extra chat-template variables as a JSON object (with --chat), e.g.
+    /// '{"enable_thinking": false}' for Qwen3.
+    #[arg(long, requires = "chat")]
+    chat_template_kwargs: Option<String>,
     #[arg(long, default_value_t = 8)]
     n: usize,
     #[arg(long, default_value_t = 256)]
@@ -44,7 +48,10 @@ pub fn run(args: Args) -> Result<(), String> {
     let rule: SelectionRule = args.select.parse().map_err(|e| format!("--select: {e}"))?;
     let runtime = ModelArgs::build(args.model.config())?;
     let mut request = if args.chat {
-        Request::chat(vec![ChatMessage::user(prompt)])
+        Request::new(chat_prompt(
+            vec![ChatMessage::user(prompt)],
+            args.chat_template_kwargs.as_deref(),
+        )?)
     } else {
         Request::text(prompt)
     };
