@@ -245,3 +245,26 @@ fn chat_template_variables_render_like_transformers() {
         .to_string();
     assert!(err.contains("add_generation_prompt"), "{err}");
 }
+
+/// Gemma 3: (1 + w) norms around attention and MLP, q/k norms, GeGLU, the √d embedding
+/// scale, five sliding-window layers (window 8, outgrown by the 40-token sequence) with a
+/// RoPE base of their own, and a global layer.
+#[test]
+fn gemma3_matches_transformers() {
+    check_architecture("gemma3", "gemma3");
+    let model = Model::load(fixture("gemma3"), &dense_f32()).unwrap();
+    let c = model.config();
+    let slides: Vec<Option<usize>> = (0..c.num_layers).map(|l| c.window(l)).collect();
+    assert_eq!(slides, [Some(8), Some(8), Some(8), Some(8), Some(8), None]);
+    assert_eq!((c.rope_theta, c.rope_local_theta), (1e6, Some(1e4)));
+}
+
+/// Mistral's sliding window on every layer (8 positions; the 40-token sequence outgrows
+/// it): honoured in decode steps and the training forward, not just a context cap.
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_architecture("mistral", "llama");
+    let model = Model::load(fixture("mistral"), &dense_f32()).unwrap();
+    assert_eq!(model.config().window(1), Some(8));
+    assert_eq!(model.config().max_position_embeddings, 256);
+}

@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The architectures verity runs. All are the Llama block (RMSNorm, RoPE, GQA attention,
-/// SwiGLU MLP); Qwen2 adds q/k/v biases, Qwen3 an RMSNorm of each query and key head.
+/// gated MLP); Qwen2 adds q/k/v biases, Qwen3 an RMSNorm of each query and key head, Gemma 3
+/// those norms plus norms after attention and MLP, a GELU MLP, a scaled embedding and
+/// sliding-window layers with their own RoPE base; Phi-3 fuses q/k/v and gate/up into one
+/// matrix each (split at load) and may rotate only part of each head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
@@ -17,6 +20,12 @@ pub enum Architecture {
     Qwen2,
     /// Qwen3 (dense): per-head RMSNorm on q and k before RoPE, `head_dim` set on its own.
     Qwen3,
+    /// Gemma 3 (text): see [`ModelConfig`]'s `activation`, `embedding_multiplier`,
+    /// `query_scale`, `sandwich_norms`, `sliding_window` and `rope_local_theta`.
+    Gemma3,
+    /// Phi-3 / Phi-4-mini: fused `qkv_proj` and `gate_up_proj`, split into the Llama
+    /// block's projections at load; LongRoPE's short factors; partial rotary embeddings.
+    Phi3,
 }
 
 impl Architecture {
@@ -28,6 +37,8 @@ impl Architecture {
             "llama" | "LlamaForCausalLM" | "MistralForCausalLM" | "mistral" => Ok(Self::Llama),
             "qwen2" | "Qwen2ForCausalLM" => Ok(Self::Qwen2),
             "qwen3" | "Qwen3ForCausalLM" => Ok(Self::Qwen3),
+            "gemma3" | "gemma3_text" | "Gemma3ForCausalLM" => Ok(Self::Gemma3),
+            "phi3" | "Phi3ForCausalLM" => Ok(Self::Phi3),
             other => Err(Error::UnsupportedArchitecture(other.to_string())),
         }
     }
@@ -37,6 +48,8 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
+            Self::Phi3 => "phi3",
         }
     }
 }
@@ -55,18 +68,194 @@ pub struct Llama3RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// The gate's nonlinearity in the MLP: down(act(gate(x)) · up(x)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Qwen.
+    #[default]
+    Silu,
+    /// GELU, tanh approximation (GeGLU): Gemma's `gelu_pytorch_tanh`.
+    GeluTanh,
+}
+
+impl Activation {
+    /// A HF `hidden_act` / `hidden_activation` name, or None for one verity lacks.
+    fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu_pytorch_tanh" | "gelu_tanh" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+}
+
+/// A RoPE scaling a HF config asks for, of the kinds verity implements.
+#[derive(Debug, Clone, PartialEq)]
+enum HfScaling {
+    Llama3(Llama3RopeScaling),
+    /// LongRoPE (Phi-3's `longrope`, formerly `su`) with only its short factors: exact up to
+    /// `original_max_position_embeddings`, where transformers and llama.cpp switch to the
+    /// long factors, so the context is capped there.
+    LongRopeShort {
+        /// Divisors of the inverse frequencies, one per rotated pair.
+        short_factor: Vec<f64>,
+        /// Multiplies cos and sin.
+        attention_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
 /// RoPE's base and scaling from a HF config in either form: transformers ≥ 5 writes
 /// `rope_parameters` (`rope_theta`, `rope_type` and the scaling fields in one object), older
 /// versions a top-level `rope_theta` and `rope_scaling`. When both forms are present they
-/// must agree. Only the default RoPE and Llama-3 scaling are implemented; any other type is
-/// an error naming it, never a silent fallback to the default.
-fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<Llama3RopeScaling>)> {
+/// must agree. The default RoPE, Llama-3 scaling and LongRoPE's short factors are
+/// implemented; any other type is an error naming it, never a silent fallback.
+fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<HfScaling>)> {
+    rope_from_hf_with(json, true)
+}
+
+/// LongRoPE's short factors and attention factor, as transformers computes them
+/// (`_compute_longrope_parameters`): the factor defaults to max / original context and the
+/// attention factor to √(1 + ln factor / ln original).
+fn long_rope(s: &serde_json::Value, top: &serde_json::Value) -> Result<HfScaling> {
+    let bad = |what: &str| Error::Config(format!("config.json: LongRoPE scaling: {what}"));
+    let short_factor: Vec<f64> = s
+        .get("short_factor")
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| bad("short_factor must be a list of numbers"))?
+        .iter()
+        .map(|v| v.as_f64().filter(|f| f.is_finite() && *f > 0.0))
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("short_factor must hold positive numbers"))?;
+    let original =
+        s.get("original_max_position_embeddings")
+            .or_else(|| top.get("original_max_position_embeddings"))
+            .and_then(|v| v.as_u64())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| bad("original_max_position_embeddings is missing"))? as usize;
+    let max = top
+        .get("max_position_embeddings")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(original as u64) as f64;
+    let factor = match s.get("factor").filter(|v| !v.is_null()) {
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| bad("factor must be a positive number"))?,
+        None => max / original as f64,
+    };
+    let attention_factor = match s.get("attention_factor").filter(|v| !v.is_null()) {
+        Some(v) => v
+            .as_f64()
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| bad("attention_factor must be a positive number"))?,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(HfScaling::LongRopeShort {
+        short_factor,
+        attention_factor,
+        original_max_position_embeddings: original,
+    })
+}
+
+/// The share of each head RoPE rotates: `partial_rotary_factor` at the top level or in
+/// `rope_parameters` (transformers 5 moves it there); 1 when neither sets it.
+fn partial_rotary_factor(json: &serde_json::Value) -> Result<f64> {
+    let read = |v: Option<&serde_json::Value>| -> Result<Option<f64>> {
+        match v.filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|f| *f > 0.0 && *f <= 1.0)
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "config.json: partial_rotary_factor = {v} must be in (0, 1]"
+                    ))
+                }),
+        }
+    };
+    let top = read(json.get("partial_rotary_factor"))?;
+    let params = json.get("rope_parameters").filter(|p| p.is_object());
+    let mut nested = read(params.and_then(|p| p.get("partial_rotary_factor")))?;
+    // Per layer type (Gemma 3): every type must agree.
+    if let Some(per_type) = params.and_then(|p| p.as_object()) {
+        for p in per_type.values().filter(|p| p.is_object()) {
+            let f = read(p.get("partial_rotary_factor"))?;
+            if f.is_some() && nested.is_some() && f != nested {
+                return Err(Error::Config(
+                    "config.json: partial_rotary_factor differs between layer types".into(),
+                ));
+            }
+            nested = nested.or(f);
+        }
+    }
+    match (top, nested) {
+        (Some(a), Some(b)) if a != b => Err(Error::Config(format!(
+            "config.json: partial_rotary_factor = {a} but rope_parameters says {b}"
+        ))),
+        (a, b) => Ok(a.or(b).unwrap_or(1.0)),
+    }
+}
+
+/// The RoPE of each layer type: (global base, its scaling, the sliding layers' base when it
+/// differs). transformers 5 writes Gemma 3's as `rope_parameters` per layer type
+/// (`full_attention`, `sliding_attention`); older configs put the local base in
+/// `rope_local_base_freq`. Sliding layers get no scaling (neither form gives them any).
+type LayerRope = (f64, Option<HfScaling>, Option<f64>);
+
+fn rope_by_layer_type(json: &serde_json::Value) -> Result<LayerRope> {
+    let per_type = json
+        .get("rope_parameters")
+        .and_then(|p| p.as_object())
+        .filter(|m| m.values().any(serde_json::Value::is_object));
+    let Some(per_type) = per_type else {
+        let (theta, scaling) = rope_from_hf(json)?;
+        let local = json.get("rope_local_base_freq").and_then(|v| v.as_f64());
+        return Ok((theta, scaling, local));
+    };
+    if let Some(other) = per_type
+        .keys()
+        .find(|k| !matches!(k.as_str(), "full_attention" | "sliding_attention"))
+    {
+        return Err(Error::Config(format!(
+            "config.json: rope_parameters for layer type '{other}' (full_attention and \
+             sliding_attention are known)"
+        )));
+    }
+    let one = |kind: &str| -> Result<Option<(f64, Option<HfScaling>)>> {
+        let Some(p) = per_type.get(kind) else {
+            return Ok(None);
+        };
+        let wrapped = serde_json::json!({ "rope_parameters": p });
+        rope_from_hf_with(&wrapped, false).map(Some)
+    };
+    let (theta, scaling) = one("full_attention")?.unwrap_or((10_000.0, None));
+    let local = match one("sliding_attention")? {
+        Some((_, Some(_))) => {
+            return Err(Error::Config(
+                "config.json: RoPE scaling on sliding-window layers is not implemented".into(),
+            ))
+        }
+        Some((t, None)) => Some(t),
+        None => None,
+    };
+    Ok((theta, scaling, local))
+}
+
+fn rope_from_hf_with(
+    json: &serde_json::Value,
+    refuse_per_type: bool,
+) -> Result<(f64, Option<HfScaling>)> {
     let top_theta = json.get("rope_theta").and_then(|v| v.as_f64());
     let (theta, scaling) = match json.get("rope_parameters") {
         None | Some(serde_json::Value::Null) => (top_theta, json.get("rope_scaling")),
         Some(p) if p.is_object() => {
-            if p.as_object()
-                .is_some_and(|m| m.values().any(serde_json::Value::is_object))
+            if refuse_per_type
+                && p.as_object()
+                    .is_some_and(|m| m.values().any(serde_json::Value::is_object))
             {
                 return Err(Error::Config(
                     "config.json: rope_parameters per layer type (local/global RoPE) is not \
@@ -110,13 +299,16 @@ fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<Llama3RopeScali
                 .unwrap_or("default");
             match kind {
                 "default" => None,
-                "llama3" => Some(serde_json::from_value(s.clone()).map_err(|e| {
-                    Error::Config(format!("config.json: bad llama3 RoPE scaling: {e}"))
-                })?),
+                "longrope" | "su" => Some(long_rope(s, json)?),
+                "llama3" => Some(HfScaling::Llama3(
+                    serde_json::from_value(s.clone()).map_err(|e| {
+                        Error::Config(format!("config.json: bad llama3 RoPE scaling: {e}"))
+                    })?,
+                )),
                 other => {
                     return Err(Error::Config(format!(
-                        "config.json: RoPE type '{other}' is not implemented (default and \
-                         llama3 are)"
+                        "config.json: RoPE type '{other}' is not implemented (default, \
+                         llama3 and longrope are)"
                     )))
                 }
             }
@@ -125,23 +317,74 @@ fn rope_from_hf(json: &serde_json::Value) -> Result<(f64, Option<Llama3RopeScali
     Ok((theta.unwrap_or(10_000.0), scaling))
 }
 
-/// The attention window a HF config sets, if any: Mistral's `sliding_window` (null means
-/// none), Qwen2's and Qwen3's when `use_sliding_window` is true or some `layer_types` entry
-/// is `sliding_attention`.
-fn sliding_window(json: &serde_json::Value, architecture: Architecture) -> Option<usize> {
+/// The attention window a HF config sets, if any, and which layers it applies to (empty:
+/// all). Mistral's `sliding_window` (null means none) covers every layer; Qwen2's and
+/// Qwen3's only when `use_sliding_window` is true or `layer_types` names sliding layers;
+/// Gemma 3's the layers `layer_types` (or the older `sliding_window_pattern`) says.
+fn sliding_window(
+    json: &serde_json::Value,
+    architecture: Architecture,
+    num_layers: usize,
+) -> Result<(Option<usize>, Vec<bool>)> {
     let window = json
         .get("sliding_window")
         .and_then(|v| v.as_u64())
         .map(|w| w as usize);
-    match architecture {
-        Architecture::Qwen2 | Architecture::Qwen3 => window.filter(|_| {
+    let Some(window) = window else {
+        return Ok((None, Vec::new()));
+    };
+    let layer_types = match json.get("layer_types").and_then(|v| v.as_array()) {
+        Some(types) => {
+            let sliding = types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(Error::Config(format!(
+                        "config.json: layer type {t} is not implemented (full_attention and \
+                         sliding_attention are)"
+                    ))),
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            if sliding.len() != num_layers {
+                return Err(Error::Config(format!(
+                    "config.json: layer_types lists {} layers, num_hidden_layers is {num_layers}",
+                    sliding.len()
+                )));
+            }
+            Some(sliding)
+        }
+        None => None,
+    };
+    let sliding = match architecture {
+        Architecture::Llama | Architecture::Phi3 => layer_types.unwrap_or_default(),
+        Architecture::Qwen2 | Architecture::Qwen3 => {
             let flag = json.get("use_sliding_window").and_then(|v| v.as_bool());
-            let layers = json.get("layer_types").and_then(|v| v.as_array());
-            flag.unwrap_or(false)
-                || layers.is_some_and(|l| l.iter().any(|t| t == "sliding_attention"))
-        }),
-        Architecture::Llama => window,
+            match layer_types {
+                Some(types) if types.iter().any(|&s| s) => types,
+                _ if flag == Some(true) => Vec::new(),
+                _ => return Ok((None, Vec::new())),
+            }
+        }
+        Architecture::Gemma3 => match layer_types {
+            Some(types) => types,
+            None => {
+                let pattern = json
+                    .get("sliding_window_pattern")
+                    .or_else(|| json.get("_sliding_window_pattern"))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(6) as usize;
+                (0..num_layers)
+                    .map(|i| pattern == 0 || !(i + 1).is_multiple_of(pattern))
+                    .collect()
+            }
+        },
+    };
+    // No layer slides: no window.
+    if sliding.iter().all(|&s| !s) && !sliding.is_empty() {
+        return Ok((None, Vec::new()));
     }
+    Ok((Some(window), sliding))
 }
 
 /// Config fields that change the computation in ways verity does not implement: a load
@@ -154,16 +397,17 @@ fn refuse_unimplemented(json: &serde_json::Value, architecture: Architecture) ->
         )))
     };
     for field in ["hidden_act", "hidden_activation"] {
-        if let Some(v) = json.get(field) {
-            if !matches!(v.as_str(), Some("silu") | Some("swish")) {
+        if let Some(v) = json.get(field).filter(|v| !v.is_null()) {
+            if v.as_str().and_then(Activation::from_hf).is_none() {
                 return refuse(field, v);
             }
         }
     }
-    if let Some(v) = json.get("partial_rotary_factor").filter(|v| !v.is_null()) {
-        if v.as_f64() != Some(1.0) {
-            return refuse("partial_rotary_factor", v);
-        }
+    if let Some(v) = json
+        .get("use_bidirectional_attention")
+        .filter(|v| v.as_bool() == Some(true))
+    {
+        return refuse("use_bidirectional_attention", v);
     }
     for field in [
         "attn_logit_softcapping",
@@ -179,8 +423,8 @@ fn refuse_unimplemented(json: &serde_json::Value, architecture: Architecture) ->
         }
     }
     let qk_norm_fields: &[&str] = match architecture {
-        // Qwen3's q/k norm is part of its block.
-        Architecture::Qwen3 => &[],
+        // Qwen3's and Gemma 3's q/k norms are part of their blocks.
+        Architecture::Qwen3 | Architecture::Gemma3 => &[],
         _ => &["use_qk_norm", "qk_layernorm"],
     };
     for field in std::iter::once(&"mlp_bias").chain(qk_norm_fields) {
@@ -229,9 +473,41 @@ pub struct ModelConfig {
     /// q, k, v and o alike).
     #[serde(default)]
     pub o_bias: bool,
-    /// An RMSNorm (weight of `head_dim`) over each query and key head before RoPE (Qwen3).
+    /// An RMSNorm (weight of `head_dim`) over each query and key head before RoPE (Qwen3,
+    /// Gemma 3).
     #[serde(default)]
     pub qk_norm: bool,
+    /// The MLP's gate nonlinearity.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Embedding rows are multiplied by this (Gemma: √hidden_size).
+    #[serde(default)]
+    pub embedding_multiplier: Option<f64>,
+    /// Attention logits are q·k times this; `None`: 1/√head_dim (Gemma sets
+    /// `query_pre_attn_scalar`^-½).
+    #[serde(default)]
+    pub query_scale: Option<f64>,
+    /// RMSNorms on the attention output and the MLP output before each is added to the
+    /// residual (Gemma's post-attention and post-feedforward norms).
+    #[serde(default)]
+    pub sandwich_norms: bool,
+    /// Sliding-window attention: a query sees the `sliding_window` most recent positions
+    /// (itself included), in the layers `sliding_layers` marks (all when it is empty).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Which layers slide, when not all do (Gemma 3: five local layers to one global).
+    #[serde(default)]
+    pub sliding_layers: Vec<bool>,
+    /// The RoPE base of the sliding layers when it differs from `rope_theta` (Gemma 3).
+    #[serde(default)]
+    pub rope_local_theta: Option<f64>,
+    /// RoPE rotates only the first `rotary_dim` dimensions of each head (even, less than
+    /// `head_dim`), the rest pass through: `partial_rotary_factor` (Phi-4-mini: 0.75).
+    #[serde(default)]
+    pub rotary_dim: Option<usize>,
+    /// cos and sin are multiplied by this (LongRoPE's attention factor).
+    #[serde(default)]
+    pub rope_attention_factor: Option<f64>,
 }
 
 impl ModelConfig {
@@ -267,42 +543,95 @@ impl ModelConfig {
             None => 0,
         };
         refuse_unimplemented(json, architecture)?;
-        let (rope_theta, rope_scaling) = rope_from_hf(json)?;
+        let (rope_theta, rope_scaling, rope_local_theta) = match architecture {
+            Architecture::Gemma3 => rope_by_layer_type(json)?,
+            _ => {
+                let (theta, scaling) = rope_from_hf(json)?;
+                (theta, scaling, None)
+            }
+        };
+        let num_layers = usize_field("num_hidden_layers")?;
+        let (sliding_window, sliding_layers) = sliding_window(json, architecture, num_layers)?;
+        let activation = ["hidden_activation", "hidden_act"]
+            .iter()
+            .find_map(|f| json.get(*f).and_then(|v| v.as_str()))
+            .and_then(Activation::from_hf)
+            .unwrap_or(match architecture {
+                Architecture::Gemma3 => Activation::GeluTanh,
+                _ => Activation::Silu,
+            });
+        let gemma = architecture == Architecture::Gemma3;
+        let query_scale = match json.get("query_pre_attn_scalar").and_then(|v| v.as_f64()) {
+            Some(q) if gemma && q > 0.0 => Some(q.powf(-0.5)),
+            Some(q) if gemma => {
+                return Err(Error::Config(format!(
+                    "config.json: query_pre_attn_scalar must be positive, got {q}"
+                )))
+            }
+            _ => None,
+        };
         let attention_bias = json
             .get("attention_bias")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Qwen3 => (attention_bias, attention_bias),
+            // Phi-3's fused projection has no bias.
+            Architecture::Phi3 => (false, false),
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Gemma3 => {
+                (attention_bias, attention_bias)
+            }
         };
-        let max_position_embeddings = usize_field("max_position_embeddings").unwrap_or(4096);
+        let mut max_position_embeddings = usize_field("max_position_embeddings").unwrap_or(4096);
+        let (rope_scaling, rope_freq_factors, rope_attention_factor) = match rope_scaling {
+            None => (None, None, None),
+            Some(HfScaling::Llama3(s)) => (Some(s), None, None),
+            Some(HfScaling::LongRopeShort {
+                short_factor,
+                attention_factor,
+                original_max_position_embeddings,
+            }) => {
+                // Past the original context the long factors take over: not implemented.
+                max_position_embeddings =
+                    max_position_embeddings.min(original_max_position_embeddings);
+                let factors = short_factor.iter().map(|&f| f as f32).collect();
+                (None, Some(factors), Some(attention_factor))
+            }
+        };
+        let rotary_factor = partial_rotary_factor(json)?;
+        // transformers: int(head_dim * partial_rotary_factor).
+        let rotary_dim = ((head_dim as f64) * rotary_factor) as usize;
+        let rotary_dim = (rotary_dim < head_dim).then_some(rotary_dim);
         let config = Self {
             architecture,
             vocab_size: usize_field("vocab_size")?,
             hidden_size,
             intermediate_size: usize_field("intermediate_size")?,
-            num_layers: usize_field("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
             rms_norm_eps: f64_field("rms_norm_eps", 1e-6),
             rope_theta,
             rope_scaling,
-            rope_freq_factors: None,
-            // Within its window, sliding-window attention is full attention: a context capped
-            // at the window computes exactly what the model does.
-            max_position_embeddings: match sliding_window(json, architecture) {
-                Some(w) => max_position_embeddings.min(w),
-                None => max_position_embeddings,
-            },
+            rope_freq_factors,
+            max_position_embeddings,
             tie_word_embeddings: json
                 .get("tie_word_embeddings")
                 .and_then(|v| v.as_bool())
-                .unwrap_or(false),
+                .unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            activation,
+            embedding_multiplier: gemma.then(|| (hidden_size as f64).sqrt()),
+            query_scale,
+            sandwich_norms: gemma,
+            sliding_window,
+            sliding_layers,
+            rope_local_theta: rope_local_theta.filter(|&t| t != rope_theta),
+            rotary_dim,
+            rope_attention_factor,
         };
         config.validate()?;
         Ok(config)
@@ -314,6 +643,8 @@ impl ModelConfig {
             Architecture::Llama => ("LlamaForCausalLM", "llama"),
             Architecture::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
             Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+            Architecture::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
+            Architecture::Phi3 => ("Phi3ForCausalLM", "phi3"),
         };
         let mut json = serde_json::json!({
             "architectures": [arch],
@@ -334,6 +665,25 @@ impl ModelConfig {
         });
         if matches!(self.architecture, Architecture::Llama | Architecture::Qwen3) {
             json["attention_bias"] = self.qkv_bias.into();
+        }
+        if let Some(w) = self.sliding_window {
+            json["sliding_window"] = w.into();
+            if !self.sliding_layers.is_empty() {
+                let types: Vec<&str> = self
+                    .sliding_layers
+                    .iter()
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
+                    .collect();
+                json["layer_types"] = types.into();
+            } else if matches!(self.architecture, Architecture::Qwen2 | Architecture::Qwen3) {
+                json["use_sliding_window"] = true.into();
+            }
         }
         if let Some(s) = &self.rope_scaling {
             json["rope_scaling"] = serde_json::json!({
@@ -409,19 +759,57 @@ impl ModelConfig {
                 "rope_theta and rms_norm_eps must be positive".into(),
             ));
         }
-        if self.qk_norm != (self.architecture == Architecture::Qwen3) {
+        let has_qk_norm = matches!(
+            self.architecture,
+            Architecture::Qwen3 | Architecture::Gemma3
+        );
+        if self.qk_norm != has_qk_norm {
             return Err(Error::Config(format!(
-                "{}: q/k norm is part of the Qwen3 block and of no other",
+                "{}: q/k norm is part of the Qwen3 and Gemma 3 blocks and of no other",
                 self.architecture.name()
             )));
         }
-        if let Some(f) = &self.rope_freq_factors {
-            if f.len() != self.head_dim / 2 {
+        if self.sliding_window == Some(0) {
+            return Err(Error::Config("sliding_window must be positive".into()));
+        }
+        if !self.sliding_layers.is_empty() && self.sliding_layers.len() != self.num_layers {
+            return Err(Error::Config(format!(
+                "{} sliding-layer flags for {} layers",
+                self.sliding_layers.len(),
+                self.num_layers
+            )));
+        }
+        if let Some(r) = self.rotary_dim {
+            if r == 0 || !r.is_multiple_of(2) || r >= self.head_dim {
                 return Err(Error::Config(format!(
-                    "rope frequency factors have {} entries, expected head_dim/2 = {}",
-                    f.len(),
-                    self.head_dim / 2
+                    "rotary_dim ({r}) must be even, positive and less than head_dim ({}): \
+                     check partial_rotary_factor",
+                    self.head_dim
                 )));
+            }
+        }
+        for (name, value) in [
+            ("embedding_multiplier", self.embedding_multiplier),
+            ("query_scale", self.query_scale),
+            ("rope_local_theta", self.rope_local_theta),
+            ("rope_attention_factor", self.rope_attention_factor),
+        ] {
+            if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return Err(Error::Config(format!("{name} must be finite and positive")));
+            }
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.rope_dims() / 2 {
+                return Err(Error::Config(format!(
+                    "rope frequency factors have {} entries, expected one per rotated pair ({})",
+                    f.len(),
+                    self.rope_dims() / 2
+                )));
+            }
+            if f.iter().any(|k| !(k.is_finite() && *k > 0.0)) {
+                return Err(Error::Config(
+                    "rope frequency factors must be finite and positive".into(),
+                ));
             }
         }
         Ok(())
@@ -432,9 +820,39 @@ impl ModelConfig {
         self.num_heads / self.num_kv_heads
     }
 
-    /// RoPE inverse frequencies θ^(-2i/d), with Llama-3 scaling or GGUF frequency factors.
+    /// The attention window of `layer`, if it slides.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        let slides = self.sliding_layers.get(layer).copied().unwrap_or(true);
+        self.sliding_window.filter(|_| slides)
+    }
+
+    /// The attention logit scale: `query_scale`, else 1/√head_dim.
+    pub fn attention_scale(&self) -> f64 {
+        self.query_scale
+            .unwrap_or(1.0 / (self.head_dim as f64).sqrt())
+    }
+
+    /// The dimensions of each head RoPE rotates: `rotary_dim`, else all of `head_dim`.
+    pub fn rope_dims(&self) -> usize {
+        self.rotary_dim.unwrap_or(self.head_dim)
+    }
+
+    /// RoPE inverse frequencies of the sliding layers when their base differs
+    /// (`rope_local_theta`, no scaling), else `None`: they use [`Self::rope_inv_freq`].
+    pub fn rope_local_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.rope_local_theta?;
+        let d = self.rope_dims();
+        Some(
+            (0..d / 2)
+                .map(|i| (1.0 / theta.powf((2 * i) as f64 / d as f64)) as f32)
+                .collect(),
+        )
+    }
+
+    /// RoPE inverse frequencies θ^(-2i/d) over the rotated dimensions d, with Llama-3
+    /// scaling or per-frequency divisors (GGUF `rope_freqs`, LongRoPE's short factors).
     pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
+        let d = self.rope_dims();
         let mut inv: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64))
             .collect();
@@ -470,7 +888,8 @@ impl ModelConfig {
         let kv = self.num_kv_heads * self.head_dim;
         let bias = if self.qkv_bias { q + 2 * kv } else { 0 } + if self.o_bias { h } else { 0 };
         let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h + qk_norm;
+        let sandwich = if self.sandwich_norms { 2 * h } else { 0 };
+        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h + qk_norm + sandwich;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + self.num_layers * layer + h + head
     }
@@ -562,8 +981,21 @@ mod tests {
                 "per layer type",
             ),
             (
-                json!({"partial_rotary_factor": 0.5}),
+                json!({"partial_rotary_factor": 1.5}),
                 "partial_rotary_factor",
+            ),
+            (
+                json!({"partial_rotary_factor": 0.5,
+                    "rope_parameters": {"partial_rotary_factor": 0.75}}),
+                "partial_rotary_factor",
+            ),
+            (
+                json!({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0]}}),
+                "original_max_position_embeddings",
+            ),
+            (
+                json!({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}),
+                "'yarn' is not implemented",
             ),
             (
                 json!({"final_logit_softcapping": 30.0}),
@@ -573,7 +1005,7 @@ mod tests {
                 json!({"attn_logit_softcapping": 50.0}),
                 "attn_logit_softcapping",
             ),
-            (json!({"hidden_act": "gelu_pytorch_tanh"}), "hidden_act"),
+            (json!({"hidden_act": "relu2"}), "hidden_act"),
             (json!({"mlp_bias": true}), "mlp_bias"),
         ] {
             let e = ModelConfig::from_hf_json(&llama(extra.clone()))
@@ -581,6 +1013,18 @@ mod tests {
                 .to_string();
             assert!(e.contains(says), "{extra}: {e}");
         }
+        // Partial rotary from either place; LongRoPE's short factors, its attention factor
+        // √(1 + ln(256/64) / ln 64) = √(4/3), and the context capped at the original 64.
+        let c = load(llama(json!({"rope_parameters": {"partial_rotary_factor": 0.5}})));
+        assert_eq!((c.rotary_dim, c.rope_dims()), (Some(2), 2));
+        assert_eq!(c.rope_inv_freq(), vec![1.0]);
+        let c = load(llama(json!({"max_position_embeddings": 256, "rope_parameters": {
+            "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [2.0, 4.0],
+            "long_factor": [9.0, 9.0], "original_max_position_embeddings": 64}})));
+        assert_eq!(c.max_position_embeddings, 64);
+        let want = (4.0f64 / 3.0).sqrt();
+        assert!((c.rope_attention_factor.unwrap() - want).abs() < 1e-12);
+        assert_eq!(c.rope_inv_freq(), vec![0.5, 0.01 / 4.0]);
         // The same fields at values that change nothing load.
         for extra in [
             json!({"partial_rotary_factor": 1.0}),
@@ -613,23 +1057,79 @@ mod tests {
     }
 
     #[test]
-    fn a_sliding_window_caps_the_context_at_the_window() {
-        // Within its window, sliding-window attention is full attention: capping the
-        // context there computes exactly what the model computes.
+    fn sliding_windows_apply_to_the_layers_the_config_names() {
         let mistral = |w: serde_json::Value| {
             load(llama(
                 json!({"architectures": ["MistralForCausalLM"], "sliding_window": w}),
             ))
         };
-        assert_eq!(mistral(json!(4096)).max_position_embeddings, 4096);
-        assert_eq!(mistral(json!(null)).max_position_embeddings, 8192);
-        assert_eq!(mistral(json!(1 << 20)).max_position_embeddings, 8192);
+        let m = mistral(json!(4096));
+        assert_eq!(
+            (m.sliding_window, m.max_position_embeddings),
+            (Some(4096), 8192)
+        );
+        assert_eq!((m.window(0), m.window(1)), (Some(4096), Some(4096)));
+        assert_eq!(mistral(json!(null)).sliding_window, None);
         let qwen = |on: bool| {
             load(llama(json!({"architectures": ["Qwen2ForCausalLM"],
                 "sliding_window": 4096, "use_sliding_window": on})))
         };
-        assert_eq!(qwen(false).max_position_embeddings, 8192);
-        assert_eq!(qwen(true).max_position_embeddings, 4096);
+        assert_eq!(qwen(false).window(0), None);
+        assert_eq!(qwen(true).window(1), Some(4096));
+        // Gemma 3: the layers layer_types names, or every sixth layer global without it.
+        let gemma = |extra: serde_json::Value| {
+            let mut j = llama(
+                json!({"architectures": ["Gemma3ForCausalLM"], "sliding_window": 512,
+                "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16}),
+            );
+            for (k, v) in extra.as_object().unwrap() {
+                j[k] = v.clone();
+            }
+            load(j)
+        };
+        let g = gemma(json!({"layer_types": ["sliding_attention", "full_attention"]}));
+        assert_eq!((g.window(0), g.window(1)), (Some(512), None));
+        let g = gemma(json!({"num_hidden_layers": 7}));
+        let slides: Vec<bool> = (0..7).map(|l| g.window(l).is_some()).collect();
+        assert_eq!(slides, [true, true, true, true, true, false, true]);
+        assert_eq!(g.activation, Activation::GeluTanh);
+        assert!((g.attention_scale() - 0.25).abs() < 1e-15);
+        assert_eq!(g.embedding_multiplier, Some(4.0));
+        assert!(g.tie_word_embeddings && g.sandwich_norms && g.qk_norm);
+        // transformers 5's per-layer-type RoPE.
+        let g = gemma(json!({"rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}));
+        assert_eq!((g.rope_theta, g.rope_local_theta), (1e6, Some(1e4)));
+        let old = gemma(json!({"rope_theta": 1e6, "rope_local_base_freq": 1e4}));
+        assert_eq!(old, g);
+        for (extra, says) in [
+            (json!({"layer_types": ["sliding_attention"]}), "layer_types"),
+            (
+                json!({"layer_types": ["chunked_attention", "full_attention"]}),
+                "chunked_attention",
+            ),
+            (
+                json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
+            (
+                json!({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0}}}),
+                "'linear'",
+            ),
+            (
+                json!({"rope_parameters": {"global": {"rope_theta": 1e4}}}),
+                "'global'",
+            ),
+        ] {
+            let mut j =
+                llama(json!({"architectures": ["Gemma3ForCausalLM"], "sliding_window": 512}));
+            for (k, v) in extra.as_object().unwrap() {
+                j[k] = v.clone();
+            }
+            let e = ModelConfig::from_hf_json(&j).unwrap_err().to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file, GgmlDType};
 use candle_core::Device;
 
-use super::config::{Architecture, ModelConfig};
+use super::config::{Activation, Architecture, ModelConfig};
 use super::weights::{Weight, WeightMap};
 use crate::error::{Error, Result};
 
@@ -86,10 +86,15 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
     };
     let hidden_size = required("embedding_length")?;
     let num_heads = required("attention.head_count")?;
+    let phi3 = architecture == Architecture::Phi3;
+    let rope_dims = header.get_usize(&key("rope.dimension_count"));
+    // Phi-3's `rope.dimension_count` is the rotated part of a head (partial rotary), not
+    // its width.
     let head_dim = header
         .get_usize(&key("attention.key_length"))
-        .or_else(|| header.get_usize(&key("rope.dimension_count")))
+        .or(rope_dims.filter(|_| !phi3))
         .unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
+    let rotary_dim = rope_dims.filter(|&r| phi3 && r < head_dim);
     let embedding = header
         .content
         .tensor_infos
@@ -104,12 +109,23 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
             ))
         }
     };
+    let gemma = architecture == Architecture::Gemma3;
+    let num_layers = required("block_count")?;
+    // llama.cpp's Gemma 3: every sixth layer global, the others a sliding window with a
+    // RoPE base of 10,000 (not stored in the file).
+    let sliding_window = header
+        .get_usize(&key("attention.sliding_window"))
+        .filter(|&w| w > 0);
+    let sliding_layers: Vec<bool> = match (gemma, sliding_window) {
+        (true, Some(_)) => (0..num_layers).map(|l| l % 6 < 5).collect(),
+        _ => Vec::new(),
+    };
     let config = ModelConfig {
         architecture,
         vocab_size,
         hidden_size,
         intermediate_size: required("feed_forward_length")?,
-        num_layers: required("block_count")?,
+        num_layers,
         num_heads,
         num_kv_heads: header
             .get_usize(&key("attention.head_count_kv"))
@@ -131,7 +147,21 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
             .content
             .tensor_infos
             .contains_key("blk.0.attn_output.bias"),
-        qk_norm: architecture == Architecture::Qwen3,
+        qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
+        embedding_multiplier: gemma.then(|| (hidden_size as f64).sqrt()),
+        query_scale: None,
+        sandwich_norms: gemma,
+        sliding_window,
+        sliding_layers,
+        rope_local_theta: (gemma && sliding_window.is_some()).then_some(10_000.0),
+        rotary_dim,
+        // Set with LongRoPE's short factors (`rope_factors_short`), when those are read.
+        rope_attention_factor: None,
     };
     // Checked here too, before the weights are read and rearranged by these sizes.
     config
@@ -140,8 +170,10 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
     Ok(config)
 }
 
-/// The HF name of a GGUF tensor, or None for tensors verity does not map.
-fn hf_name(gguf: &str) -> Option<String> {
+/// The HF name of a GGUF tensor, or None for tensors verity does not map. Gemma's norms
+/// are named for where they sit: `ffn_norm` is its pre-feedforward norm, and it has
+/// post-attention and post-feedforward norms besides.
+fn hf_name(gguf: &str, architecture: Architecture) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -155,8 +187,16 @@ fn hf_name(gguf: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (module, suffix) = rest.rsplit_once('.')?;
+    let gemma = architecture == Architecture::Gemma3;
+    let phi3 = architecture == Architecture::Phi3;
     let hf_module = match module {
         "attn_norm" => "input_layernorm",
+        // Phi-3's fused projections, split when the model is built.
+        "attn_qkv" => "self_attn.qkv_proj",
+        "ffn_up" if phi3 => "mlp.gate_up_proj",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
@@ -271,16 +311,35 @@ pub fn read_weights(
             .and_then(|_| reader.read_exact(&mut raw))
             .map_err(|e| Error::io(path, e))?;
 
-        if name == "rope_freqs.weight" {
+        if name == "rope_freqs.weight" || name == "rope_factors_short.weight" {
             let q = ggml_file::qtensor_from_ggml(info.ggml_dtype, &raw, dims, &Device::Cpu)?;
             let factors = q
                 .dequantize(&Device::Cpu)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
             config.rope_freq_factors = Some(factors);
+            if name == "rope_factors_short.weight" {
+                // LongRoPE (Phi-3): the short factors hold up to the original context,
+                // where llama.cpp switches to the long ones; verity stops there.
+                let arch = config.architecture.name();
+                let original = header
+                    .get_usize(&format!("{arch}.rope.scaling.original_context_length"))
+                    .ok_or_else(|| {
+                        Error::bad_file(
+                            path,
+                            format!("LongRoPE factors without '{arch}.rope.scaling.original_context_length'"),
+                        )
+                    })?;
+                config.max_position_embeddings = config.max_position_embeddings.min(original);
+                config.rope_attention_factor =
+                    header.get_f64(&format!("{arch}.rope.scaling.attn_factor"));
+            }
+            config
+                .validate()
+                .map_err(|e| Error::bad_file(path, e.to_string()))?;
             continue;
         }
-        let Some(hf) = hf_name(name) else {
+        let Some(hf) = hf_name(name, config.architecture) else {
             continue;
         };
         if config.architecture == Architecture::Llama && dims.len() == 2 {

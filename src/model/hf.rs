@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::config::ModelConfig;
+use super::config::{Architecture, ModelConfig};
 use super::weights::{Weight, WeightMap};
 use crate::error::{Error, Result};
 
@@ -62,6 +62,15 @@ pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<(ModelConfig, W
         let tensors = candle_core::safetensors::load(&file, device)
             .map_err(|e| Error::bad_file(&file, format!("cannot read safetensors: {e}")))?;
         for (name, t) in tensors {
+            // Gemma's RMSNorm scales by (1 + w): stored here as the factor itself, the
+            // way llama.cpp's converter stores it in GGUF files (added in f32, as
+            // transformers computes it).
+            let t = if config.architecture == Architecture::Gemma3 && name.ends_with("norm.weight")
+            {
+                (t.to_dtype(DType::F32)? + 1.0)?
+            } else {
+                t
+            };
             let t = if t.dtype() == dtype {
                 t
             } else {

@@ -15,9 +15,18 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.broadcast_mul(weight)?)
 }
 
-/// Half-split ("NEOX") rotary embedding of x (…, T, head_dim) with cos/sin (T, head_dim/2).
+/// Half-split ("NEOX") rotary embedding of x (…, T, head_dim) with cos/sin (T, r/2): the
+/// first r dimensions of each head rotate, the rest pass through (partial rotary, r < d).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
+    let r = 2 * cos.dim(D::Minus1)?;
+    if r < d {
+        let rotated = rope(&x.narrow(D::Minus1, 0, r)?, cos, sin)?;
+        return Ok(Tensor::cat(
+            &[&rotated, &x.narrow(D::Minus1, r, d - r)?],
+            D::Minus1,
+        )?);
+    }
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
@@ -132,15 +141,62 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
+/// The gated MLP body for `activation`: act(gate) · up (SwiGLU, or GeGLU with the tanh
+/// GELU). Both are differentiable candle ops.
+pub fn gated(
+    activation: crate::model::config::Activation,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<Tensor> {
+    use crate::model::config::Activation;
+    match activation {
+        Activation::Silu => swiglu(gate, up),
+        Activation::GeluTanh => Ok((gate.gelu()? * up)?),
+    }
+}
+
+/// How attention sees the keys: logits scaled by `scale`, and, with a `window`, each query
+/// only the `window` most recent positions (itself included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Multiplies q·k (1/√head_dim for most models).
+    pub scale: f64,
+    /// Sliding window, if the layer has one.
+    pub window: Option<usize>,
+}
+
+#[cfg(any(test, feature = "test-hooks"))]
+impl AttentionShape {
+    /// Plain causal attention scaled by 1/√`head_dim`.
+    pub fn causal(head_dim: usize) -> Self {
+        AttentionShape {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            window: None,
+        }
+    }
+}
+
 /// Causal grouped-query attention over whole sequences.
 /// q: (B, H, T, d), k and v: (B, KV, T, d), H a multiple of KV. Returns (B, H, T, d).
+#[cfg(any(test, feature = "test-hooks"))]
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let d = q.dim(3)?;
+    causal_attention_shaped(q, k, v, AttentionShape::causal(d))
+}
+
+/// [`causal_attention`] with a logit scale and an optional sliding window.
+pub fn causal_attention_shaped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    shape: AttentionShape,
+) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let groups = h / kv;
-    let q = (q.contiguous()?.reshape((b, kv, groups * t, d))? / (d as f64).sqrt())?;
+    let q = (q.contiguous()?.reshape((b, kv, groups * t, d))? * shape.scale)?;
     let scores = q.matmul(&k.transpose(2, 3)?.contiguous()?)?; // (B, KV, G·T, T)
-    let mask = causal_mask(t, 0, t, q.dtype(), q.device())?;
+    let mask = attention_mask(t, 0, t, shape.window, q.dtype(), q.device())?;
     let scores = scores
         .reshape((b, kv, groups, t, t))?
         .broadcast_add(&mask)?
@@ -152,25 +208,38 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// Causal attention of B continuations after one shared prefix: each continuation's query
 /// sees all P prefix keys and its own keys up to itself. q: (B, H, T, d); k, v: (B, KV, T, d);
-/// prefix_k, prefix_v: (1, KV, P, d). Returns (B, H, T, d). Equals [`causal_attention`] over
-/// prefix + continuation, row by row.
+/// prefix_k, prefix_v: (1, KV, P, d). Returns (B, H, T, d). Equals
+/// [`causal_attention_shaped`] over prefix + continuation, row by row.
 pub fn causal_attention_after(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     prefix_k: &Tensor,
     prefix_v: &Tensor,
+    shape: AttentionShape,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let p = prefix_k.dim(2)?;
     let groups = h / kv;
-    let q = (q.contiguous()?.reshape((b, kv, groups * t, d))? / (d as f64).sqrt())?;
+    let q = (q.contiguous()?.reshape((b, kv, groups * t, d))? * shape.scale)?;
     // The prefix's keys and values, the same for every row (gradients sum back over B).
     let pk = prefix_k.broadcast_as((b, kv, p, d))?.contiguous()?;
     let pv = prefix_v.broadcast_as((b, kv, p, d))?.contiguous()?;
     let to_prefix = q.matmul(&pk.transpose(2, 3)?.contiguous()?)?; // (B, KV, G·T, P)
-    let mask = causal_mask(t, 0, t, q.dtype(), q.device())?;
+                                                                   // Continuation row i sits at position p + i: with a window it may not see the oldest
+                                                                   // prefix keys.
+    let to_prefix = match shape.window {
+        Some(w) if p + t > w => {
+            let mask = window_mask(t, p, p, w, q.dtype(), q.device())?;
+            to_prefix
+                .reshape((b, kv, groups, t, p))?
+                .broadcast_add(&mask)?
+                .reshape((b, kv, groups * t, p))?
+        }
+        _ => to_prefix,
+    };
+    let mask = attention_mask(t, 0, t, shape.window, q.dtype(), q.device())?;
     let to_self = q
         .matmul(&k.transpose(2, 3)?.contiguous()?)?
         .reshape((b, kv, groups, t, t))?
@@ -182,6 +251,57 @@ pub fn causal_attention_after(
     Ok(out.reshape((b, h, t, d))?)
 }
 
+/// Additive mask (n_queries, n_keys) of keys at positions 0.. for queries at positions
+/// `offset`..: query i sees keys `offset + i − window` < j ≤ `offset + i` (no lower bound
+/// without a window); the others get -inf.
+pub fn attention_mask(
+    n_queries: usize,
+    offset: usize,
+    n_keys: usize,
+    window: Option<usize>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n_queries)
+        .flat_map(|i| {
+            let at = offset + i;
+            (0..n_keys).map(move |j| {
+                let too_old = window.is_some_and(|w| j + w <= at);
+                if j > at || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n_queries, n_keys), device)?.to_dtype(dtype)?)
+}
+
+/// Additive mask (n_queries, n_keys) hiding only the keys (at positions 0..n_keys) older
+/// than a window of `window` from each query (at positions `offset`..).
+fn window_mask(
+    n_queries: usize,
+    offset: usize,
+    n_keys: usize,
+    window: usize,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..n_queries)
+        .flat_map(|i| {
+            (0..n_keys).map(move |j| {
+                if j + window <= offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (n_queries, n_keys), device)?.to_dtype(dtype)?)
+}
+
 /// Additive mask (n_queries, n_keys): query i sits at key position `offset + i` and sees
 /// keys 0..=offset+i; later keys get -inf.
 pub fn causal_mask(
@@ -191,18 +311,7 @@ pub fn causal_mask(
     dtype: candle_core::DType,
     device: &candle_core::Device,
 ) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n_queries)
-        .flat_map(|i| {
-            (0..n_keys).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (n_queries, n_keys), device)?.to_dtype(dtype)?)
+    attention_mask(n_queries, offset, n_keys, None, dtype, device)
 }
 
 #[cfg(test)]

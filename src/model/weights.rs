@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
@@ -75,6 +76,47 @@ impl WeightMap {
         } else {
             Ok(None)
         }
+    }
+
+    /// Replaces a fused weight (several projections' rows stacked: Phi-3's `qkv_proj` and
+    /// `gate_up_proj`) by its parts, `(name, rows)` in order; quantized blocks are split
+    /// as bytes (a row is whole blocks), so nothing is dequantized. Nothing happens when
+    /// `fused` is absent (a file with the parts stored apart).
+    pub fn split_rows(&mut self, fused: &str, parts: &[(String, usize)]) -> Result<()> {
+        let Some(w) = self.weights.remove(fused) else {
+            return Ok(());
+        };
+        let dims = w.dims().to_vec();
+        let rows: usize = parts.iter().map(|(_, n)| n).sum();
+        if dims.len() != 2 || dims[0] != rows {
+            return Err(Error::weight(
+                fused,
+                format!(
+                    "shape {dims:?} contradicts the config, which implies {rows} rows in all ({})",
+                    self.source.display()
+                ),
+            ));
+        }
+        let mut start = 0;
+        for (name, n) in parts {
+            let part = match &w {
+                Weight::Dense(t) => Weight::Dense(t.narrow(0, start, *n)?),
+                Weight::Quantized(q) => {
+                    let data = q.data()?;
+                    let row_bytes = data.len() / rows;
+                    let bytes = &data[start * row_bytes..(start + n) * row_bytes];
+                    Weight::Quantized(Arc::new(qtensor_from_ggml(
+                        q.dtype(),
+                        bytes,
+                        vec![*n, dims[1]],
+                        &q.device(),
+                    )?))
+                }
+            };
+            self.weights.insert(name.clone(), part);
+            start += n;
+        }
+        Ok(())
     }
 
     /// Names left over once the model is built (reported, not fatal: files carry extras).

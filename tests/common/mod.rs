@@ -104,6 +104,15 @@ pub fn tiny_config(arch: Architecture) -> ModelConfig {
         qkv_bias: arch == Architecture::Qwen2,
         o_bias: false,
         qk_norm: arch == Architecture::Qwen3,
+        activation: Default::default(),
+        embedding_multiplier: None,
+        query_scale: None,
+        sandwich_norms: false,
+        sliding_window: None,
+        sliding_layers: Vec::new(),
+        rope_local_theta: None,
+        rotary_dim: None,
+        rope_attention_factor: None,
     }
 }
 
@@ -236,7 +245,8 @@ pub fn completion_logprob(
 }
 
 /// Writes `weights` as a GGUF file, as llama.cpp's converter would (Q/K rows permuted for
-/// `llama`), with a byte-level tokenizer; weights stored as f32 or quantized to `dtype`.
+/// `llama`; Phi-3's fused projections, rotary width and LongRoPE factors as it writes them),
+/// with a byte-level tokenizer; weights stored as f32 or quantized to `dtype`.
 pub fn write_tiny_gguf(
     path: &Path,
     config: &ModelConfig,
@@ -245,9 +255,15 @@ pub fn write_tiny_gguf(
 ) {
     let arch = config.architecture.name();
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let gemma = config.architecture == Architecture::Gemma3;
+    let phi3 = config.architecture == Architecture::Phi3;
     for (name, t) in weights {
-        let gguf = gguf_name(name);
+        let gguf = gguf_name(name, gemma, phi3);
         let mut t = t.clone();
+        if gemma && name.ends_with("norm.weight") {
+            // llama.cpp's converter stores Gemma's (1 + w) norm factors.
+            t = (t + 1.0).unwrap();
+        }
         if config.architecture == Architecture::Llama
             && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight"))
         {
@@ -294,6 +310,18 @@ pub fn write_tiny_gguf(
         let t = Tensor::from_vec(factors, n, &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap();
         tensors.push(("rope_freqs.weight".to_string(), q));
+    }
+    if let (true, Some(short)) = (phi3, &config.rope_freq_factors) {
+        // The converter writes LongRoPE's long factors too; verity never uses them.
+        let n = short.len();
+        for (name, scale) in [
+            ("rope_factors_short.weight", 1.0),
+            ("rope_factors_long.weight", 3.0),
+        ] {
+            let t = (Tensor::from_vec(short.clone(), n, &Device::Cpu).unwrap() * scale).unwrap();
+            let q = QTensor::quantize(&t, candle_core::quantized::GgmlDType::F32).unwrap();
+            tensors.push((name.to_string(), q));
+        }
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let (tokens, merges, types) = tiny_vocab();
@@ -364,13 +392,39 @@ pub fn write_tiny_gguf(
             Value::String(TINY_TEMPLATE.into()),
         ),
     ];
+    let mut md = md;
+    if phi3 {
+        // Phi-3's converter writes no key length: the head is hidden / heads, and
+        // `rope.dimension_count` is the rotated part of it.
+        md.retain(|(k, _)| !k.contains(".attention.key_length") && !k.contains(".value_length"));
+        md.push((
+            format!("{arch}.rope.dimension_count"),
+            Value::U32(config.rope_dims() as u32),
+        ));
+        if let Some(f) = config.rope_attention_factor {
+            md.push((
+                format!("{arch}.rope.scaling.original_context_length"),
+                Value::U32(config.max_position_embeddings as u32),
+            ));
+            md.push((
+                format!("{arch}.rope.scaling.attn_factor"),
+                Value::F32(f as f32),
+            ));
+        }
+    }
+    if let Some(w) = config.sliding_window {
+        md.push((
+            format!("{arch}.attention.sliding_window"),
+            Value::U32(w as u32),
+        ));
+    }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(path).unwrap();
     candle_core::quantized::gguf_file::write(&mut file, &md_refs, &t_refs).unwrap();
 }
 
-fn gguf_name(hf: &str) -> String {
+fn gguf_name(hf: &str, gemma: bool, phi3: bool) -> String {
     match hf {
         "model.embed_tokens.weight" => return "token_embd.weight".into(),
         "model.norm.weight" => return "output_norm.weight".into(),
@@ -382,6 +436,9 @@ fn gguf_name(hf: &str) -> String {
     let (module, suffix) = rest.rsplit_once('.').unwrap();
     let m = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if gemma => "post_attention_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "post_attention_layernorm" => "ffn_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
@@ -389,6 +446,8 @@ fn gguf_name(hf: &str) -> String {
         "self_attn.o_proj" => "attn_output",
         "self_attn.q_norm" => "attn_q_norm",
         "self_attn.k_norm" => "attn_k_norm",
+        "self_attn.qkv_proj" => "attn_qkv",
+        "mlp.gate_up_proj" if phi3 => "ffn_up",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",

@@ -75,7 +75,7 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         "borda:0.5",
         "max:self_certainty",
         "deepconf:bottom10:16:50",
-        "deepconf-online",
+        "online deepconf-online:2:50:16",
         "online esc:2",
     ] {
         let line = stdout
@@ -117,7 +117,11 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         v.sort_by_key(|l| l["question"].as_u64());
         v
     };
-    assert_eq!(online(None).len(), 3, "DeepConf-online");
+    assert_eq!(
+        online(Some("deepconf-online:2:50:16")).len(),
+        3,
+        "DeepConf-online"
+    );
     // ESC drawn in the engine decides what its simulation on the saved traces decides (sample
     // i is the same trace in both), having decoded at least the tokens the simulation
     // charges and at most all n samples' tokens.

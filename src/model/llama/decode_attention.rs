@@ -138,7 +138,7 @@ impl Transformer {
             .table
             .slice(layer * plan.per_layer..(layer + 1) * plan.per_layer);
         let (nh_i, nkv_i, hd_i) = (nh as i32, nkv as i32, hd as i32);
-        let scale = 1.0f32 / (hd as f32).sqrt();
+        let scale = self.config.attention_scale() as f32;
         let mut builder = stream.launch_builder(&func);
         builder.arg(&qa);
         builder.arg(&ka);

@@ -1,5 +1,5 @@
-//! The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3): one set
-//! of weights, two entry points.
+//! The Llama-family transformer (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma 3,
+//! Phi-3/4-mini): one set of weights, two entry points.
 //!
 //! - [`Transformer::forward_step`] decodes: a batch of sequences, each at its own position,
 //!   each with its own KV cache and LoRA adapter; fused kernels, quantized matmuls.
@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use self::linear::Linear;
 pub use self::step::StepInput;
 use crate::error::{Error, Result};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Architecture, ModelConfig};
 use crate::model::kv::{KvGeometry, SeqKv};
 use crate::model::lora::LoraTarget;
 use crate::model::weights::{Weight, WeightMap};
@@ -42,13 +42,23 @@ struct Block {
     k: Linear,
     v: Linear,
     o: Linear,
-    /// Qwen3: RMSNorm weights (head_dim) applied to every query / key head before RoPE.
+    /// Qwen3, Gemma 3: RMSNorm weights (head_dim) applied to every query / key head before
+    /// RoPE.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    /// Gemma: RMSNorm of the attention output before the residual add.
+    attn_out_norm: Option<Tensor>,
+    /// The norm before the MLP.
     post_norm: Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Gemma: RMSNorm of the MLP output before the residual add.
+    mlp_out_norm: Option<Tensor>,
+    /// The attention window of this layer, if it slides.
+    window: Option<usize>,
+    /// Index into the transformer's RoPE tables (0: global, 1: the sliding layers' base).
+    rope: usize,
 }
 
 impl Block {
@@ -76,8 +86,8 @@ pub struct Transformer {
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
-    rope_cos: Tensor,
-    rope_sin: Tensor,
+    /// cos and sin (positions, rotated dims / 2) per RoPE base: [global, sliding layers'].
+    ropes: Vec<(Tensor, Tensor)>,
     kv_geometry: Arc<KvGeometry>,
     dense_rows: Option<usize>,
 }
@@ -96,6 +106,28 @@ impl Transformer {
         let (h, v, hd) = (c.hidden_size, c.vocab_size, c.head_dim);
         let q_out = c.num_heads * hd;
         let kv_out = c.num_kv_heads * hd;
+        if c.architecture == Architecture::Phi3 {
+            // Phi-3 stacks q, k, v (and gate, up) in one matrix: the same rows as separate
+            // projections, so the block (and LoRA on each part) is the Llama block's.
+            for l in 0..c.num_layers {
+                let p = format!("model.layers.{l}");
+                weights.split_rows(
+                    &format!("{p}.self_attn.qkv_proj.weight"),
+                    &[
+                        (format!("{p}.self_attn.q_proj.weight"), q_out),
+                        (format!("{p}.self_attn.k_proj.weight"), kv_out),
+                        (format!("{p}.self_attn.v_proj.weight"), kv_out),
+                    ],
+                )?;
+                weights.split_rows(
+                    &format!("{p}.mlp.gate_up_proj.weight"),
+                    &[
+                        (format!("{p}.mlp.gate_proj.weight"), c.intermediate_size),
+                        (format!("{p}.mlp.up_proj.weight"), c.intermediate_size),
+                    ],
+                )?;
+            }
+        }
         let embed = weights.take("model.embed_tokens.weight", &[v, h])?;
         let embed = match (embed, format) {
             (Weight::Quantized(q), WeightFormat::Quantized) => Weight::Quantized(q),
@@ -138,6 +170,25 @@ impl Transformer {
                 Ok(Some(w.to_dense(dtype, device)?))
             };
             let (q_norm, k_norm) = (head_norm("q_norm")?, head_norm("k_norm")?);
+            // Llama's "post_attention_layernorm" is the norm before the MLP; Gemma's is a
+            // norm of the attention output, and its pre-MLP norm has a name of its own.
+            let (pre_mlp, attn_out_norm, mlp_out_norm) = if c.sandwich_norms {
+                (
+                    norm_vec(weights, &format!("{p}.pre_feedforward_layernorm.weight"))?,
+                    Some(norm_vec(
+                        weights,
+                        &format!("{p}.post_attention_layernorm.weight"),
+                    )?),
+                    Some(norm_vec(
+                        weights,
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                    )?),
+                )
+            } else {
+                let pre_mlp = norm_vec(weights, &format!("{p}.post_attention_layernorm.weight"))?;
+                (pre_mlp, None, None)
+            };
+            let window = c.window(l);
             layers.push(Block {
                 input_norm: norm_vec(weights, &format!("{p}.input_layernorm.weight"))?,
                 q,
@@ -146,10 +197,14 @@ impl Transformer {
                 o,
                 q_norm,
                 k_norm,
-                post_norm: norm_vec(weights, &format!("{p}.post_attention_layernorm.weight"))?,
+                attn_out_norm,
+                post_norm: pre_mlp,
                 gate,
                 up,
                 down,
+                mlp_out_norm,
+                window,
+                rope: usize::from(window.is_some() && c.rope_local_theta.is_some()),
             });
         }
         let norm = norm_vec(weights, "model.norm.weight")?;
@@ -176,19 +231,27 @@ impl Transformer {
             Linear::new(w, None, format, dtype)?
         };
 
-        let inv_freq = c.rope_inv_freq();
         let positions = c.max_position_embeddings;
-        let mut cos = Vec::with_capacity(positions * inv_freq.len());
-        let mut sin = Vec::with_capacity(positions * inv_freq.len());
-        for pos in 0..positions {
-            for f in &inv_freq {
-                let angle = pos as f64 * *f as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+        let pairs = c.rope_dims() / 2;
+        let attention_factor = c.rope_attention_factor.unwrap_or(1.0);
+        let table = |inv_freq: Vec<f32>| -> Result<(Tensor, Tensor)> {
+            let mut cos = Vec::with_capacity(positions * inv_freq.len());
+            let mut sin = Vec::with_capacity(positions * inv_freq.len());
+            for pos in 0..positions {
+                for f in &inv_freq {
+                    let angle = pos as f64 * *f as f64;
+                    cos.push((angle.cos() * attention_factor) as f32);
+                    sin.push((angle.sin() * attention_factor) as f32);
+                }
             }
+            let cos = Tensor::from_vec(cos, (positions, pairs), device)?.to_dtype(dtype)?;
+            let sin = Tensor::from_vec(sin, (positions, pairs), device)?.to_dtype(dtype)?;
+            Ok((cos, sin))
+        };
+        let mut ropes = vec![table(c.rope_inv_freq())?];
+        if let Some(local) = c.rope_local_inv_freq() {
+            ropes.push(table(local)?);
         }
-        let rope_cos = Tensor::from_vec(cos, (positions, hd / 2), device)?.to_dtype(dtype)?;
-        let rope_sin = Tensor::from_vec(sin, (positions, hd / 2), device)?.to_dtype(dtype)?;
         let kv_geometry = Arc::new(KvGeometry {
             num_layers: c.num_layers,
             num_kv_heads: c.num_kv_heads,
@@ -205,8 +268,7 @@ impl Transformer {
             layers,
             norm,
             lm_head,
-            rope_cos,
-            rope_sin,
+            ropes,
             kv_geometry,
             dense_rows: None,
         })

@@ -34,7 +34,8 @@ struct LoraGroup {
     rows: Option<Tensor>,
 }
 
-/// Qwen3's RMSNorm of every head (over its last dimension, head_dim), when the block has one.
+/// An RMSNorm over the last dimension when the block has this norm (Qwen3's per-head q/k
+/// norms, Gemma's attention- and MLP-output norms), else `x` as it is.
 fn head_norm(x: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     match norm {
         Some(w) => Ok(candle_nn::ops::rms_norm(&x, w, eps)?),
@@ -42,11 +43,27 @@ fn head_norm(x: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     }
 }
 
+/// candle's fused RoPE over x (1, T, heads, head_dim) with cos/sin (T, r/2): the first r
+/// dimensions of each head rotate, the rest pass through (partial rotary, r < head_dim).
+fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(3)?;
+    let r = 2 * cos.dim(1)?;
+    if r == d {
+        return Ok(candle_nn::rotary_emb::rope_thd(x, cos, sin)?);
+    }
+    let rotated = candle_nn::rotary_emb::rope_thd(&x.narrow(3, 0, r)?.contiguous()?, cos, sin)?;
+    Ok(Tensor::cat(&[&rotated, &x.narrow(3, r, d - r)?], 3)?)
+}
+
 impl Transformer {
     fn embed_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        match &self.embed {
-            Weight::Quantized(q) => Ok(q.embedding(ids)?.to_dtype(self.dtype)?),
-            Weight::Dense(t) => Ok(t.index_select(ids, 0)?),
+        let rows = match &self.embed {
+            Weight::Quantized(q) => q.embedding(ids)?.to_dtype(self.dtype)?,
+            Weight::Dense(t) => t.index_select(ids, 0)?,
+        };
+        match self.config.embedding_multiplier {
+            Some(m) => Ok((rows * m)?),
+            None => Ok(rows),
         }
     }
 
@@ -100,8 +117,11 @@ impl Transformer {
         let total = tokens.len();
         let ids = Tensor::from_vec(tokens, total, &self.device)?;
         let pos = Tensor::from_vec(positions, total, &self.device)?;
-        let cos = self.rope_cos.index_select(&pos, 0)?;
-        let sin = self.rope_sin.index_select(&pos, 0)?;
+        let ropes = self
+            .ropes
+            .iter()
+            .map(|(cos, sin)| Ok((cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?)))
+            .collect::<Result<Vec<_>>>()?;
         let groups = self.lora_groups(batch)?;
         // Causal masks for sequences that add more than one token (prefill chunks).
         let masks: Vec<Option<Tensor>> = batch
@@ -116,8 +136,18 @@ impl Transformer {
             })
             .collect::<Result<_>>()?;
 
-        // A decode step on a GPU: one attention launch per layer for the whole batch.
-        let plan = self.decode_plan(batch)?;
+        // A decode step on a GPU: one attention launch per layer for the whole batch (but
+        // not once a sequence outgrows a sliding window: the per-sequence path masks it).
+        let beyond_window = self
+            .layers
+            .iter()
+            .filter_map(|b| b.window)
+            .any(|w| batch.iter().any(|s| s.kv.len() + s.tokens.len() > w));
+        let plan = if beyond_window {
+            None
+        } else {
+            self.decode_plan(batch)?
+        };
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
         let mut x = self.embed_rows(&ids)?;
@@ -128,8 +158,9 @@ impl Transformer {
             let v = self.linear_step(block, l, LoraTarget::V, &h, &groups)?;
             let q = head_norm(q.reshape((1, total, nh, hd))?, block.q_norm.as_ref(), eps)?;
             let k = head_norm(k.reshape((1, total, nkv, hd))?, block.k_norm.as_ref(), eps)?;
-            let q = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k, &cos, &sin)?.squeeze(0)?;
+            let (cos, sin) = &ropes[block.rope];
+            let q = rope_thd(&q, cos, sin)?.squeeze(0)?;
+            let k = rope_thd(&k, cos, sin)?.squeeze(0)?;
             let v = v.reshape((total, nkv, hd))?;
             let attn = match &plan {
                 Some(plan) => self.attend_decode(plan, l, &q, &k, &v)?,
@@ -140,6 +171,7 @@ impl Transformer {
                         let n = s.tokens.len();
                         let out = self.attend(
                             l,
+                            block.window,
                             s.kv,
                             &q.narrow(0, row, n)?,
                             &k.narrow(0, row, n)?,
@@ -153,12 +185,14 @@ impl Transformer {
                     Tensor::cat(&outs, 0)?
                 }
             };
-            x = (x + self.linear_step(block, l, LoraTarget::O, &attn, &groups)?)?;
+            let attn = self.linear_step(block, l, LoraTarget::O, &attn, &groups)?;
+            x = (x + head_norm(attn, block.attn_out_norm.as_ref(), eps)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
             let gate = self.linear_step(block, l, LoraTarget::Gate, &h, &groups)?;
             let up = self.linear_step(block, l, LoraTarget::Up, &h, &groups)?;
-            let mlp = ops::swiglu(&gate, &up)?;
-            x = (x + self.linear_step(block, l, LoraTarget::Down, &mlp, &groups)?)?;
+            let mlp = ops::gated(c.activation, &gate, &up)?;
+            let mlp = self.linear_step(block, l, LoraTarget::Down, &mlp, &groups)?;
+            x = (x + head_norm(mlp, block.mlp_out_norm.as_ref(), eps)?)?;
         }
         for s in batch.iter_mut() {
             s.kv.commit(s.tokens.len());
@@ -190,9 +224,12 @@ impl Transformer {
 
     /// Attention of one sequence's new rows over its cache (shared segments, then its own,
     /// where the new keys and values are written first). q: (n, H, d); k, v: (n, KV, d).
+    /// With a `window`, each row sees only the `window` most recent positions.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         layer: usize,
+        window: Option<usize>,
         kv: &SeqKv,
         q: &Tensor,
         k: &Tensor,
@@ -210,7 +247,7 @@ impl Transformer {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((nkv, groups * n, hd))?
-            * (1.0 / (hd as f64).sqrt()))?;
+            * c.attention_scale())?;
         let mut keys = Vec::with_capacity(kv.shared_segments().len() + 1);
         let mut values = Vec::with_capacity(keys.capacity());
         for seg in kv.shared_segments() {
@@ -227,6 +264,20 @@ impl Transformer {
         }
         let scores = Tensor::cat(&scores, 2)?;
         let total_keys = scores.dim(2)?;
+        // Keys are positions 0..total_keys; the new rows the last n of them. A window the
+        // sequence has outgrown needs a mask over every key, shared ones included.
+        let windowed = match window {
+            Some(w) if total_keys > w => Some(ops::attention_mask(
+                n,
+                total_keys - n,
+                total_keys,
+                Some(w),
+                scores.dtype(),
+                &self.device,
+            )?),
+            _ => None,
+        };
+        let mask = windowed.as_ref().or(mask);
         let scores = match mask {
             Some(mask) => {
                 // The mask covers the own segment, the last columns.

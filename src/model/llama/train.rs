@@ -21,6 +21,15 @@ fn head_norm(x: &Tensor, norm: Option<&Tensor>, heads: usize, eps: f64) -> Resul
     Ok(ops::rms_norm(&per_head, w, eps)?.reshape((rows, width))?)
 }
 
+/// Gemma's RMSNorm of an attention or MLP output before the residual add, differentiable;
+/// `x` as it is for blocks without one.
+fn output_norm(x: &Tensor, norm: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    match norm {
+        Some(w) => ops::rms_norm(x, w, eps),
+        None => Ok(x.clone()),
+    }
+}
+
 impl Transformer {
     fn embed_dense(&self) -> Result<Tensor> {
         match &self.embed {
@@ -98,35 +107,46 @@ impl Transformer {
             None => tokens.flatten_all()?,
         };
         let mut x = self.embed_dense()?.index_select(&ids, 0)?;
+        if let Some(m) = c.embedding_multiplier {
+            x = (x * m)?;
+        }
         let heads = |y: &Tensor, n: usize, start: usize, batch: usize, len: usize| {
             y.narrow(0, start, batch * len)?
                 .reshape((batch, len, n, hd))?
                 .transpose(1, 2)
         };
-        let (cos_p, sin_p) = (
-            self.rope_cos.narrow(0, 0, p)?,
-            self.rope_sin.narrow(0, 0, p)?,
-        );
-        let (cos, sin) = (
-            self.rope_cos.narrow(0, p, t)?,
-            self.rope_sin.narrow(0, p, t)?,
-        );
+        // Per RoPE table: the prefix's rows and the continuations'.
+        let ropes = self
+            .ropes
+            .iter()
+            .map(|(cos, sin)| {
+                Ok((
+                    (cos.narrow(0, 0, p)?, sin.narrow(0, 0, p)?),
+                    (cos.narrow(0, p, t)?, sin.narrow(0, p, t)?),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         for (l, block) in self.layers.iter().enumerate() {
+            let ((cos_p, sin_p), (cos, sin)) = &ropes[block.rope];
+            let shape = ops::AttentionShape {
+                scale: c.attention_scale(),
+                window: block.window,
+            };
             let h = ops::rms_norm(&x, &block.input_norm, c.rms_norm_eps)?;
             let q = self.linear_train(block, l, LoraTarget::Q, &h, adapter)?;
             let k = self.linear_train(block, l, LoraTarget::K, &h, adapter)?;
             let q = head_norm(&q, block.q_norm.as_ref(), nh, c.rms_norm_eps)?;
             let k = head_norm(&k, block.k_norm.as_ref(), nkv, c.rms_norm_eps)?;
             let v = self.linear_train(block, l, LoraTarget::V, &h, adapter)?;
-            let qc = ops::rope(&heads(&q, nh, p, b, t)?, &cos, &sin)?;
-            let kc = ops::rope(&heads(&k, nkv, p, b, t)?, &cos, &sin)?;
+            let qc = ops::rope(&heads(&q, nh, p, b, t)?, cos, sin)?;
+            let kc = ops::rope(&heads(&k, nkv, p, b, t)?, cos, sin)?;
             let vc = heads(&v, nkv, p, b, t)?;
             let attn = if p > 0 {
-                let qp = ops::rope(&heads(&q, nh, 0, 1, p)?, &cos_p, &sin_p)?;
-                let kp = ops::rope(&heads(&k, nkv, 0, 1, p)?, &cos_p, &sin_p)?;
+                let qp = ops::rope(&heads(&q, nh, 0, 1, p)?, cos_p, sin_p)?;
+                let kp = ops::rope(&heads(&k, nkv, 0, 1, p)?, cos_p, sin_p)?;
                 let vp = heads(&v, nkv, 0, 1, p)?;
-                let prefix_out = ops::causal_attention(&qp, &kp, &vp)?;
-                let out = ops::causal_attention_after(&qc, &kc, &vc, &kp, &vp)?;
+                let prefix_out = ops::causal_attention_shaped(&qp, &kp, &vp, shape)?;
+                let out = ops::causal_attention_after(&qc, &kc, &vc, &kp, &vp, shape)?;
                 Tensor::cat(
                     &[
                         &prefix_out.transpose(1, 2)?.reshape((p, nh * hd))?,
@@ -135,16 +155,18 @@ impl Transformer {
                     0,
                 )?
             } else {
-                ops::causal_attention(&qc, &kc, &vc)?
+                ops::causal_attention_shaped(&qc, &kc, &vc, shape)?
                     .transpose(1, 2)?
                     .reshape((b * t, nh * hd))?
             };
-            x = (x + self.linear_train(block, l, LoraTarget::O, &attn, adapter)?)?;
+            let attn = self.linear_train(block, l, LoraTarget::O, &attn, adapter)?;
+            x = (x + output_norm(&attn, block.attn_out_norm.as_ref(), c.rms_norm_eps)?)?;
             let h = ops::rms_norm(&x, &block.post_norm, c.rms_norm_eps)?;
             let gate = self.linear_train(block, l, LoraTarget::Gate, &h, adapter)?;
             let up = self.linear_train(block, l, LoraTarget::Up, &h, adapter)?;
-            let mlp = ops::swiglu(&gate, &up)?;
-            x = (x + self.linear_train(block, l, LoraTarget::Down, &mlp, adapter)?)?;
+            let mlp = ops::gated(c.activation, &gate, &up)?;
+            let mlp = self.linear_train(block, l, LoraTarget::Down, &mlp, adapter)?;
+            x = (x + output_norm(&mlp, block.mlp_out_norm.as_ref(), c.rms_norm_eps)?)?;
         }
         let x = ops::rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         let prefix_hidden = if p > 0 {
