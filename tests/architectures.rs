@@ -268,3 +268,145 @@ fn mistral_sliding_window_matches_transformers() {
     assert_eq!(model.config().window(1), Some(8));
     assert_eq!(model.config().max_position_embeddings, 256);
 }
+
+/// Phi-3 / Phi-4-mini: fused qkv_proj and gate_up_proj split at load (HF and GGUF), PEFT's
+/// adapter on the fused modules (one A per fused matrix), a partial rotary factor of 0.75
+/// and LongRoPE's short factors with their attention factor, the context capped at the
+/// original 64 positions where the long factors would take over.
+#[test]
+fn phi3_matches_transformers() {
+    check_architecture("phi3", "phi3");
+    let model = Model::load(fixture("phi3"), &dense_f32()).unwrap();
+    let c = model.config();
+    assert_eq!((c.head_dim, c.rotary_dim), (16, Some(12)));
+    assert_eq!(c.max_position_embeddings, 64);
+    let want = (1.0 + (256.0f64 / 64.0).ln() / 64f64.ln()).sqrt();
+    assert!((c.rope_attention_factor.unwrap() - want).abs() < 1e-12);
+    // Saved by verity, the adapter is PEFT's file again: the same keys, the same numbers.
+    let dir = fixture("phi3").join("adapter");
+    let adapter = load_peft(&dir, c, DType::F32, &Device::Cpu).unwrap();
+    let saved = temp_dir("phi3-adapter").join("adapter");
+    verity::adapter::save_peft(&adapter, c, &saved, "").unwrap();
+    let read = |d: &Path| {
+        candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (theirs, ours) = (read(&dir), read(&saved));
+    let mut keys: Vec<&String> = ours.keys().collect();
+    keys.sort();
+    let mut want_keys: Vec<&String> = theirs.keys().collect();
+    want_keys.sort();
+    assert_eq!(keys, want_keys);
+    for (k, t) in &theirs {
+        assert_eq!(max_abs_diff(t, &ours[k]), 0.0, "{k}");
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(saved.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let mut targets: Vec<&str> = config["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]);
+    // A fused matrix is adapted whole or not at all.
+    let spec = verity::model::LoraSpec {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec![verity::model::LoraTarget::Q, verity::model::LoraTarget::V],
+        use_rslora: false,
+    };
+    let err = verity::model::LoraAdapter::new(c, spec, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("qkv_proj"), "{err}");
+}
+
+/// The other direction: adapters that `verity rl` trained and saved (3 steps, on the Qwen3
+/// and Phi-3 fixtures; Phi-3's on its fused modules), loaded by PEFT onto the transformers
+/// model (`make_tiny.py --score-adapter`), give the logits verity gives with them. The
+/// adapters moved the model: a file PEFT misread would show.
+#[test]
+fn adapters_verity_trained_give_verity_logits_under_peft() {
+    for name in ["qwen3", "phi3"] {
+        let dir = fixture(name);
+        let g = golden(&dir);
+        let model = Model::load(&dir, &dense_f32()).unwrap();
+        let adapter = load_peft(
+            &dir.join("verity_adapter"),
+            model.config(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(adapter.version() == 0 && adapter.spec.targets.len() == 7);
+        let peft = candle_core::safetensors::load(
+            dir.join("verity_adapter_logits.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (i, seq) in g.sequences.iter().enumerate() {
+            let want = &peft[&format!("logits.{i}")];
+            let moved = relative_error(&g.logits[&format!("logits.{i}")], want);
+            assert!(
+                moved > 1e-3,
+                "{name}: the trained adapter changes little ({moved})"
+            );
+            check_logits(
+                &model,
+                seq,
+                Some(&adapter),
+                want,
+                &format!("{name} + verity-trained adapter under PEFT, sequence {i}"),
+            );
+        }
+    }
+}
+
+/// Phi-3's fused parts share one A: the trainer sees it once (11 Vars a layer, not 14), and
+/// a published update reaches decode steps part by part exactly as the Vars hold it.
+#[test]
+fn fused_parts_share_one_a_through_publish() {
+    use verity::model::{LoraAdapter, LoraSpec, LoraTarget};
+    let model = Model::load(fixture("phi3"), &dense_f32()).unwrap();
+    let c = model.config();
+    let spec = LoraSpec {
+        rank: 3,
+        alpha: 6.0,
+        targets: LoraTarget::ALL.to_vec(),
+        use_rslora: false,
+    };
+    let adapter = LoraAdapter::new(c, spec, DType::F32, &Device::Cpu).unwrap();
+    let vars = adapter.vars();
+    assert_eq!(vars.len(), 11 * c.num_layers);
+    let values: Vec<Tensor> = vars
+        .iter()
+        .map(|v| Tensor::randn(0f32, 1.0, v.dims(), &Device::Cpu).unwrap())
+        .collect();
+    adapter.publish(values).unwrap();
+    let snapshot = adapter.snapshot();
+    let x = Tensor::randn(0f32, 1.0, (2, c.hidden_size), &Device::Cpu).unwrap();
+    for layer in 0..c.num_layers {
+        let q = adapter.get(layer, LoraTarget::Q).unwrap();
+        for t in [LoraTarget::K, LoraTarget::V] {
+            let other = adapter.get(layer, t).unwrap();
+            assert_eq!(max_abs_diff(q.a.as_tensor(), other.a.as_tensor()), 0.0);
+        }
+        for t in [
+            LoraTarget::Q,
+            LoraTarget::K,
+            LoraTarget::V,
+            LoraTarget::Gate,
+            LoraTarget::Up,
+        ] {
+            let published = snapshot.delta(layer, t, &x).unwrap().unwrap();
+            let held = adapter.delta(layer, t, &x).unwrap().unwrap();
+            assert!(
+                max_abs_diff(&published, &held) < 1e-5,
+                "layer {layer} {t:?}"
+            );
+        }
+    }
+}

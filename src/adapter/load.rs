@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::atomic;
 use super::peft::{
-    known_modules, parse_key, parse_peft_config, KeyError, Listed, ADAPTER_CONFIG_FILE,
+    known_modules, parse_key, parse_peft_config, KeyError, Listed, PeftModule, ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
 };
 use crate::error::{Error, Result};
@@ -23,7 +23,8 @@ use crate::model::lora::{LoraAdapter, LoraPair, LoraSpec, LoraTarget};
 /// Accepted: `peft_type` `"LORA"`, `r > 0`, `use_rslora`, `target_modules` as a list of
 /// module names (`"q_proj"`, or a path suffix such as `"self_attn.q_proj"`), `"all-linear"` or
 /// a regular expression, `layers_to_transform` (missing layers get no update), and key names
-/// with the adapter name inserted (`lora_A.default.weight`). Rejected with an error naming
+/// with the adapter name inserted (`lora_A.default.weight`). A fused module (Phi-3's
+/// `qkv_proj`, `gate_up_proj`) gives each of its parts that A and its rows of B. Rejected with an error naming
 /// what is wrong: other PEFT types, DoRA, per-module rank or alpha patterns, LoRA biases,
 /// `modules_to_save`, modules verity does not have, A without B or B without A, layer indices
 /// beyond the model, and tensors whose shape does not fit the model.
@@ -51,7 +52,8 @@ pub fn load_peft(
     let config_path = folder.join(ADAPTER_CONFIG_FILE);
     let json: Value = serde_json::from_str(&text)
         .map_err(|e| Error::bad_file(&config_path, format!("not valid JSON: {e}")))?;
-    let (spec_base, listed) = parse_peft_config(&config_path, &json)?;
+    let arch = config.architecture;
+    let (spec_base, listed) = parse_peft_config(&config_path, &json, arch)?;
 
     let weights_path = folder.join(ADAPTER_WEIGHTS_FILE);
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
@@ -65,11 +67,11 @@ pub fn load_peft(
     let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
     let mut unknown_modules = BTreeSet::new();
     let mut adapter_names = BTreeSet::new();
-    // (layer, target) → (A, B) with their keys.
+    // (layer, module by its first part) → (A, B) with their keys.
     type Slot = (Option<(String, Tensor)>, Option<(String, Tensor)>);
     let mut slots: BTreeMap<(usize, LoraTarget), Slot> = BTreeMap::new();
     for (key, tensor) in tensors {
-        let parsed = match parse_key(&key) {
+        let parsed = match parse_key(&key, arch) {
             Ok(parsed) => parsed,
             Err(KeyError::UnknownModule(module)) => {
                 unknown_modules.insert(module);
@@ -97,7 +99,9 @@ pub fn load_peft(
             ));
         }
         adapter_names.insert(parsed.adapter_name.unwrap_or_default());
-        let slot = slots.entry((parsed.layer, parsed.target)).or_default();
+        let slot = slots
+            .entry((parsed.layer, parsed.module.parts()[0]))
+            .or_default();
         let place = if parsed.b { &mut slot.1 } else { &mut slot.0 };
         if let Some((other, _)) = place {
             return Err(Error::bad_file(
@@ -114,7 +118,7 @@ pub fn load_peft(
             format!(
                 "LoRA weights for modules verity does not have: {} (known: {})",
                 list.join(", "),
-                known_modules()
+                known_modules(arch)
             ),
         ));
     }
@@ -133,7 +137,11 @@ pub fn load_peft(
     }
 
     // Which targets the config names, and which the tensors have.
-    let present: BTreeSet<LoraTarget> = slots.keys().map(|&(_, t)| t).collect();
+    let present: BTreeSet<LoraTarget> = slots
+        .keys()
+        .flat_map(|&(_, t)| PeftModule::of(arch, t).parts())
+        .collect();
+    let name_of = |t: &LoraTarget| PeftModule::of(arch, *t).name();
     let targets: Vec<LoraTarget> = match listed {
         Listed::Names(names) => {
             for t in &present {
@@ -142,7 +150,7 @@ pub fn load_peft(
                         &weights_path,
                         format!(
                             "has LoRA weights for {}, which target_modules in {ADAPTER_CONFIG_FILE} does not list",
-                            t.module_name()
+                            name_of(t)
                         ),
                     ));
                 }
@@ -153,7 +161,7 @@ pub fn load_peft(
                         &weights_path,
                         format!(
                             "has no LoRA weights for {}, which target_modules in {ADAPTER_CONFIG_FILE} lists",
-                            t.module_name()
+                            name_of(t)
                         ),
                     ));
                 }
@@ -167,7 +175,7 @@ pub fn load_peft(
                         &weights_path,
                         format!(
                             "has LoRA weights for {}, which target_modules in {ADAPTER_CONFIG_FILE} does not match",
-                            t.module_name()
+                            name_of(t)
                         ),
                     ));
                 }
@@ -181,8 +189,9 @@ pub fn load_peft(
     };
 
     let mut pairs = Vec::with_capacity(slots.len());
-    for ((layer, target), (a, b)) in slots {
-        let name = target.module_name();
+    for ((layer, first), (a, b)) in slots {
+        let module = PeftModule::of(arch, first);
+        let name = module.name();
         if layer >= config.num_layers {
             let key = a.as_ref().or(b.as_ref()).map(|(k, _)| k.as_str());
             return Err(Error::bad_file(
@@ -208,7 +217,9 @@ pub fn load_peft(
                 ));
             }
         };
-        let (fan_in, fan_out) = target.dims(config);
+        let parts = module.parts();
+        let fan_in = first.dims(config).0;
+        let fan_out: usize = parts.iter().map(|t| t.dims(config).1).sum();
         let expect = [
             (&a_key, &a, [spec.rank, fan_in], "rank × in_features"),
             (&b_key, &b, [fan_out, spec.rank], "out_features × rank"),
@@ -225,9 +236,16 @@ pub fn load_peft(
                 ));
             }
         }
+        // One A for every part; each part its rows of B.
         let a = Var::from_tensor(&a.to_dtype(dtype)?.to_device(device)?)?;
-        let b = Var::from_tensor(&b.to_dtype(dtype)?.to_device(device)?)?;
-        pairs.push((layer, target, LoraPair { a, b }));
+        let b = b.to_dtype(dtype)?.to_device(device)?;
+        let mut row = 0;
+        for target in parts {
+            let rows = target.dims(config).1;
+            let b = Var::from_tensor(&b.narrow(0, row, rows)?.contiguous()?)?;
+            row += rows;
+            pairs.push((layer, target, LoraPair { a: a.clone(), b }));
+        }
     }
     LoraAdapter::from_pairs(config, spec, pairs)
 }

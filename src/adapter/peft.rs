@@ -8,7 +8,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::lora::{LoraSpec, LoraTarget};
+use crate::model::config::Architecture;
+use crate::model::lora::{fused_with, FusedModule, LoraSpec, LoraTarget};
 
 /// PEFT's adapter configuration file.
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
@@ -21,20 +22,74 @@ const PEFT_PREFIX: &str = "base_model.model.";
 /// PEFT's key of one LoRA tensor, e.g.
 /// `base_model.model.model.layers.3.mlp.down_proj.lora_B.weight`.
 pub fn peft_key(layer: usize, target: LoraTarget, b: bool) -> String {
-    let ab = if b { "lora_B" } else { "lora_A" };
-    format!(
-        "{PEFT_PREFIX}model.layers.{layer}.{}.{ab}.weight",
-        target.module_path()
-    )
+    module_key(layer, target.module_path(), b)
 }
 
-/// The `adapter_config.json` PEFT would write for `spec` (keys sorted, as PEFT writes them).
-/// An empty `base_model_name` is written as `null`.
-pub fn peft_config_json(spec: &LoraSpec, base_model_name: &str) -> Value {
+/// PEFT's key of one LoRA tensor of the module at `path` in a layer.
+pub(super) fn module_key(layer: usize, path: &str, b: bool) -> String {
+    let ab = if b { "lora_B" } else { "lora_A" };
+    format!("{PEFT_PREFIX}model.layers.{layer}.{path}.{ab}.weight")
+}
+
+/// The module PEFT adapts for `target` in `architecture`: the target itself, or the fused
+/// matrix that holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PeftModule {
+    One(LoraTarget),
+    Fused(&'static FusedModule),
+}
+
+impl PeftModule {
+    pub fn of(architecture: Architecture, target: LoraTarget) -> Self {
+        match fused_with(architecture, target) {
+            Some(f) => PeftModule::Fused(f),
+            None => PeftModule::One(target),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftModule::One(t) => t.module_name(),
+            PeftModule::Fused(f) => f.name,
+        }
+    }
+    pub fn path(self) -> &'static str {
+        match self {
+            PeftModule::One(t) => t.module_path(),
+            PeftModule::Fused(f) => f.path,
+        }
+    }
+    /// verity's targets this module holds.
+    pub fn parts(self) -> Vec<LoraTarget> {
+        match self {
+            PeftModule::One(t) => vec![t],
+            PeftModule::Fused(f) => f.parts.to_vec(),
+        }
+    }
+    /// The modules of a layer of `architecture`, in layer order.
+    pub fn all(architecture: Architecture) -> Vec<PeftModule> {
+        let mut modules: Vec<PeftModule> = Vec::new();
+        for t in LoraTarget::ALL {
+            let m = PeftModule::of(architecture, t);
+            if !modules.contains(&m) {
+                modules.push(m);
+            }
+        }
+        modules
+    }
+}
+
+/// The `adapter_config.json` PEFT would write for `spec` on a model of `architecture`
+/// (keys sorted, as PEFT writes them). An empty `base_model_name` is written as `null`.
+pub fn peft_config_json(
+    spec: &LoraSpec,
+    architecture: Architecture,
+    base_model_name: &str,
+) -> Value {
     let mut targets: Vec<&str> = Vec::new();
-    for t in &spec.targets {
-        if !targets.contains(&t.module_name()) {
-            targets.push(t.module_name());
+    for &t in &spec.targets {
+        let name = PeftModule::of(architecture, t).name();
+        if !targets.contains(&name) {
+            targets.push(name);
         }
     }
     // PEFT's `lora_alpha` is an int; write integral values as integers.
@@ -78,8 +133,13 @@ pub(super) enum Listed {
     Matching(Vec<LoraTarget>),
 }
 
-/// Checks `adapter_config.json`; returns the spec (targets filled in later) and the targets.
-pub(super) fn parse_peft_config(path: &Path, json: &Value) -> Result<(LoraSpec, Listed)> {
+/// Checks `adapter_config.json` for a model of `architecture`; returns the spec (targets
+/// filled in later) and the targets.
+pub(super) fn parse_peft_config(
+    path: &Path,
+    json: &Value,
+    architecture: Architecture,
+) -> Result<(LoraSpec, Listed)> {
     let bad = |reason: String| Error::bad_file(path, reason);
     if !json.is_object() {
         return Err(bad("expected a JSON object".into()));
@@ -167,9 +227,14 @@ pub(super) fn parse_peft_config(path: &Path, json: &Value) -> Result<(LoraSpec, 
                         "target_modules must hold strings, found {item}"
                     )));
                 };
-                match target_by_name(name) {
-                    Some(t) if !targets.contains(&t) => targets.push(t),
-                    Some(_) => {}
+                match module_by_name(name, architecture) {
+                    Some(m) => {
+                        for t in m.parts() {
+                            if !targets.contains(&t) {
+                                targets.push(t);
+                            }
+                        }
+                    }
                     None => unknown.push(name.to_string()),
                 }
             }
@@ -177,7 +242,7 @@ pub(super) fn parse_peft_config(path: &Path, json: &Value) -> Result<(LoraSpec, 
                 return Err(bad(format!(
                     "target_modules names modules verity does not have: {} (known: {})",
                     unknown.join(", "),
-                    known_modules()
+                    known_modules(architecture)
                 )));
             }
             if targets.is_empty() {
@@ -193,14 +258,15 @@ pub(super) fn parse_peft_config(path: &Path, json: &Value) -> Result<(LoraSpec, 
                     "target_modules {pattern:?} is not a regular expression: {e}"
                 ))
             })?;
-            let matching: Vec<LoraTarget> = LoraTarget::ALL
+            let matching: Vec<LoraTarget> = PeftModule::all(architecture)
                 .into_iter()
-                .filter(|t| re.is_match(&format!("model.layers.0.{}", t.module_path())))
+                .filter(|m| re.is_match(&format!("model.layers.0.{}", m.path())))
+                .flat_map(PeftModule::parts)
                 .collect();
             if matching.is_empty() {
                 return Err(bad(format!(
                     "target_modules {pattern:?} matches none of verity's modules ({})",
-                    known_modules()
+                    known_modules(architecture)
                 )));
             }
             Listed::Matching(matching)
@@ -224,18 +290,18 @@ pub(super) fn parse_peft_config(path: &Path, json: &Value) -> Result<(LoraSpec, 
 }
 
 /// A `target_modules` entry: the module name or a dotted suffix of its path.
-fn target_by_name(name: &str) -> Option<LoraTarget> {
-    LoraTarget::ALL.into_iter().find(|t| {
-        let path = format!("model.layers.0.{}", t.module_path());
-        name == t.module_name() || path.ends_with(&format!(".{name}"))
+fn module_by_name(name: &str, architecture: Architecture) -> Option<PeftModule> {
+    PeftModule::all(architecture).into_iter().find(|m| {
+        let path = format!("model.layers.0.{}", m.path());
+        name == m.name() || path.ends_with(&format!(".{name}"))
     })
 }
 
-/// The modules verity can adapt, for error messages.
-pub(super) fn known_modules() -> String {
-    LoraTarget::ALL
+/// The modules verity can adapt in a model of `architecture`, for error messages.
+pub(super) fn known_modules(architecture: Architecture) -> String {
+    PeftModule::all(architecture)
         .iter()
-        .map(|t| t.module_name())
+        .map(|m| m.name())
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -245,7 +311,7 @@ pub(super) struct ParsedKey {
     /// Layer index N of `layers.{N}`.
     pub layer: usize,
     /// Which module of the layer.
-    pub target: LoraTarget,
+    pub module: PeftModule,
     /// `lora_B` (else `lora_A`).
     pub b: bool,
     /// The adapter name PEFT may insert (`lora_A.default.weight`).
@@ -260,8 +326,12 @@ pub(super) enum KeyError {
     Unsupported,
 }
 
-/// Parses `[base_model.model.]model.layers.{N}.{module_path}.lora_{A,B}[.{adapter}].weight`.
-pub(super) fn parse_key(key: &str) -> std::result::Result<ParsedKey, KeyError> {
+/// Parses `[base_model.model.]model.layers.{N}.{module_path}.lora_{A,B}[.{adapter}].weight`
+/// for a model of `architecture`.
+pub(super) fn parse_key(
+    key: &str,
+    architecture: Architecture,
+) -> std::result::Result<ParsedKey, KeyError> {
     let body = key.strip_prefix(PEFT_PREFIX).unwrap_or(key);
     // Split "<module>.lora_X[.<adapter>].weight".
     let (module, b, tail) = match (body.rfind(".lora_A."), body.rfind(".lora_B.")) {
@@ -294,15 +364,15 @@ pub(super) fn parse_key(key: &str) -> std::result::Result<ParsedKey, KeyError> {
     let Ok(layer) = layer.parse::<usize>() else {
         return Err(unknown());
     };
-    let Some(target) = LoraTarget::ALL
+    let Some(module) = PeftModule::all(architecture)
         .into_iter()
-        .find(|t| t.module_path() == path)
+        .find(|m| m.path() == path)
     else {
         return Err(unknown());
     };
     Ok(ParsedKey {
         layer,
-        target,
+        module,
         b,
         adapter_name,
     })
@@ -314,36 +384,84 @@ mod tests {
 
     #[test]
     fn keys_parse() {
-        let k = parse_key("base_model.model.model.layers.12.mlp.up_proj.lora_B.default.weight")
+        let llama = Architecture::Llama;
+        let k = parse_key(
+            "base_model.model.model.layers.12.mlp.up_proj.lora_B.default.weight",
+            llama,
+        )
+        .ok()
+        .expect("parses");
+        assert_eq!(
+            (k.layer, k.module, k.b, k.adapter_name.as_deref()),
+            (12, PeftModule::One(LoraTarget::Up), true, Some("default"))
+        );
+        let k = parse_key(&peft_key(3, LoraTarget::O, false), llama)
             .ok()
             .expect("parses");
         assert_eq!(
-            (k.layer, k.target, k.b, k.adapter_name.as_deref()),
-            (12, LoraTarget::Up, true, Some("default"))
+            (k.layer, k.module, k.b),
+            (3, PeftModule::One(LoraTarget::O), false)
         );
-        let k = parse_key(&peft_key(3, LoraTarget::O, false))
-            .ok()
-            .expect("parses");
-        assert_eq!((k.layer, k.target, k.b), (3, LoraTarget::O, false));
+        // Phi-3's fused modules: their own keys, and no separate q_proj.
+        let phi3 = Architecture::Phi3;
+        let k = parse_key(
+            "base_model.model.model.layers.1.self_attn.qkv_proj.lora_A.weight",
+            phi3,
+        )
+        .ok()
+        .expect("parses");
+        assert_eq!(
+            k.module.parts(),
+            [LoraTarget::Q, LoraTarget::K, LoraTarget::V]
+        );
         assert!(matches!(
-            parse_key("base_model.model.lm_head.lora_A.weight"),
+            parse_key(&peft_key(0, LoraTarget::Q, false), phi3),
+            Err(KeyError::UnknownModule(m)) if m == "self_attn.q_proj"
+        ));
+        assert!(matches!(
+            parse_key(
+                "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight",
+                llama
+            ),
+            Err(KeyError::UnknownModule(_))
+        ));
+        assert!(matches!(
+            parse_key("base_model.model.lm_head.lora_A.weight", llama),
             Err(KeyError::UnknownModule(m)) if m == "lm_head"
         ));
         assert!(matches!(
-            parse_key("base_model.model.model.layers.0.self_attn.rotary.lora_A.weight"),
+            parse_key(
+                "base_model.model.model.layers.0.self_attn.rotary.lora_A.weight",
+                llama
+            ),
             Err(KeyError::UnknownModule(m)) if m == "self_attn.rotary"
         ));
         assert!(matches!(
-            parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+            parse_key(
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+                llama
+            ),
             Err(KeyError::Unsupported)
         ));
     }
 
     #[test]
     fn target_names() {
-        assert_eq!(target_by_name("q_proj"), Some(LoraTarget::Q));
-        assert_eq!(target_by_name("mlp.down_proj"), Some(LoraTarget::Down));
-        assert_eq!(target_by_name("proj"), None);
-        assert_eq!(target_by_name("lm_head"), None);
+        let llama = Architecture::Llama;
+        let one = |t| Some(PeftModule::One(t));
+        assert_eq!(module_by_name("q_proj", llama), one(LoraTarget::Q));
+        assert_eq!(
+            module_by_name("mlp.down_proj", llama),
+            one(LoraTarget::Down)
+        );
+        assert_eq!(module_by_name("proj", llama), None);
+        assert_eq!(module_by_name("lm_head", llama), None);
+        let gate_up = module_by_name("gate_up_proj", Architecture::Phi3).unwrap();
+        assert_eq!(gate_up.parts(), [LoraTarget::Gate, LoraTarget::Up]);
+        assert_eq!(module_by_name("gate_proj", Architecture::Phi3), None);
+        assert_eq!(
+            known_modules(Architecture::Phi3),
+            "qkv_proj, o_proj, gate_up_proj, down_proj"
+        );
     }
 }

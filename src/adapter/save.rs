@@ -13,7 +13,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::atomic::{self, Contents, FolderWriter, Locked, Step};
-use super::peft::{peft_config_json, peft_key, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
+use super::peft::{
+    module_key, peft_config_json, peft_key, PeftModule, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::lora::LoraAdapter;
@@ -84,6 +86,7 @@ pub(super) fn save_locked(
     check_adapter(adapter, config)?;
     let mut writer = PeftWriter {
         adapter,
+        config,
         base_model_name,
         hook,
     };
@@ -123,6 +126,7 @@ fn check_adapter(adapter: &LoraAdapter, config: &ModelConfig) -> Result<()> {
 /// Writes the two PEFT files into the temporary folder of a replace.
 struct PeftWriter<'a, 'h> {
     adapter: &'a LoraAdapter,
+    config: &'a ModelConfig,
     base_model_name: &'a str,
     hook: &'h mut dyn FnMut(SaveStep<'_>) -> std::io::Result<()>,
 }
@@ -130,7 +134,11 @@ struct PeftWriter<'a, 'h> {
 impl FolderWriter for PeftWriter<'_, '_> {
     fn write(&mut self, tmp: &Path) -> Result<()> {
         let config_path = tmp.join(ADAPTER_CONFIG_FILE);
-        let json = peft_config_json(&self.adapter.spec, self.base_model_name);
+        let json = peft_config_json(
+            &self.adapter.spec,
+            self.config.architecture,
+            self.base_model_name,
+        );
         let mut text = serde_json::to_string_pretty(&json)
             .map_err(|e| Error::InvalidArgument(format!("cannot serialize adapter config: {e}")))?;
         text.push('\n');
@@ -148,13 +156,34 @@ impl FolderWriter for PeftWriter<'_, '_> {
             // CPU is taken as it is, sharing the Var's storage.
             let _vars = self.adapter.vars_guard();
             let mut tensors: HashMap<String, Tensor> = HashMap::new();
+            let host = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+            };
             for (layer, target, pair) in self.adapter.pairs() {
-                for (b, var) in [(false, &pair.a), (true, &pair.b)] {
-                    let t = var
-                        .as_tensor()
-                        .to_dtype(DType::F32)?
-                        .to_device(&Device::Cpu)?;
-                    tensors.insert(peft_key(layer, target, b), t);
+                match PeftModule::of(self.config.architecture, target) {
+                    PeftModule::One(_) => {
+                        for (b, var) in [(false, &pair.a), (true, &pair.b)] {
+                            tensors.insert(peft_key(layer, target, b), host(var.as_tensor())?);
+                        }
+                    }
+                    // A fused matrix once, at its first part: the shared A and the parts'
+                    // B rows stacked in order (`LoraSpec::check_fits` has them all).
+                    PeftModule::Fused(f) if f.parts[0] == target => {
+                        let mut bs = Vec::with_capacity(f.parts.len());
+                        for &part in f.parts {
+                            let p = self.adapter.get(layer, part).ok_or_else(|| {
+                                Error::InvalidArgument(format!(
+                                    "layer {layer}: {} has no LoRA pair for {}",
+                                    f.name,
+                                    part.module_name()
+                                ))
+                            })?;
+                            bs.push(host(p.b.as_tensor())?);
+                        }
+                        tensors.insert(module_key(layer, f.path, false), host(pair.a.as_tensor())?);
+                        tensors.insert(module_key(layer, f.path, true), Tensor::cat(&bs, 0)?);
+                    }
+                    PeftModule::Fused(_) => {}
                 }
             }
             candle_core::safetensors::save(&tensors, &weights_path).map_err(|e| {

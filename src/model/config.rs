@@ -1015,12 +1015,16 @@ mod tests {
         }
         // Partial rotary from either place; LongRoPE's short factors, its attention factor
         // √(1 + ln(256/64) / ln 64) = √(4/3), and the context capped at the original 64.
-        let c = load(llama(json!({"rope_parameters": {"partial_rotary_factor": 0.5}})));
+        let c = load(llama(
+            json!({"rope_parameters": {"partial_rotary_factor": 0.5}}),
+        ));
         assert_eq!((c.rotary_dim, c.rope_dims()), (Some(2), 2));
         assert_eq!(c.rope_inv_freq(), vec![1.0]);
-        let c = load(llama(json!({"max_position_embeddings": 256, "rope_parameters": {
+        let c = load(llama(
+            json!({"max_position_embeddings": 256, "rope_parameters": {
             "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [2.0, 4.0],
-            "long_factor": [9.0, 9.0], "original_max_position_embeddings": 64}})));
+            "long_factor": [9.0, 9.0], "original_max_position_embeddings": 64}}),
+        ));
         assert_eq!(c.max_position_embeddings, 64);
         let want = (4.0f64 / 3.0).sqrt();
         assert!((c.rope_attention_factor.unwrap() - want).abs() < 1e-12);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::config::ModelConfig;
+use super::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
 
 /// The linear layers a LoRA adapter may target, with PEFT's module names.
@@ -104,6 +104,49 @@ impl LoraTarget {
     }
 }
 
+/// A matrix of the original model that stacks several of verity's projections (Phi-3's
+/// `qkv_proj` and `gate_up_proj`, split at load). PEFT adapts it as one module: one A
+/// (r × in) and one B over all its rows. verity's pairs of its parts share that A (one `Var`,
+/// so training updates it once, with the gradient of every part) and split B by rows, which
+/// is the same update exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FusedModule {
+    /// PEFT's `target_modules` name.
+    pub name: &'static str,
+    /// Path of the module inside a layer, as in HF and PEFT key names.
+    pub path: &'static str,
+    /// The projections it stacks, in row order.
+    pub parts: &'static [LoraTarget],
+}
+
+const PHI3_FUSED: &[FusedModule] = &[
+    FusedModule {
+        name: "qkv_proj",
+        path: "self_attn.qkv_proj",
+        parts: &[LoraTarget::Q, LoraTarget::K, LoraTarget::V],
+    },
+    FusedModule {
+        name: "gate_up_proj",
+        path: "mlp.gate_up_proj",
+        parts: &[LoraTarget::Gate, LoraTarget::Up],
+    },
+];
+
+/// The fused modules of an architecture (none for most).
+pub fn fused_modules(architecture: Architecture) -> &'static [FusedModule] {
+    match architecture {
+        Architecture::Phi3 => PHI3_FUSED,
+        _ => &[],
+    }
+}
+
+/// The fused module that holds `target` in `architecture`, if any.
+pub fn fused_with(architecture: Architecture, target: LoraTarget) -> Option<&'static FusedModule> {
+    fused_modules(architecture)
+        .iter()
+        .find(|f| f.parts.contains(&target))
+}
+
 /// One low-rank update `Δy = scale · x Aᵀ Bᵀ`.
 #[derive(Clone)]
 pub struct LoraPair {
@@ -165,6 +208,22 @@ impl LoraSpec {
     /// allocation by the caller's number).
     pub fn check_fits(&self, config: &ModelConfig) -> Result<()> {
         self.validate()?;
+        for fused in fused_modules(config.architecture) {
+            let targeted = fused
+                .parts
+                .iter()
+                .filter(|t| self.targets.contains(t))
+                .count();
+            if targeted != 0 && targeted != fused.parts.len() {
+                let names: Vec<&str> = fused.parts.iter().map(|t| t.module_name()).collect();
+                return Err(Error::InvalidArgument(format!(
+                    "{} stores {} in one matrix ({}): a LoRA adapter targets all of them or none",
+                    config.architecture.name(),
+                    names.join(", "),
+                    fused.name
+                )));
+            }
+        }
         for &t in &self.targets {
             let (fan_in, fan_out) = t.dims(config);
             let most = fan_in.min(fan_out);
@@ -249,13 +308,24 @@ impl LoraAdapter {
             let mut slots: [Option<LoraPair>; 7] = Default::default();
             for &t in &spec.targets {
                 let (fan_in, fan_out) = t.dims(config);
-                // PEFT: kaiming_uniform_(a=√5) → U(-1/√in, 1/√in).
-                let bound = 1.0 / (fan_in as f64).sqrt();
-                let a =
-                    Tensor::rand(-bound, bound, (spec.rank, fan_in), device)?.to_dtype(dtype)?;
+                // The parts of a fused matrix share the A of the first (PEFT adapts the
+                // matrix as one module).
+                let shared = fused_with(config.architecture, t)
+                    .and_then(|f| slots[f.parts[0].index()].as_ref())
+                    .map(|first: &LoraPair| first.a.clone());
+                let a = match shared {
+                    Some(a) => a,
+                    None => {
+                        // PEFT: kaiming_uniform_(a=√5) → U(-1/√in, 1/√in).
+                        let bound = 1.0 / (fan_in as f64).sqrt();
+                        let a = Tensor::rand(-bound, bound, (spec.rank, fan_in), device)?
+                            .to_dtype(dtype)?;
+                        Var::from_tensor(&a)?
+                    }
+                };
                 let b = Tensor::zeros((fan_out, spec.rank), dtype, device)?;
                 slots[t.index()] = Some(LoraPair {
-                    a: Var::from_tensor(&a)?,
+                    a,
                     b: Var::from_tensor(&b)?,
                 });
             }
@@ -337,14 +407,20 @@ impl LoraAdapter {
             }
         }
         let mut layers: Vec<[Option<(Tensor, Tensor)>; 7]> = Vec::with_capacity(self.layers.len());
+        // In `vars` order: a shared A comes once, with the first pair that has it.
         let mut next = values.iter();
         for slots in &self.layers {
             let mut out: [Option<(Tensor, Tensor)>; 7] = Default::default();
+            let mut seen: Vec<(candle_core::TensorId, Tensor)> = Vec::new();
             for (o, pair) in out.iter_mut().zip(slots) {
-                if pair.is_some() {
-                    if let (Some(a), Some(b)) = (next.next(), next.next()) {
-                        *o = Some((a.clone(), b.clone()));
-                    }
+                let Some(pair) = pair else { continue };
+                let id = pair.a.as_tensor().id();
+                let a = match seen.iter().find(|(s, _)| *s == id) {
+                    Some((_, a)) => Some(a.clone()),
+                    None => next.next().cloned().inspect(|a| seen.push((id, a.clone()))),
+                };
+                if let (Some(a), Some(b)) = (a, next.next()) {
+                    *o = Some((a, b.clone()));
                 }
             }
             layers.push(out);
@@ -428,6 +504,22 @@ impl LoraAdapter {
             }
             *slot = Some(pair);
         }
+        for (layer, slots) in layers.iter().enumerate() {
+            for fused in fused_modules(config.architecture) {
+                let ids: Vec<_> = fused
+                    .parts
+                    .iter()
+                    .filter_map(|t| slots[t.index()].as_ref())
+                    .map(|p| p.a.as_tensor().id())
+                    .collect();
+                if ids.windows(2).any(|w| w[0] != w[1]) {
+                    return Err(Error::InvalidArgument(format!(
+                        "layer {layer}: the LoRA pairs of {}'s parts must share one A",
+                        fused.name
+                    )));
+                }
+            }
+        }
         Self::assemble(spec, layers)
     }
 
@@ -450,12 +542,19 @@ impl LoraAdapter {
         self.layers.get(layer)?[target.index()].as_ref()
     }
 
-    /// Every trainable Var, in a fixed order (layer, target, A then B).
+    /// Every trainable Var, in a fixed order (layer, target, A then B), each once: a pair
+    /// whose A it shares with an earlier pair of its layer (the parts of a fused matrix)
+    /// adds only its B.
     pub fn vars(&self) -> Vec<Var> {
         let mut vars = Vec::new();
         for slots in &self.layers {
+            let mut seen = Vec::new();
             for pair in slots.iter().flatten() {
-                vars.push(pair.a.clone());
+                let id = pair.a.as_tensor().id();
+                if !seen.contains(&id) {
+                    seen.push(id);
+                    vars.push(pair.a.clone());
+                }
                 vars.push(pair.b.clone());
             }
         }

@@ -29,12 +29,31 @@ pub fn run(args: Args) -> Result<(), String> {
     );
     println!("vocab:         {} (logits row)", c.vocab_size);
     println!("context:       {}", c.max_position_embeddings);
-    let scaling = if c.rope_scaling.is_some() {
-        " (llama3 scaling)"
-    } else {
-        ""
-    };
-    println!("rope θ:        {}{scaling}", c.rope_theta);
+    let mut rope = format!("{}", c.rope_theta);
+    if c.rope_scaling.is_some() {
+        rope.push_str(" · llama3 scaling");
+    } else if c.rope_freq_factors.is_some() {
+        rope.push_str(" · per-frequency factors");
+    }
+    if let Some(f) = c.rope_attention_factor {
+        rope.push_str(&format!(" · cos/sin ×{f:.4}"));
+    }
+    if let Some(r) = c.rotary_dim {
+        rope.push_str(&format!(" · rotates {r} of {} dims", c.head_dim));
+    }
+    if let Some(local) = c.rope_local_theta {
+        rope.push_str(&format!(" · sliding layers θ {local}"));
+    }
+    println!("rope θ:        {rope}");
+    if let Some(w) = c.sliding_window {
+        let layers = if c.sliding_layers.is_empty() {
+            "every layer".to_string()
+        } else {
+            let n = c.sliding_layers.iter().filter(|&&s| s).count();
+            format!("{n} of {} layers", c.num_layers)
+        };
+        println!("sliding window: {w} positions, {layers}");
+    }
     println!(
         "tied embeddings: {}  qkv bias: {}",
         c.tie_word_embeddings, c.qkv_bias
