@@ -231,7 +231,8 @@ pub fn causal_attention_after(
                                                                    // prefix keys.
     let to_prefix = match shape.window {
         Some(w) if p + t > w => {
-            let mask = window_mask(t, p, p, w, q.dtype(), q.device())?;
+            // Every prefix key is at or before each continuation row: only the window hides.
+            let mask = attention_mask(t, p, p, Some(w), q.dtype(), q.device())?;
             to_prefix
                 .reshape((b, kv, groups, t, p))?
                 .broadcast_add(&mask)?
@@ -278,30 +279,6 @@ pub fn attention_mask(
     Ok(Tensor::from_vec(mask, (n_queries, n_keys), device)?.to_dtype(dtype)?)
 }
 
-/// Additive mask (n_queries, n_keys) hiding only the keys (at positions 0..n_keys) older
-/// than a window of `window` from each query (at positions `offset`..).
-fn window_mask(
-    n_queries: usize,
-    offset: usize,
-    n_keys: usize,
-    window: usize,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..n_queries)
-        .flat_map(|i| {
-            (0..n_keys).map(move |j| {
-                if j + window <= offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(mask, (n_queries, n_keys), device)?.to_dtype(dtype)?)
-}
-
 /// Additive mask (n_queries, n_keys): query i sits at key position `offset + i` and sees
 /// keys 0..=offset+i; later keys get -inf.
 pub fn causal_mask(
@@ -318,6 +295,34 @@ pub fn causal_mask(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// Attention after a shared prefix equals attention over prefix + continuation, row by
+    /// row, with and without a sliding window the continuation outgrows.
+    #[test]
+    fn attention_after_a_prefix_equals_attention_over_the_whole_sequence() {
+        let dev = Device::Cpu;
+        let (h, kv, p, t, d) = (4, 2, 5, 4, 8);
+        let rand = |s: (usize, usize, usize, usize)| Tensor::randn(0f32, 1.0, s, &dev).unwrap();
+        let (qp, kp, vp) = (rand((1, h, p, d)), rand((1, kv, p, d)), rand((1, kv, p, d)));
+        let (qc, kc, vc) = (rand((1, h, t, d)), rand((1, kv, t, d)), rand((1, kv, t, d)));
+        for window in [None, Some(3), Some(6)] {
+            let shape = AttentionShape { scale: 0.3, window };
+            let cat = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 2).unwrap();
+            let whole =
+                causal_attention_shaped(&cat(&qp, &qc), &cat(&kp, &kc), &cat(&vp, &vc), shape)
+                    .unwrap();
+            let after = causal_attention_after(&qc, &kc, &vc, &kp, &vp, shape).unwrap();
+            let diff = (whole.narrow(2, p, t).unwrap() - after)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "window {window:?}: {diff}");
+        }
+    }
 
     /// Forward and gradient equal candle's own matmul's; the weight gets no gradient.
     #[test]
