@@ -151,24 +151,189 @@ fn eog_ids(
     ids
 }
 
+/// The byte-level BPE a GGUF file describes (`tokenizer.ggml.model = gpt2`): its merges and
+/// the pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_tokenizer(
+    header: &GgufHeader,
+    tokens: &[String],
+    is_added: &[bool],
+    is_control: &[bool],
+) -> Result<tokenizers::Tokenizer> {
+    let strings = |key: &str| -> Result<Vec<String>> {
+        match header.get(key) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(Error::Tokenizer(format!("'{key}' holds a non-string"))),
+                })
+                .collect(),
+            _ => Err(Error::Tokenizer(format!(
+                "GGUF metadata lacks the array '{key}'"
+            ))),
+        }
+    };
+    let merges = strings("tokenizer.ggml.merges")?;
+    let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        if is_added[id] {
+            added.push(serde_json::json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": is_control[id],
+            }));
+        }
+        // Keep the first id of a duplicated string (the rest stay decodable by id).
+        vocab.entry(token.clone()).or_insert(id.into());
+    }
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(serde_json::json!([a, b])),
+            None => Err(Error::Tokenizer(format!("malformed merge '{m}'"))),
+        })
+        .collect::<Result<_>>()?;
+    let byte_level = |use_regex: bool, trim: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim, "use_regex": use_regex});
+    let split = |pattern: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    let (normalizer, pre_tokenizer) = match pre {
+        "smollm" => (
+            serde_json::Value::Null,
+            serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Digits", "individual_digits": true}, byte_level(true, true)]}),
+        ),
+        "qwen2" => (
+            serde_json::json!({"type": "NFC"}),
+            serde_json::json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false, false)]}),
+        ),
+        "llama-bpe" | "llama3" => (
+            serde_json::Value::Null,
+            serde_json::json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false, false)]}),
+        ),
+        "default" | "gpt2" | "gpt-2" => (serde_json::Value::Null, byte_level(true, true)),
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "pre-tokenizer '{other}' is not supported (known: smollm, qwen2, llama-bpe, gpt2)"
+            )))
+        }
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    });
+    let inner = tokenizers::Tokenizer::from_str(&json.to_string())
+        .map_err(|e| Error::Tokenizer(format!("cannot build the BPE tokenizer from GGUF: {e}")))?;
+    Ok(inner)
+}
+
+/// A SentencePiece vocabulary (GGUF `tokenizer.ggml.model = llama`) as a BPE with byte
+/// fallback, tokenizing as llama.cpp's SPM tokenizer does: spaces become "▁" (one in front
+/// when `add_space_prefix`), then the adjacent pair whose concatenation is a token with the
+/// highest score merges first, and what no token covers falls back to `<0xAB>` bytes. The
+/// merges are every split of a token into two tokens, ranked by the token's score (HF's
+/// `SentencePieceExtractor` builds the same list). Control and user-defined tokens are
+/// matched whole in the raw text first, as llama.cpp does.
+fn sentencepiece_tokenizer(
+    tokens: &[String],
+    scores: &[f32],
+    is_added: &[bool],
+    is_control: &[bool],
+    add_space_prefix: bool,
+) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::normalizers::{Prepend, Replace, Sequence};
+    use tokenizers::{AddedToken, NormalizerWrapper};
+
+    let mut vocab: HashMap<&str, u32> = HashMap::with_capacity(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        vocab.entry(t.as_str()).or_insert(id as u32);
+    }
+    // (score of the merged token, left id, right id, left, right)
+    let mut merges: Vec<(f32, u32, u32, &str, &str)> = Vec::new();
+    for (id, t) in tokens.iter().enumerate() {
+        if vocab.get(t.as_str()) != Some(&(id as u32)) {
+            continue;
+        }
+        for (at, _) in t.char_indices().skip(1) {
+            let (l, r) = t.split_at(at);
+            if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
+                merges.push((scores[id], li, ri, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<(String, String)> = merges
+        .into_iter()
+        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect();
+    let vocab: tokenizers::models::bpe::Vocab = vocab
+        .into_iter()
+        .map(|(t, id)| (t.to_string(), id))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("cannot build the SentencePiece BPE: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let space = Replace::new(" ", "\u{2581}")
+        .map_err(|e| Error::Tokenizer(format!("cannot build the normalizer: {e}")))?;
+    let normalizer: NormalizerWrapper = if add_space_prefix {
+        Sequence::new(vec![Prepend::new("\u{2581}".into()).into(), space.into()]).into()
+    } else {
+        space.into()
+    };
+    inner
+        .with_normalizer(Some(normalizer))
+        .map_err(|e| Error::Tokenizer(format!("cannot set the normalizer: {e}")))?;
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .enumerate()
+        .filter(|&(id, _)| is_added[id])
+        .map(|(id, t)| AddedToken::from(t.clone(), is_control[id]).normalized(false))
+        .collect();
+    inner
+        .add_tokens(added)
+        .map_err(|e| Error::Tokenizer(format!("cannot add the special tokens: {e}")))?;
+    Ok(inner)
+}
+
 impl Tokenizer {
     /// Reads the tokenizer a GGUF file embeds, without loading any tensors.
     ///
-    /// Errors if the file is not GGUF or its tokenizer is not byte-level BPE
-    /// (`tokenizer.ggml.model = gpt2`).
+    /// Errors if the file is not GGUF or its tokenizer is neither byte-level BPE
+    /// (`tokenizer.ggml.model = gpt2`) nor SentencePiece (`llama`).
     pub fn from_gguf_file(path: &Path) -> Result<Self> {
         let (header, _) = crate::model::gguf::read_header(path)?;
         Self::from_gguf(&header)
     }
 
-    /// Builds the tokenizer a GGUF file embeds (`tokenizer.ggml.model = gpt2`).
+    /// Builds the tokenizer a GGUF file embeds: byte-level BPE (`tokenizer.ggml.model =
+    /// gpt2`) or SentencePiece (`llama`: Gemma, Llama 2, Phi-3-mini).
     pub(crate) fn from_gguf(header: &GgufHeader) -> Result<Self> {
         let model = header.get_str("tokenizer.ggml.model").unwrap_or("");
-        if model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model '{model}' is not supported (verity builds byte-level BPE, 'gpt2')"
-            )));
-        }
+        let sentencepiece = match model {
+            "gpt2" => false,
+            "llama" => true,
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "GGUF tokenizer model '{other}' is not supported (verity builds byte-level \
+                     BPE, 'gpt2', and SentencePiece, 'llama')"
+                )))
+            }
+        };
         let strings = |key: &str| -> Result<Vec<String>> {
             match header.get(key) {
                 Some(Value::Array(items)) => items
@@ -184,14 +349,12 @@ impl Tokenizer {
             }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
         let types: Vec<u64> = match header.get("tokenizer.ggml.token_type") {
             Some(Value::Array(items)) => {
                 items.iter().map(|v| value_as_u64(v).unwrap_or(1)).collect()
             }
             _ => vec![1; tokens.len()],
         };
-        let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
 
         // As llama.cpp does, a token whose text marks the end of a turn is a control token
         // even where the file typed it as normal (Qwen's `</s>`).
@@ -203,67 +366,53 @@ impl Tokenizer {
         let is_added: Vec<bool> = (0..tokens.len())
             .map(|id| is_control[id] || types.get(id) == Some(&4))
             .collect();
-        let mut vocab = serde_json::Map::new();
-        let mut added = Vec::new();
-        for (id, token) in tokens.iter().enumerate() {
-            if is_added[id] {
-                added.push(serde_json::json!({
-                    "id": id, "content": token, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": false, "special": is_control[id],
-                }));
-            }
-            // Keep the first id of a duplicated string (the rest stay decodable by id).
-            vocab.entry(token.clone()).or_insert(id.into());
-        }
-        let merges: Vec<serde_json::Value> = merges
-            .iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok(serde_json::json!([a, b])),
-                None => Err(Error::Tokenizer(format!("malformed merge '{m}'"))),
-            })
-            .collect::<Result<_>>()?;
-        let byte_level = |use_regex: bool, trim: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": trim, "use_regex": use_regex});
-        let split = |pattern: &str| serde_json::json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
-        let (normalizer, pre_tokenizer) = match pre {
-            "smollm" => (
-                serde_json::Value::Null,
-                serde_json::json!({"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": true}, byte_level(true, true)]}),
-            ),
-            "qwen2" => (
-                serde_json::json!({"type": "NFC"}),
-                serde_json::json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false, false)]}),
-            ),
-            "llama-bpe" | "llama3" => (
-                serde_json::Value::Null,
-                serde_json::json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false, false)]}),
-            ),
-            "default" | "gpt2" | "gpt-2" => (serde_json::Value::Null, byte_level(true, true)),
-            other => {
+        let (inner, description) = if sentencepiece {
+            let scores: Vec<f32> =
+                match header.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .map(|v| match v {
+                            Value::F32(x) => Ok(*x),
+                            Value::F64(x) => Ok(*x as f32),
+                            _ => Err(Error::Tokenizer(
+                                "'tokenizer.ggml.scores' holds a non-number".into(),
+                            )),
+                        })
+                        .collect::<Result<_>>()?,
+                    _ => return Err(Error::Tokenizer(
+                        "GGUF metadata lacks the array 'tokenizer.ggml.scores' a SentencePiece \
+                         vocabulary needs"
+                            .into(),
+                    )),
+                };
+            if scores.len() != tokens.len() {
                 return Err(Error::Tokenizer(format!(
-                "pre-tokenizer '{other}' is not supported (known: smollm, qwen2, llama-bpe, gpt2)"
-            )))
+                    "{} scores for {} tokens",
+                    scores.len(),
+                    tokens.len()
+                )));
             }
+            let add_space_prefix = header
+                .get_bool("tokenizer.ggml.add_space_prefix")
+                .unwrap_or(true);
+            let inner = sentencepiece_tokenizer(
+                &tokens,
+                &scores,
+                &is_added,
+                &is_control,
+                add_space_prefix,
+            )?;
+            let description = format!("gguf SentencePiece, {} tokens", tokens.len());
+            (inner, description)
+        } else {
+            let inner = byte_level_tokenizer(header, &tokens, &is_added, &is_control)?;
+            let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
+            let description = format!(
+                "gguf byte-level BPE, pre-tokenizer '{pre}', {} tokens",
+                tokens.len()
+            );
+            (inner, description)
         };
-        let json = serde_json::json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": normalizer,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null,
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges,
-            },
-        });
-        let inner = tokenizers::Tokenizer::from_str(&json.to_string()).map_err(|e| {
-            Error::Tokenizer(format!("cannot build the BPE tokenizer from GGUF: {e}"))
-        })?;
 
         let (_, inverse) = byte_level_maps();
         let specials: Vec<(String, bool)> = tokens
@@ -277,6 +426,8 @@ impl Tokenizer {
             .map(|(t, &added)| {
                 if added {
                     t.clone().into_bytes()
+                } else if sentencepiece {
+                    sentencepiece_bytes(t)
                 } else {
                     byte_level_bytes(t, &inverse)
                 }
@@ -317,13 +468,9 @@ impl Tokenizer {
             control,
             special,
             chat_template,
-            description: format!(
-                "gguf byte-level BPE, pre-tokenizer '{pre}', {} tokens",
-                tokens.len()
-            ),
+            description,
         })
     }
-
     /// Loads `tokenizer.json` (+ `tokenizer_config.json`, `generation_config.json`) from a
     /// Hugging Face folder.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
@@ -654,5 +801,52 @@ impl StreamDecoder<'_> {
     /// Whatever is left, invalid bytes replaced.
     pub fn finish(&mut self) -> String {
         self.buffer.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A SentencePiece vocabulary by hand: the adjacent pair whose merged token scores
+    /// highest merges first (llama.cpp's rule), spaces are "▁", what no token covers falls
+    /// back to byte tokens, and control tokens match whole.
+    #[test]
+    fn sentencepiece_merges_by_score_and_falls_back_to_bytes() {
+        let pieces = [
+            "<unk>",
+            "<ctl>",
+            "a",
+            "b",
+            "c",
+            "ab",
+            "bc",
+            "\u{2581}",
+            "\u{2581}a",
+        ];
+        let mut tokens: Vec<String> = pieces.iter().map(|s| s.to_string()).collect();
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        let n = tokens.len();
+        let added: Vec<bool> = (0..n).map(|i| i == 1).collect();
+        let encode = |scores: &[f32], text: &str| -> Vec<u32> {
+            let mut all = vec![0.0f32; n];
+            all[..scores.len()].copy_from_slice(scores);
+            let tk = sentencepiece_tokenizer(&tokens, &all, &added, &added, false).unwrap();
+            tk.encode_fast(text, false).unwrap().get_ids().to_vec()
+        };
+        // ab scores above bc: "abc" = ab + c; the other way round: a + bc.
+        let ab_first = [0.0, 0.0, -1.0, -1.0, -1.0, -2.0, -3.0, -1.0, -2.5];
+        let bc_first = [0.0, 0.0, -1.0, -1.0, -1.0, -3.0, -2.0, -1.0, -2.5];
+        assert_eq!(encode(&ab_first, "abc"), [5, 4]);
+        assert_eq!(encode(&bc_first, "abc"), [2, 6]);
+        // A space is "▁"; it merges with what follows when that pair scores highest.
+        assert_eq!(encode(&ab_first, " ab"), [7, 5]);
+        let space_a_first = [0.0, 0.0, -1.0, -1.0, -1.0, -2.0, -3.0, -1.0, -1.5];
+        assert_eq!(encode(&space_a_first, " ab"), [8, 3]);
+        // "d" is not a token: its byte; the control token matches whole.
+        let d = 9 + b'd' as u32;
+        assert_eq!(encode(&ab_first, "d<ctl>a"), [d, 1, 2]);
+        assert_eq!(sentencepiece_bytes("\u{2581}a"), b" a");
+        assert_eq!(sentencepiece_bytes("<0x0A>"), b"\n");
     }
 }

@@ -154,7 +154,10 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
             Activation::Silu
         },
         embedding_multiplier: gemma.then(|| (hidden_size as f64).sqrt()),
-        query_scale: None,
+        // llama.cpp's Gemma 3: 1/√head_dim, but 1/√(hidden/heads) for the 62-layer 27B
+        // (its query_pre_attn_scalar, not stored in the file).
+        query_scale: (gemma && num_layers == 62)
+            .then(|| 1.0 / ((hidden_size / num_heads.max(1)) as f64).sqrt()),
         sandwich_norms: gemma,
         sliding_window,
         sliding_layers,

@@ -44,6 +44,9 @@ pub fn real_model(file: &str) -> PathBuf {
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN_05B: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+/// Gemma-3-270M base (Gemma terms: fetched by `models/fetch.sh models gemma3-270m`, never
+/// committed).
+pub const GEMMA3_270M: &str = "gemma-3-270m-q4_k_m.gguf";
 
 /// Qwen tests run when the model is present or VERITY_TEST_QWEN=1 demands it.
 pub fn qwen_wanted() -> bool {
@@ -53,8 +56,15 @@ pub fn qwen_wanted() -> bool {
         || repo().join("models").join(QWEN_05B).is_file()
 }
 
+/// Reference data by file name: the project's own (`tests/fixtures/reference`, for models
+/// shared/reference does not cover), else shared/reference.
 pub fn reference(name: &str) -> serde_json::Value {
-    let path = shared_dir().join("reference").join(name);
+    let own = repo().join("tests/fixtures/reference").join(name);
+    let path = if own.is_file() {
+        own
+    } else {
+        shared_dir().join("reference").join(name)
+    };
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read reference data {}: {e}", path.display()));
     serde_json::from_str(&text).expect("reference JSON")
