@@ -29,7 +29,7 @@ pub enum Error {
         reason: String,
     },
     /// The model's architecture is not one verity runs.
-    #[error("unsupported architecture '{0}' (verity runs: llama — Llama 2/3, SmolLM2, Mistral —, qwen2, qwen3)")]
+    #[error("unsupported architecture '{0}' (verity runs: llama — Llama 2/3, SmolLM2, Mistral —, qwen2, qwen3, gemma3, phi3 — Phi-3, Phi-4-mini)")]
     UnsupportedArchitecture(String),
     /// A model or runtime configuration is missing a field or has a bad value.
     #[error("model config: {0}")]

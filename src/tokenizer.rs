@@ -156,6 +156,7 @@ fn eog_ids(
 fn byte_level_tokenizer(
     header: &GgufHeader,
     tokens: &[String],
+    types: &[u64],
     is_added: &[bool],
     is_control: &[bool],
 ) -> Result<tokenizers::Tokenizer> {
@@ -173,7 +174,17 @@ fn byte_level_tokenizer(
             ))),
         }
     };
-    let merges = strings("tokenizer.ggml.merges")?;
+    // A vocabulary of single symbols has nothing to merge (converters then omit the key);
+    // any longer token needs the merges that build it. Added and unused (type 5, padding)
+    // tokens are not built by merges.
+    let single_symbols = tokens
+        .iter()
+        .enumerate()
+        .all(|(id, t)| is_added[id] || types.get(id) == Some(&5) || t.chars().count() == 1);
+    let merges = match header.get("tokenizer.ggml.merges") {
+        None if single_symbols => Vec::new(),
+        _ => strings("tokenizer.ggml.merges")?,
+    };
     let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
@@ -405,7 +416,7 @@ impl Tokenizer {
             let description = format!("gguf SentencePiece, {} tokens", tokens.len());
             (inner, description)
         } else {
-            let inner = byte_level_tokenizer(header, &tokens, &is_added, &is_control)?;
+            let inner = byte_level_tokenizer(header, &tokens, &types, &is_added, &is_control)?;
             let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
             let description = format!(
                 "gguf byte-level BPE, pre-tokenizer '{pre}', {} tokens",

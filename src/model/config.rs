@@ -900,6 +900,19 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// An architecture verity lacks is refused naming it and every one it runs.
+    #[test]
+    fn unknown_architectures_name_the_supported_ones() {
+        let e = Architecture::parse("GPTNeoXForCausalLM")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPTNeoXForCausalLM"), "{e}");
+        for known in ["llama", "qwen2", "qwen3", "gemma3", "phi3"] {
+            assert!(e.contains(known), "{e}");
+            assert_eq!(Architecture::parse(known).unwrap().name(), known);
+        }
+    }
+
     /// A small Llama config.json with `extra` fields set on top.
     fn llama(extra: serde_json::Value) -> serde_json::Value {
         let mut j = json!({

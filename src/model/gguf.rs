@@ -161,7 +161,13 @@ pub fn config_from_header(path: &Path, header: &GgufHeader) -> Result<ModelConfi
         sandwich_norms: gemma,
         sliding_window,
         sliding_layers,
-        rope_local_theta: (gemma && sliding_window.is_some()).then_some(10_000.0),
+        // Newer converters store the sliding layers' base; older files leave llama.cpp's
+        // default of 10,000.
+        rope_local_theta: (gemma && sliding_window.is_some()).then(|| {
+            header
+                .get_f64(&key("rope.freq_base_swa"))
+                .unwrap_or(10_000.0)
+        }),
         rotary_dim,
         // Set with LongRoPE's short factors (`rope_factors_short`), when those are read.
         rope_attention_factor: None,
