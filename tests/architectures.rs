@@ -468,3 +468,48 @@ fn fused_parts_share_one_a_through_publish() {
         }
     }
 }
+
+/// A chat template in Gemma's shape (no system role: a system message joins the first user
+/// turn; "model" turns; trimmed contents; the BOS written by the template) renders exactly
+/// as transformers renders it, and a tokenizer that adds its own BOS still gives one BOS,
+/// transformers' ids. Roles that do not alternate are the template's own error.
+#[test]
+fn a_gemma_style_chat_template_renders_like_transformers_with_one_bos() {
+    let chat: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("gemma3").join("chat.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = temp_dir("gemma-chat");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("gemma3").join(f), dir.join(f)).unwrap();
+    }
+    let config = serde_json::json!({
+        "bos_token": chat["bos_token"], "eos_token": chat["eos_token"],
+        "add_bos_token": true, "chat_template": chat["template"],
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let model = Model::load(&dir, &dense_f32()).unwrap();
+    assert!(model.tokenizer.special().add_bos);
+    let renders = chat["renders"].as_array().unwrap();
+    assert_eq!(renders.len(), 2);
+    for r in renders {
+        let messages: Vec<verity::ChatMessage> =
+            serde_json::from_value(r["messages"].clone()).unwrap();
+        let text = model
+            .tokenizer
+            .apply_chat_template(&messages, true)
+            .unwrap();
+        assert_eq!(text, r["text"].as_str().unwrap());
+        let tokens =
+            verity::engine::prompt_tokens(&model, &verity::engine::Prompt::Chat(messages)).unwrap();
+        assert_eq!(tokens, ids(&r["ids"]), "{text:?}");
+    }
+    let wrong: Vec<verity::ChatMessage> =
+        serde_json::from_value(chat["not_alternating"].clone()).unwrap();
+    let err = model
+        .tokenizer
+        .apply_chat_template(&wrong, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must alternate"), "{err}");
+}

@@ -184,11 +184,26 @@ pub fn prompt_tokens(model: &Model, prompt: &Prompt) -> Result<Vec<u32>> {
         }
         model.tokenizer.encode(text, true)
     };
+    // A template that writes the BOS itself (Gemma's, Llama 3's) for a tokenizer that adds
+    // one: a single BOS, as transformers gives (it tokenizes renders without adding one) and
+    // llama.cpp (it strips the template's).
+    let encode_render = |text: &str| -> Result<Vec<u32>> {
+        let mut ids = encode(text)?;
+        let special = model.tokenizer.special();
+        if let (true, Some(bos)) = (special.add_bos, special.bos) {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+        }
+        Ok(ids)
+    };
     match prompt {
         Prompt::Text(t) => encode(t),
         Prompt::Tokens(ids) => Ok(ids.clone()),
-        Prompt::Chat(messages) => encode(&model.tokenizer.apply_chat_template(messages, true)?),
-        Prompt::ChatWith(messages, kwargs) => encode(
+        Prompt::Chat(messages) => {
+            encode_render(&model.tokenizer.apply_chat_template(messages, true)?)
+        }
+        Prompt::ChatWith(messages, kwargs) => encode_render(
             &model
                 .tokenizer
                 .apply_chat_template_with(messages, true, kwargs)?,
