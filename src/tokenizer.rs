@@ -151,6 +151,22 @@ fn eog_ids(
     ids
 }
 
+/// A string array of the GGUF metadata.
+fn gguf_strings(header: &GgufHeader, key: &str) -> Result<Vec<String>> {
+    match header.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(Error::Tokenizer(format!("'{key}' holds a non-string"))),
+            })
+            .collect(),
+        _ => Err(Error::Tokenizer(format!(
+            "GGUF metadata lacks the array '{key}'"
+        ))),
+    }
+}
+
 /// The byte-level BPE a GGUF file describes (`tokenizer.ggml.model = gpt2`): its merges and
 /// the pre-tokenizer `tokenizer.ggml.pre` names.
 fn byte_level_tokenizer(
@@ -160,20 +176,6 @@ fn byte_level_tokenizer(
     is_added: &[bool],
     is_control: &[bool],
 ) -> Result<tokenizers::Tokenizer> {
-    let strings = |key: &str| -> Result<Vec<String>> {
-        match header.get(key) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    Value::String(s) => Ok(s.clone()),
-                    _ => Err(Error::Tokenizer(format!("'{key}' holds a non-string"))),
-                })
-                .collect(),
-            _ => Err(Error::Tokenizer(format!(
-                "GGUF metadata lacks the array '{key}'"
-            ))),
-        }
-    };
     // A vocabulary of single symbols has nothing to merge (converters then omit the key);
     // any longer token needs the merges that build it. Added and unused (type 5, padding)
     // tokens are not built by merges.
@@ -183,7 +185,7 @@ fn byte_level_tokenizer(
         .all(|(id, t)| is_added[id] || types.get(id) == Some(&5) || t.chars().count() == 1);
     let merges = match header.get("tokenizer.ggml.merges") {
         None if single_symbols => Vec::new(),
-        _ => strings("tokenizer.ggml.merges")?,
+        _ => gguf_strings(header, "tokenizer.ggml.merges")?,
     };
     let pre = header.get_str("tokenizer.ggml.pre").unwrap_or("default");
     let mut vocab = serde_json::Map::new();
@@ -345,21 +347,7 @@ impl Tokenizer {
                 )))
             }
         };
-        let strings = |key: &str| -> Result<Vec<String>> {
-            match header.get(key) {
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .map(|v| match v {
-                        Value::String(s) => Ok(s.clone()),
-                        _ => Err(Error::Tokenizer(format!("'{key}' holds a non-string"))),
-                    })
-                    .collect(),
-                _ => Err(Error::Tokenizer(format!(
-                    "GGUF metadata lacks the array '{key}'"
-                ))),
-            }
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
+        let tokens = gguf_strings(header, "tokenizer.ggml.tokens")?;
         let types: Vec<u64> = match header.get("tokenizer.ggml.token_type") {
             Some(Value::Array(items)) => {
                 items.iter().map(|v| value_as_u64(v).unwrap_or(1)).collect()

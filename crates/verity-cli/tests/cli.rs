@@ -568,4 +568,23 @@ fn sample_and_rl_run_on_every_architecture() {
             assert!(targets.iter().any(|t| t == module), "{name}: {targets:?}");
         }
     }
+    // A model without a chat template: rl says why before it writes anything.
+    let out = root.join("no-template-rl");
+    let failed = std::process::Command::new(bin)
+        .arg("rl")
+        .arg("--model")
+        .arg(fixtures.join("llama3"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--steps", "1", "--group", "2"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("no chat template"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "rl wrote {} before failing", out.display());
 }
