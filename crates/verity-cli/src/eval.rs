@@ -193,6 +193,8 @@ fn is_correct(answer: &Option<Answer>, reference: &Option<Answer>) -> bool {
 /// The request for `question`: the boxed-answer instruction in the chat template, the
 /// config's sampling and adapter, `scores` computed on every trace. Its traces are not
 /// remembered for feedback.
+///
+/// Questions are asked as chat turns: [`require_chat_template`] says so up front.
 pub fn request(
     question: &str,
     n: usize,
@@ -339,6 +341,19 @@ fn evaluate_question(
 /// Runs the evaluation; `progress(done, total)` is called after each question and every
 /// trace is written to `out` (JSONL) when given. `config.concurrency` questions are in
 /// flight at once; a rule's wall time is the sum of its questions' latencies.
+/// Every question is asked as a chat turn: a model without a chat template is an error
+/// named before anything is run or written.
+pub fn require_chat_template(runtime: &Runtime, what: &str) -> Result<()> {
+    if runtime.model().tokenizer.chat_template().is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} asks each question as a chat turn, and {} has no chat template (nothing \
+             was written)",
+            runtime.model().path.display()
+        )));
+    }
+    Ok(())
+}
+
 pub fn run(
     runtime: &Runtime,
     items: &[EvalItem],

@@ -209,14 +209,7 @@ pub fn learn(
             "need training items, a group of at least 2 and at least one prompt per step".into(),
         ));
     }
-    // Every task is asked as a chat turn: without a template nothing could run, so say so
-    // before anything is written.
-    if runtime.model().tokenizer.chat_template().is_none() {
-        return Err(Error::InvalidArgument(format!(
-            "rl asks each task as a chat turn, and {} has no chat template (nothing was written)",
-            runtime.model().path.display()
-        )));
-    }
+    eval::require_chat_template(runtime, "rl")?;
     std::fs::create_dir_all(&config.out).map_err(|e| Error::io(&config.out, e))?;
     let metrics_path = config.out.join("metrics.jsonl");
     let mut metrics_file =

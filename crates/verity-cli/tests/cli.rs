@@ -587,4 +587,26 @@ fn sample_and_rl_run_on_every_architecture() {
         "{stderr}"
     );
     assert!(!out.exists(), "rl wrote {} before failing", out.display());
+    // The same for eval and its trace file.
+    let traces = root.join("no-template.jsonl");
+    let failed = std::process::Command::new(bin)
+        .arg("eval")
+        .arg("--model")
+        .arg(fixtures.join("llama3"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&traces)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("no chat template"),
+        "{stderr}"
+    );
+    assert!(
+        !traces.exists(),
+        "eval wrote {} before failing",
+        traces.display()
+    );
 }

@@ -124,6 +124,7 @@ pub fn run(args: Args) -> Result<(), String> {
         adapter: args.adapter.as_ref().map(|_| "eval".to_string()),
         concurrency: args.concurrency,
     };
+    verity_cli::eval::require_chat_template(&runtime, "eval").map_err(|e| e.to_string())?;
     let mut file = match &args.out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
