@@ -97,24 +97,29 @@ impl WeightMap {
                 ),
             ));
         }
-        let mut start = 0;
-        for (name, n) in parts {
-            let part = match &w {
-                Weight::Dense(t) => Weight::Dense(t.narrow(0, start, *n)?),
-                Weight::Quantized(q) => {
-                    let data = q.data()?;
-                    let row_bytes = data.len() / rows;
-                    let bytes = &data[start * row_bytes..(start + n) * row_bytes];
-                    Weight::Quantized(Arc::new(qtensor_from_ggml(
-                        q.dtype(),
-                        bytes,
-                        vec![*n, dims[1]],
-                        &q.device(),
-                    )?))
+        // Row ranges of the parts, in order.
+        let ranges = parts.iter().scan(0, |start, (name, n)| {
+            let range = (name.clone(), *start, *n);
+            *start += n;
+            Some(range)
+        });
+        match &w {
+            Weight::Dense(t) => {
+                for (name, start, n) in ranges {
+                    self.weights
+                        .insert(name, Weight::Dense(t.narrow(0, start, n)?));
                 }
-            };
-            self.weights.insert(name.clone(), part);
-            start += n;
+            }
+            Weight::Quantized(q) => {
+                // The blocks once (a copy from a device), not once per part.
+                let data = q.data()?;
+                let row_bytes = data.len() / rows;
+                for (name, start, n) in ranges {
+                    let bytes = &data[start * row_bytes..(start + n) * row_bytes];
+                    let part = qtensor_from_ggml(q.dtype(), bytes, vec![n, dims[1]], &q.device())?;
+                    self.weights.insert(name, Weight::Quantized(Arc::new(part)));
+                }
+            }
         }
         Ok(())
     }

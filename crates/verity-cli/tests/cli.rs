@@ -568,45 +568,30 @@ fn sample_and_rl_run_on_every_architecture() {
             assert!(targets.iter().any(|t| t == module), "{name}: {targets:?}");
         }
     }
-    // A model without a chat template: rl says why before it writes anything.
-    let out = root.join("no-template-rl");
-    let failed = std::process::Command::new(bin)
-        .arg("rl")
-        .arg("--model")
-        .arg(fixtures.join("llama3"))
-        .arg("--data")
-        .arg(&data)
-        .args(["--steps", "1", "--group", "2"])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(
-        !failed.status.success() && stderr.contains("no chat template"),
-        "{stderr}"
-    );
-    assert!(!out.exists(), "rl wrote {} before failing", out.display());
-    // The same for eval and its trace file.
-    let traces = root.join("no-template.jsonl");
-    let failed = std::process::Command::new(bin)
-        .arg("eval")
-        .arg("--model")
-        .arg(fixtures.join("llama3"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&traces)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(
-        !failed.status.success() && stderr.contains("no chat template"),
-        "{stderr}"
-    );
-    assert!(
-        !traces.exists(),
-        "eval wrote {} before failing",
-        traces.display()
-    );
+    // A model without a chat template: rl and eval say why before they write anything.
+    for (command, out) in [
+        ("rl", root.join("no-template-rl")),
+        ("eval", root.join("no-template.jsonl")),
+    ] {
+        let failed = std::process::Command::new(bin)
+            .arg(command)
+            .arg("--model")
+            .arg(fixtures.join("llama3"))
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            !failed.status.success() && stderr.contains("no chat template"),
+            "{command}: {stderr}"
+        );
+        assert!(
+            !out.exists(),
+            "{command} wrote {} before failing",
+            out.display()
+        );
+    }
 }
