@@ -24,6 +24,9 @@ pub(super) struct Linear {
 }
 
 enum LinearWeight {
+    /// On the CPU, a 32-value type repacked for our GEMM kernels (the GGUF blocks are
+    /// not kept).
+    Packed(qmatmul::PackedWeight),
     Quantized(Arc<QTensor>, QMatMul),
     Dense(Tensor),
 }
@@ -41,7 +44,16 @@ impl Linear {
         };
         let weight = match (weight, format) {
             (Weight::Quantized(q), WeightFormat::Quantized) => {
-                LinearWeight::Quantized(q.clone(), QMatMul::from_arc(q)?)
+                let packed = match q.device() {
+                    candle_core::Device::Cpu if !qmatmul::disabled_by_env() => {
+                        qmatmul::PackedWeight::new(&q)?
+                    }
+                    _ => None,
+                };
+                match packed {
+                    Some(p) => LinearWeight::Packed(p),
+                    None => LinearWeight::Quantized(q.clone(), QMatMul::from_arc(q)?),
+                }
             }
             (w, _) => LinearWeight::Dense(w.to_dense(dtype, &device)?),
         };
@@ -59,7 +71,7 @@ impl Linear {
     /// instead of the row-by-row quantized kernels.
     pub fn forward(&self, x: &Tensor, dense_rows: Option<usize>) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Quantized(..)
+            LinearWeight::Quantized(..) | LinearWeight::Packed(_)
                 if dense_rows.is_some_and(|n| x.dim(0).unwrap_or(0) >= n) =>
             {
                 x.matmul(&self.dense_weight()?.t()?)?
@@ -71,6 +83,7 @@ impl Linear {
             {
                 qmatmul::forward(q, x)?
             }
+            LinearWeight::Packed(p) => p.forward(x)?,
             LinearWeight::Quantized(_, qm) => qm.forward(x)?,
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,
         };
@@ -84,11 +97,16 @@ impl Linear {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {
             LinearWeight::Dense(w) => Ok(w.clone()),
-            LinearWeight::Quantized(q, _) => {
+            LinearWeight::Quantized(..) | LinearWeight::Packed(_) => {
                 if let Some(w) = self.dense.get() {
                     return Ok(w.clone());
                 }
-                let w = q.dequantize(&q.device())?.to_dtype(self.dtype)?;
+                let w = match &self.weight {
+                    LinearWeight::Quantized(q, _) => q.dequantize(&q.device())?,
+                    LinearWeight::Packed(p) => p.dequantize_tensor()?,
+                    LinearWeight::Dense(w) => w.clone(),
+                };
+                let w = w.to_dtype(self.dtype)?;
                 Ok(self.dense.get_or_init(|| w).clone())
             }
         }
@@ -106,6 +124,7 @@ impl Linear {
     /// Storage type name ("q4_1", "f32", …).
     pub fn type_name(&self) -> String {
         match &self.weight {
+            LinearWeight::Packed(p) => format!("{:?}", p.dtype()).to_lowercase(),
             LinearWeight::Quantized(q, _) => format!("{:?}", q.dtype()).to_lowercase(),
             LinearWeight::Dense(w) => format!("{:?}", w.dtype()).to_lowercase(),
         }
@@ -114,6 +133,7 @@ impl Linear {
     /// Bytes read per use of the weight (what bounds batch-1 decode).
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
+            LinearWeight::Packed(p) => p.size_in_bytes(),
             LinearWeight::Quantized(q, _) => q.storage_size_in_bytes(),
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
         }

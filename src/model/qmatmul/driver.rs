@@ -5,6 +5,9 @@
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
+use super::packed::{self, PackedWeight, Q8Block, LANES};
+#[cfg(target_arch = "x86_64")]
+use super::packed_x86;
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{Isa, Kernel};
@@ -98,6 +101,107 @@ pub(super) fn run<K: Kernel>(
     Ok(y)
 }
 
+/// `y = x · Wᵀ` on a repacked weight: returns y as m rows of n values (`x` holds m rows
+/// of k values).
+pub(super) fn run_packed(isa: Isa, p: &PackedWeight, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    let (n, k) = p.shape();
+    if x.len() != m * k {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: {} inputs for m = {m} rows of {k}",
+            x.len()
+        )));
+    }
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return Ok(y);
+    }
+    let acts = packed::quantize_rows(x, k);
+    let acts: Vec<&[Q8Block]> = acts.chunks_exact(p.blocks()).collect();
+    // Threads own disjoint column ranges of y, written through this pointer.
+    let out = SharedRows {
+        ptr: y.as_mut_ptr(),
+        n,
+    };
+    let blocks = p.groups().div_ceil(GROUPS_PER_CALL);
+    let columns = |range: std::ops::Range<usize>| {
+        for cb in range {
+            packed_columns(isa, p, cb, &acts, &out);
+        }
+    };
+    let pool = Pool::get();
+    let threads = pool.threads();
+    if threads <= 1 || n * k * m < min_parallel_work() {
+        columns(0..blocks);
+    } else {
+        // A few chunks per thread for balance.
+        let per_chunk = blocks.div_ceil(4 * threads).max(1);
+        let chunks = blocks.div_ceil(per_chunk);
+        let chunk = |c: usize| columns(c * per_chunk..blocks.min((c + 1) * per_chunk));
+        match pool {
+            Pool::Rayon => (0..chunks).into_par_iter().for_each(chunk),
+            Pool::Candle => candle_core::utils::barrier_pool()
+                .execute_chunked(chunks, |range| range.for_each(chunk)),
+        }
+    }
+    Ok(y)
+}
+
+/// Column groups per kernel call.
+const GROUPS_PER_CALL: usize = 2;
+
+/// y's rows, shared by the threads that write disjoint columns of them.
+struct SharedRows {
+    ptr: *mut f32,
+    n: usize,
+}
+
+// SAFETY: threads write disjoint elements (`packed_columns` of distinct column blocks).
+unsafe impl Sync for SharedRows {}
+
+/// Columns of column block `cb` (groups GROUPS_PER_CALL·cb, …) for every activation row.
+fn packed_columns(isa: Isa, p: &PackedWeight, cb: usize, acts: &[&[Q8Block]], y: &SharedRows) {
+    let g0 = cb * GROUPS_PER_CALL;
+    let groups: Vec<&[u8]> = (g0..p.groups().min(g0 + GROUPS_PER_CALL))
+        .map(|g| p.group(g))
+        .collect();
+    let rows_per_tile = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::X86(x86::Simd::Avx512(_)) => packed_x86::ROWS_512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::X86(_) => packed_x86::ROWS_256,
+        Isa::Scalar => 4,
+    };
+    let mut out = [[0f32; LANES]; 4 * GROUPS_PER_CALL];
+    for (t, tile) in acts.chunks(rows_per_tile).enumerate() {
+        let out = &mut out[..tile.len() * groups.len()];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::X86(s) => packed_x86::tile(s, p.ty, &groups, tile, out),
+            Isa::Scalar => {
+                let mut one = [[0f32; LANES]; 4];
+                for g in 0..groups.len() {
+                    packed::group_scalar(p, g0 + g, tile, &mut one[..tile.len()]);
+                    for (r, y) in one[..tile.len()].iter().enumerate() {
+                        out[r * groups.len() + g] = *y;
+                    }
+                }
+            }
+        }
+        for (r, row) in (t * rows_per_tile..).zip(0..tile.len()) {
+            for g in 0..groups.len() {
+                let y_row = &out[row * groups.len() + g];
+                let c0 = (g0 + g) * LANES;
+                let len = LANES.min(p.n - c0);
+                // SAFETY: row r < m and columns c0..c0 + len < n lie in y, and no other
+                // thread writes them (they belong to column block cb).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(y_row.as_ptr(), y.ptr.add(r * y.n + c0), len)
+                };
+            }
+        }
+    }
+}
+
 /// The threads that share out a product's columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pool {
@@ -180,31 +284,18 @@ fn dot_rows<K: Kernel>(
         }
         #[cfg(target_arch = "x86_64")]
         Isa::X86(s) => {
-            // Several activation rows: a tile of TILE of them against the weight rows (two
-            // at a time where registers allow), ROW_BLOCK weight rows at a time with the
-            // tiles in the outer loop: a tile's activations stay in L1 while it meets
-            // the block's weight rows, which stay in L2 after the first tile.
+            // Several activation rows: a tile of TILE of them against one weight row at a
+            // time, ROW_BLOCK weight rows at a time with the tiles in the outer loop: a
+            // tile's activations stay in L1 while it meets the block's weight rows, which
+            // stay in L2 after the first tile.
             let rows = out.len() / m;
             for first in (0..rows).step_by(ROW_BLOCK) {
                 let rows = rows.min(first + ROW_BLOCK);
                 for t0 in (0..m).step_by(TILE) {
                     let tile = &acts[t0..m.min(t0 + TILE)];
-                    let mut j = first;
-                    while j < rows {
-                        let (two, one);
-                        let y: &[[f32; TILE]] =
-                            if j + 1 < rows && s.has_registers_for_two(K::ACT_ELEMS) {
-                                two = tile_dot::<K, 2>(s, [row(j0 + j), row(j0 + j + 1)], tile);
-                                &two
-                            } else {
-                                one = tile_dot::<K, 1>(s, [row(j0 + j)], tile);
-                                &one
-                            };
-                        for (jj, y) in (j..).zip(y) {
-                            out[jj * m + t0..jj * m + t0 + tile.len()]
-                                .copy_from_slice(&y[..tile.len()]);
-                        }
-                        j += y.len();
+                    for j in first..rows {
+                        let [y] = tile_dot::<K, 1>(s, [row(j0 + j)], tile);
+                        out[j * m + t0..j * m + t0 + tile.len()].copy_from_slice(&y[..tile.len()]);
                     }
                 }
             }

@@ -3,23 +3,23 @@
 //!
 //! candle 0.11 runs these row by row, and for Q4_1 with a scalar dot product, so batch-1
 //! decode is far from the memory-bandwidth limit and batches barely scale. This module
-//! follows llama.cpp's ggml-cpu quants instead:
+//! follows llama.cpp's ggml-cpu instead:
 //!
-//! 1. each activation row is quantized once to 8-bit blocks: `Q8Pair` (two blocks of 32
-//!    values, each with scale `d` and `s = d·Σq`, like ggml's Q8_1) for the 32-value
-//!    weight types, `Q8KBlock` (256 values with 16-value sums, ggml's Q8_K) for the
-//!    K-quants;
-//! 2. each weight block is dotted with integer multiply-adds (AVX2 `maddubs`/`madd`, or
-//!    VNNI `vpdpbusd`) and scaled in f32;
-//! 3. a weight row is decoded once and dotted against a tile of up to `TILE` activation
-//!    rows, so a batch reads the weights once; a single row takes four weight rows at a
-//!    time; threads split the output columns; weights are prefetched ahead.
+//! 1. each activation row is quantized once to 8-bit blocks (`Q8Block`, ggml's Q8_1, for
+//!    the 32-value types; `Q8KBlock`, ggml's Q8_K, for the K-quants);
+//! 2. the 32-value types (Q4_1, Q5_0, Q8_0) are repacked at load, 16 output columns side
+//!    by side ([`PackedWeight`]), for a GEMM microkernel: a register tile of up to 4
+//!    activation rows × 32 columns, one `vpdpbusd` per 4 values × 16 columns, so a weight
+//!    load serves every row of the tile and no horizontal sums are left;
+//! 3. the K-quants (Q4_K, Q6_K) stay in their blocks: a weight row is decoded once and
+//!    dotted against a tile of up to `TILE` activation rows with integer multiply-adds;
+//! 4. threads split the output columns; weights are prefetched ahead.
 //!
 //! **Determinism.** Every output element is computed by the same sequence of floating-point
 //! operations whatever `m` is, whichever tile it falls in and however the columns are split
 //! among threads: integer parts are exact, and the f32 accumulation of one (row, column)
 //! pair never mixes with another pair's. So a sequence's logits do not depend on what else
-//! is in its batch.
+//! is in its batch. For repacked weights every instruction-set level gives the same bits.
 //!
 //! The scalar kernels are the reference and the path on non-x86 machines; the x86 kernels
 //! (AVX2, AVX-VNNI, AVX-512 VNNI) are chosen at run time (`is_x86_feature_detected!`).
@@ -27,16 +27,18 @@
 //!
 //! Layout:
 //!
-//! - this file: the entry points other modules use ([`forward`], [`supports`],
-//!   [`disabled_by_env`]), the choice of kernel by weight type and instruction set
-//!   (`WeightType`, `Isa`, `matmul`) and the `Kernel` trait that ties each weight type to
-//!   its block format, activation quantization and kernels;
-//! - `quant`: the block formats: weight block sizes and field decoding, the 8-bit
-//!   activation blocks and the quantization of activation rows into them;
+//! - this file: the entry points other modules use ([`PackedWeight::forward`],
+//!   [`forward`], [`supports`], [`disabled_by_env`]), the choice of kernel by weight type
+//!   and instruction set (`WeightType`, `Isa`, `matmul`) and the `Kernel` trait that ties
+//!   each K-quant to its block format, activation quantization and kernels;
+//! - `packed`: the repacked layout of the 32-value types, its activation blocks and its
+//!   scalar kernel; `packed_x86`: its AVX2, AVX-VNNI and AVX-512 microkernels;
+//! - `quant`: the GGUF block formats: sizes and field decoding, and the K-quants'
+//!   activation blocks;
 //! - `driver`: one product: quantizes the activations, splits the columns among threads,
 //!   tiles the rows and calls a weight type's kernels;
-//! - `scalar`: the portable scalar kernels, the reference;
-//! - `x86`: the AVX2, AVX-VNNI and AVX-512 VNNI kernels;
+//! - `scalar`: the portable scalar kernels of the K-quants, the reference;
+//! - `x86`: the K-quants' AVX2 and AVX-VNNI kernels;
 //! - `tests`: unit tests that compare the levels with each other, with candle and with the
 //!   f32 product, and check determinism across batches; `timing`: ignored timing runs.
 
@@ -45,9 +47,13 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use driver::run;
-use quant::{quantize_q8, quantize_q8k, Q8KBlock, Q8Pair, QK_K};
+pub(crate) use packed::PackedWeight;
+use quant::{quantize_q8k, Q8KBlock, QK_K};
 
 mod driver;
+mod packed;
+#[cfg(target_arch = "x86_64")]
+mod packed_x86;
 mod quant;
 mod scalar;
 #[cfg(test)]
@@ -81,12 +87,45 @@ pub fn forward(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     let ty = WeightType::of(w.dtype())
         .filter(|_| supports(w))
         .ok_or_else(|| Error::InvalidArgument(format!("no CPU kernel for {w:?}")))?;
+    let data = w.data()?;
+    apply(x, n, k, |xs, m| {
+        matmul(ty, Isa::detect(), &data, n, k, xs, m)
+    })
+}
+
+impl PackedWeight {
+    /// `x · Wᵀ` for `x` of shape (…, in) in any float dtype; the result has x's dtype
+    /// and shape (…, out).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, k) = self.shape();
+        apply(x, n, k, |xs, m| {
+            driver::run_packed(Isa::detect(), self, xs, m)
+        })
+    }
+
+    /// The weight as a dense (out, in) f32 tensor.
+    pub(crate) fn dequantize_tensor(&self) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.dequantize(),
+            self.shape(),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// Runs `product` (m rows of k f32 values in, m rows of n out) on x of shape (…, k),
+/// keeping x's leading dimensions and dtype.
+fn apply(
+    x: &Tensor,
+    n: usize,
+    k: usize,
+    product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
     let mut out_dims = x.dims().to_vec();
     if out_dims.last() != Some(&k) {
         return Err(Error::InvalidArgument(format!(
-            "qmatmul: input {:?} does not end in {k} (weight {:?})",
+            "qmatmul: input {:?} does not end in {k} (weight of {n} × {k})",
             x.dims(),
-            w.shape()
         )));
     }
     let m = x.elem_count() / k;
@@ -94,8 +133,7 @@ pub fn forward(w: &QTensor, x: &Tensor) -> Result<Tensor> {
         *last = n;
     }
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let data = w.data()?;
-    let y = matmul(ty, Isa::detect(), &data, n, k, &xs, m)?;
+    let y = product(&xs, m)?;
     let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
     Ok(if x.dtype() == DType::F32 {
         y
@@ -104,12 +142,10 @@ pub fn forward(w: &QTensor, x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// The weight block formats with kernels here.
+/// The weight block formats with kernels on their GGUF blocks (the 32-value types are
+/// repacked: [`PackedWeight`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WeightType {
-    Q4_1,
-    Q5_0,
-    Q8_0,
     Q4K,
     Q6K,
 }
@@ -117,9 +153,6 @@ enum WeightType {
 impl WeightType {
     fn of(dtype: GgmlDType) -> Option<Self> {
         Some(match dtype {
-            GgmlDType::Q4_1 => Self::Q4_1,
-            GgmlDType::Q5_0 => Self::Q5_0,
-            GgmlDType::Q8_0 => Self::Q8_0,
             GgmlDType::Q4K => Self::Q4K,
             GgmlDType::Q6K => Self::Q6K,
             _ => return None,
@@ -128,7 +161,6 @@ impl WeightType {
 
     fn block_elems(self) -> usize {
         match self {
-            Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => 32,
             Self::Q4K | Self::Q6K => QK_K,
         }
     }
@@ -167,9 +199,6 @@ fn matmul(
     m: usize,
 ) -> Result<Vec<f32>> {
     match ty {
-        WeightType::Q4_1 => run::<Q4_1>(isa, w, n, k, x, m),
-        WeightType::Q5_0 => run::<Q5_0>(isa, w, n, k, x, m),
-        WeightType::Q8_0 => run::<Q8_0>(isa, w, n, k, x, m),
         WeightType::Q4K => run::<Q4K>(isa, w, n, k, x, m),
         WeightType::Q6K => run::<Q6K>(isa, w, n, k, x, m),
     }
@@ -200,74 +229,8 @@ trait Kernel {
     ) -> [[f32; R]; W];
 }
 
-struct Q4_1;
-struct Q5_0;
-struct Q8_0;
 struct Q4K;
 struct Q6K;
-
-impl Kernel for Q4_1 {
-    type Act = Q8Pair;
-    const ACT_ELEMS: usize = 64;
-    const ELEMS: usize = 32;
-    const BYTES: usize = quant::Q4_1_BYTES;
-    fn quantize(x: &[f32]) -> Q8Pair {
-        quantize_q8(x)
-    }
-    fn dot_scalar(w: &[u8], a: &[Q8Pair]) -> f32 {
-        scalar::q4_1(w, a)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn dot_x86<const W: usize, const R: usize>(
-        s: x86::Simd,
-        w: [&[u8]; W],
-        a: [&[Q8Pair]; R],
-    ) -> [[f32; R]; W] {
-        x86::q4_1(s, w, a)
-    }
-}
-
-impl Kernel for Q5_0 {
-    type Act = Q8Pair;
-    const ACT_ELEMS: usize = 64;
-    const ELEMS: usize = 32;
-    const BYTES: usize = quant::Q5_0_BYTES;
-    fn quantize(x: &[f32]) -> Q8Pair {
-        quantize_q8(x)
-    }
-    fn dot_scalar(w: &[u8], a: &[Q8Pair]) -> f32 {
-        scalar::q5_0(w, a)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn dot_x86<const W: usize, const R: usize>(
-        s: x86::Simd,
-        w: [&[u8]; W],
-        a: [&[Q8Pair]; R],
-    ) -> [[f32; R]; W] {
-        x86::q5_0(s, w, a)
-    }
-}
-
-impl Kernel for Q8_0 {
-    type Act = Q8Pair;
-    const ACT_ELEMS: usize = 64;
-    const ELEMS: usize = 32;
-    const BYTES: usize = quant::Q8_0_BYTES;
-    fn quantize(x: &[f32]) -> Q8Pair {
-        quantize_q8(x)
-    }
-    fn dot_scalar(w: &[u8], a: &[Q8Pair]) -> f32 {
-        scalar::q8_0(w, a)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn dot_x86<const W: usize, const R: usize>(
-        s: x86::Simd,
-        w: [&[u8]; W],
-        a: [&[Q8Pair]; R],
-    ) -> [[f32; R]; W] {
-        x86::q8_0(s, w, a)
-    }
-}
 
 impl Kernel for Q4K {
     type Act = Q8KBlock;

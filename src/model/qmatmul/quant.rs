@@ -1,5 +1,5 @@
 //! The block formats: the GGUF weight blocks the kernels read (their sizes and how to
-//! decode their fields), and the 8-bit activation blocks ([`Q8Pair`], [`Q8KBlock`]) that
+//! decode their fields), and the K-quants' 8-bit activation blocks ([`Q8KBlock`]) that
 //! activation rows are quantized to before they meet the weights.
 
 use half::f16;
@@ -60,30 +60,6 @@ pub(super) fn q6k_value(wb: &[u8], i: usize) -> i32 {
 // Activation blocks and their quantization
 // ---------------------------------------------------------------------------------------
 
-/// 64 activations as two blocks of 32 i8 with scale `d` and `s = d · Σ qs` each (ggml's
-/// Q8_1 with f32 scales), laid out for 512-bit kernels: quants contiguous, `d` as
-/// [d₀ ×8, d₁ ×8] and `s` as [s₀, 0 ×7, s₁, 0 ×7], the lanes of a 16-lane accumulator
-/// that hold each block. A row with an odd number of blocks ends in a zero block.
-#[derive(Debug, Clone, Copy)]
-#[repr(C, align(64))]
-pub(super) struct Q8Pair {
-    pub(super) qs: [i8; 64],
-    pub(super) d: [f32; 16],
-    pub(super) s: [f32; 16],
-}
-
-impl Q8Pair {
-    /// Block h (0 or 1): its quants, d and s.
-    fn block(&self, h: usize) -> (&[i8], f32, f32) {
-        (&self.qs[32 * h..32 * h + 32], self.d[8 * h], self.s[8 * h])
-    }
-}
-
-/// The 32-value activation blocks of a row, in order.
-pub(super) fn q8_blocks(a: &[Q8Pair]) -> impl Iterator<Item = (&[i8], f32, f32)> {
-    a.iter().flat_map(|p| [p.block(0), p.block(1)])
-}
-
 /// 256 activations as i8 with scale `d` and the sums of each 16 (ggml's Q8_K).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -109,32 +85,9 @@ fn abs_max(x: &[f32]) -> f32 {
 /// bits. Unlike `f32::round` and `as` casts it is no library call and no saturating
 /// conversion, so the quantization loops vectorize on any x86-64. (A NaN gives some value;
 /// no panic, no UB.)
-fn round_small(v: f32) -> i32 {
+pub(super) fn round_small(v: f32) -> i32 {
     const MAGIC: f32 = 12_582_912.0; // 0x4B40_0000
     (v + MAGIC).to_bits() as i32 - 0x4B40_0000
-}
-
-/// Up to 64 values as a [`Q8Pair`]; missing values are zeros.
-pub(super) fn quantize_q8(x: &[f32]) -> Q8Pair {
-    let mut p = Q8Pair {
-        qs: [0; 64],
-        d: [0.0; 16],
-        s: [0.0; 16],
-    };
-    for (h, x) in x.chunks(32).take(2).enumerate() {
-        let d = abs_max(x) / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in p.qs[32 * h..32 * h + 32].iter_mut().zip(x) {
-            // |v · id| ≤ 127 up to rounding, so i32 → i8 keeps the value.
-            let r = round_small(v * id);
-            *q = r as i8;
-            sum += r;
-        }
-        p.d[8 * h..8 * h + 8].fill(d);
-        p.s[8 * h] = d * sum as f32;
-    }
-    p
 }
 
 /// 256 values as a [`Q8KBlock`].

@@ -1,4 +1,4 @@
-//! The portable scalar kernels: one weight row (its blocks) dotted with one quantized
+//! The portable scalar kernels of the K-quants: one weight row (its blocks) dotted with one quantized
 //! activation row, block by block, in plain Rust. They are the reference the x86 kernels
 //! are tested against, and the path on CPUs without AVX2, FMA and F16C and on other
 //! architectures.
@@ -6,57 +6,7 @@
 //! In the sums below, per block, q are the weight's values, y the activation's quants,
 //! d_y their scale and s_y = d_y · Σ y.
 
-use super::quant::{
-    f16_at, q4k_scale_min, q6k_value, q8_blocks, Q8KBlock, Q8Pair, Q4K_BYTES, Q4_1_BYTES,
-    Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES,
-};
-
-/// Q4_1: d · d_y · Σ q·y + m · s_y.
-pub(super) fn q4_1(w: &[u8], a: &[Q8Pair]) -> f32 {
-    let mut sum = 0f32;
-    for (wb, (qs, ad, as_)) in w.chunks_exact(Q4_1_BYTES).zip(q8_blocks(a)) {
-        let (d, mn) = (f16_at(wb, 0), f16_at(wb, 2));
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let q = wb[4 + j];
-            sumi += (q & 0xF) as i32 * qs[j] as i32 + (q >> 4) as i32 * qs[j + 16] as i32;
-        }
-        sum += d * ad * sumi as f32 + mn * as_;
-    }
-    sum
-}
-
-/// Q5_0: d · d_y · Σ (q − 16)·y, q with its fifth bit from qh.
-pub(super) fn q5_0(w: &[u8], a: &[Q8Pair]) -> f32 {
-    let mut sum = 0f32;
-    for (wb, (qs, ad, _)) in w.chunks_exact(Q5_0_BYTES).zip(q8_blocks(a)) {
-        let d = f16_at(wb, 0);
-        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let q = wb[6 + j] as u32;
-            let lo = ((q & 0xF) | ((qh >> j) & 1) << 4) as i32 - 16;
-            let hi = ((q >> 4) | ((qh >> (j + 16)) & 1) << 4) as i32 - 16;
-            sumi += lo * qs[j] as i32 + hi * qs[j + 16] as i32;
-        }
-        sum += d * ad * sumi as f32;
-    }
-    sum
-}
-
-/// Q8_0: d · d_y · Σ q·y.
-pub(super) fn q8_0(w: &[u8], a: &[Q8Pair]) -> f32 {
-    let mut sum = 0f32;
-    for (wb, (qs, ad, _)) in w.chunks_exact(Q8_0_BYTES).zip(q8_blocks(a)) {
-        let sumi: i32 = wb[2..]
-            .iter()
-            .zip(qs)
-            .map(|(&q, &v)| q as i8 as i32 * v as i32)
-            .sum();
-        sum += f16_at(wb, 0) * ad * sumi as f32;
-    }
-    sum
-}
+use super::quant::{f16_at, q4k_scale_min, q6k_value, Q8KBlock, Q4K_BYTES, Q6K_BYTES};
 
 /// Q4_K: d · d_y · Σ scale · (q·y) − dmin · d_y · Σ min · (Σ y), over the 8 sub-blocks.
 pub(super) fn q4k(w: &[u8], a: &[Q8KBlock]) -> f32 {

@@ -45,10 +45,24 @@ fn isas() -> Vec<Isa> {
     v
 }
 
+/// Our product: repacked for the 32-value types, on the GGUF blocks for the K-quants.
 fn ours(isa: Isa, w: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
     let (n, k) = w.shape().dims2().unwrap();
-    let ty = WeightType::of(w.dtype()).unwrap();
-    matmul(ty, isa, &w.data().unwrap(), n, k, x, m).unwrap()
+    match PackedWeight::new(w).unwrap() {
+        Some(p) => driver::run_packed(isa, &p, x, m).unwrap(),
+        None => {
+            let ty = WeightType::of(w.dtype()).unwrap();
+            matmul(ty, isa, &w.data().unwrap(), n, k, x, m).unwrap()
+        }
+    }
+}
+
+fn is_packed(ty: GgmlDType) -> bool {
+    packed::PackedType::of(ty).is_some()
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
 }
 
 /// ‖a − b‖ / ‖b‖.
@@ -68,6 +82,7 @@ fn max_err(a: &[f32], b: &[f32]) -> f32 {
 fn shapes(ty: GgmlDType) -> (usize, usize) {
     match ty {
         GgmlDType::Q4K | GgmlDType::Q6K => (48, 768),
+        // A last column group of 8 (40 = 16 + 16 + 8), 5 blocks.
         _ => (40, 160),
     }
 }
@@ -82,6 +97,13 @@ fn simd_matches_scalar() {
             let levels = isas();
             let results: Vec<Vec<f32>> = levels.iter().map(|&isa| ours(isa, &w, &x, m)).collect();
             for (isa, y) in levels.iter().zip(&results).skip(1) {
+                // Repacked weights: every level runs the scalar kernel's operations.
+                if is_packed(ty) {
+                    assert!(
+                        same_bits(y, &results[0]),
+                        "{ty:?} {isa:?} m={m}: not the scalar bits"
+                    );
+                }
                 let e = max_err(y, &results[0]);
                 assert!(e < 1e-4, "{ty:?} {isa:?} m={m}: max error {e}");
             }
@@ -91,11 +113,39 @@ fn simd_matches_scalar() {
             if let [_, Isa::X86(x86::Simd::Avx2(_)), Isa::X86(x86::Simd::AvxVnni(_)), ..] =
                 levels[..]
             {
-                let (a, b) = (&results[1], &results[2]);
-                assert!(a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()));
+                assert!(same_bits(&results[1], &results[2]));
             }
         }
     }
+}
+
+#[test]
+fn repacking_keeps_every_value() {
+    for ty in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        // 37 columns: a last group of 5; 3 blocks per column.
+        let w = weight(ty, 37, 96, 7);
+        let p = PackedWeight::new(&w).unwrap().unwrap();
+        assert_eq!((p.shape(), p.dtype()), ((37, 96), ty));
+        let theirs: Vec<f32> = w
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(same_bits(&p.dequantize(), &theirs), "{ty:?}");
+        // Bytes per value as in the GGUF blocks (within the padding of the last group).
+        let gguf = w.storage_size_in_bytes() as f64 / 37.0;
+        let ours = p.size_in_bytes() as f64 / 48.0;
+        assert!(
+            (ours - gguf).abs() < 1e-9,
+            "{ty:?}: {ours} bytes a column, GGUF {gguf}"
+        );
+    }
+    // Other types and shapes are not repacked.
+    assert!(PackedWeight::new(&weight(GgmlDType::Q4K, 8, 256, 8))
+        .unwrap()
+        .is_none());
 }
 
 #[test]
@@ -143,6 +193,7 @@ fn a_row_does_not_depend_on_its_batch() {
         // Big enough that m = 17 runs on several threads; an odd number of 32-value
         // blocks for the 512-bit kernels' last half pair.
         let k = if ty.block_size() == 32 { 544 } else { 512 };
+        // 17 column groups of 16 (an odd number: a last kernel call of one group).
         let n = 272;
         let w = weight(ty, n, k, 3);
         let m = 17;
@@ -153,41 +204,48 @@ fn a_row_does_not_depend_on_its_batch() {
                 let alone = ours(isa, &w, &x[i * k..(i + 1) * k], 1);
                 let row = &batch[i * n..(i + 1) * n];
                 assert!(
-                    row.iter()
-                        .zip(&alone)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    same_bits(row, &alone),
                     "{ty:?} {isa:?}: row {i} differs in a batch of {m}"
                 );
             }
             // And in a batch of 3 that starts at another offset of the tile.
             let three = ours(isa, &w, &x[5 * k..8 * k], 3);
-            assert!(three
-                .iter()
-                .zip(&batch[5 * n..8 * n])
-                .all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(same_bits(&three, &batch[5 * n..8 * n]));
         }
     }
 }
 
 #[test]
 fn forward_keeps_shape_and_dtype_and_rejects_what_it_cannot_do() {
-    let w = weight(GgmlDType::Q4_1, 8, 64, 4);
-    let x = Tensor::from_vec(values(2 * 3 * 64, 5), (2, 3, 64), &Device::Cpu).unwrap();
-    let y = forward(&w, &x).unwrap();
-    assert_eq!(y.dims(), &[2, 3, 8]);
-    let flat = forward(&w, &x.reshape((6, 64)).unwrap()).unwrap();
-    let (a, b): (Vec<f32>, Vec<f32>) = (
-        y.flatten_all().unwrap().to_vec1().unwrap(),
-        flat.flatten_all().unwrap().to_vec1().unwrap(),
-    );
-    assert_eq!(a, b);
-    let half = forward(&w, &x.to_dtype(DType::BF16).unwrap()).unwrap();
-    assert_eq!(half.dtype(), DType::BF16);
-    // Wrong inner size; a type without a kernel here.
+    let x = Tensor::from_vec(values(2 * 3 * 256, 5), (2, 3, 256), &Device::Cpu).unwrap();
     let bad = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
-    assert!(forward(&w, &bad).is_err());
+    let q4k = weight(GgmlDType::Q4K, 8, 256, 4);
+    let packed = PackedWeight::new(&weight(GgmlDType::Q4_1, 8, 256, 4))
+        .unwrap()
+        .unwrap();
+    type Product<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
+    let products: [Product; 2] = [
+        Box::new(|x| forward(&q4k, x)),
+        Box::new(|x| packed.forward(x)),
+    ];
+    for f in &products {
+        let y = f(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 8]);
+        let flat = f(&x.reshape((6, 256)).unwrap()).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            y.flatten_all().unwrap().to_vec1().unwrap(),
+            flat.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, b);
+        let half = f(&x.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+        // Wrong inner size.
+        assert!(f(&bad).is_err());
+    }
+    // A type without a kernel here.
     let q4_0 = weight(GgmlDType::Q4_0, 8, 64, 6);
     assert!(!supports(&q4_0));
     assert!(forward(&q4_0, &x).is_err());
-    assert!(supports(&w));
+    assert!(PackedWeight::new(&q4_0).unwrap().is_none());
+    assert!(supports(&q4k));
 }

@@ -24,19 +24,20 @@ fn timing_streaming() {
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();
     let w = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), ty).unwrap();
-    let data = w.data().unwrap().to_vec();
-    let ws: Vec<Vec<u8>> = (0..count).map(|_| data.clone()).collect();
+    let ws: Vec<PackedWeight> = (0..count)
+        .map(|_| PackedWeight::new(&w).unwrap().unwrap())
+        .collect();
     let x: Vec<f32> = (0..k)
         .map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0)
         .collect();
     for _ in 0..3 {
         let (start, start_cpu) = (Instant::now(), thread_cpu_ns());
         for w in &ws {
-            std::hint::black_box(matmul(WeightType::Q4_1, Isa::detect(), w, n, k, &x, 1).unwrap());
+            std::hint::black_box(driver::run_packed(Isa::detect(), w, &x, 1).unwrap());
         }
         let wall = start.elapsed().as_secs_f64();
         let cpu = (thread_cpu_ns() - start_cpu) as f64 * 1e-9;
-        let bytes = (count * data.len()) as f64;
+        let bytes = (count * ws[0].size_in_bytes()) as f64;
         println!(
             "streaming {count} x Q4_1 {n}x{k}: {:.2} ms wall ({:.1} GB/s), {:.2} ms this thread",
             wall * 1e3,
@@ -67,6 +68,7 @@ fn timing() {
             .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
             .collect();
         let w = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), ty).unwrap();
+        let packed = PackedWeight::new(&w).unwrap();
         for m in [1, 16, 64] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 31) % 200) as f32 / 100.0 - 1.0)
@@ -77,7 +79,10 @@ fn timing() {
             for _ in 0..3 {
                 let (start, start_cpu) = (Instant::now(), thread_cpu_ns());
                 for _ in 0..iters {
-                    std::hint::black_box(forward(&w, &x).unwrap());
+                    std::hint::black_box(match &packed {
+                        Some(p) => p.forward(&x).unwrap(),
+                        None => forward(&w, &x).unwrap(),
+                    });
                 }
                 wall = wall.min(start.elapsed().as_secs_f64() / iters as f64);
                 cpu = cpu.min((thread_cpu_ns() - start_cpu) as f64 * 1e-9 / iters as f64);
