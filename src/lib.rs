@@ -45,6 +45,7 @@ pub mod ffi;
 pub mod files;
 mod kernels;
 pub mod model;
+pub(crate) mod pool;
 pub mod runtime;
 pub mod sampling;
 pub mod score;

@@ -92,6 +92,43 @@ fn check_logits(
         .unwrap();
     let e = relative_error(&step, want);
     assert!(e < TOLERANCE, "{what}: decode-step logits off by {e}");
+    // One token per step (the batched decode attention), after a prompt of a third of the
+    // sequence held as a shared segment of a fork, beside a second sequence in the batch.
+    let split = (tokens.len() / 3).max(1);
+    let mut parent = model.transformer.new_kv();
+    let mut other = model.transformer.new_kv();
+    let mut rows = vec![model
+        .transformer
+        .forward_step(&mut [StepInput {
+            tokens: &tokens[..split],
+            kv: &mut parent,
+            adapter,
+            all_logits: true,
+        }])
+        .unwrap()];
+    let mut kv = parent.fork().unwrap();
+    for (i, t) in tokens[split..].iter().enumerate() {
+        let logits = model
+            .transformer
+            .forward_step(&mut [
+                StepInput {
+                    tokens: &tokens[i % tokens.len()..][..1],
+                    kv: &mut other,
+                    adapter: None,
+                    all_logits: false,
+                },
+                StepInput {
+                    tokens: std::slice::from_ref(t),
+                    kv: &mut kv,
+                    adapter,
+                    all_logits: false,
+                },
+            ])
+            .unwrap();
+        rows.push(logits.narrow(0, 1, 1).unwrap());
+    }
+    let e = relative_error(&Tensor::cat(&rows, 0).unwrap(), want);
+    assert!(e < TOLERANCE, "{what}: token-by-token logits off by {e}");
     let t = Tensor::new(tokens, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)

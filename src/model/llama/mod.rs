@@ -9,6 +9,7 @@
 //! Both read the same LoRA `Var`s, so the policy that sampled a rollout is the policy that
 //! is trained on it, and a training step is visible to the next decode step.
 
+mod cpu_attention;
 mod decode_attention;
 mod linear;
 mod step;

@@ -148,6 +148,19 @@ impl Transformer {
         } else {
             self.decode_plan(batch)?
         };
+        // On the CPU, the single-token sequences (windows included) take one parallel call
+        // per layer; the prompt chunks the per-sequence reference.
+        let (mut single, mut single_rows) = (Vec::new(), Vec::new());
+        if plan.is_none() && self.cpu_decode_fits() {
+            let mut row = 0;
+            for (i, s) in batch.iter().enumerate() {
+                if s.tokens.len() == 1 {
+                    single.push(i);
+                    single_rows.push(row);
+                }
+                row += s.tokens.len();
+            }
+        }
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
         let mut x = self.embed_rows(&ids)?;
@@ -165,24 +178,48 @@ impl Transformer {
             let attn = match &plan {
                 Some(plan) => self.attend_decode(plan, l, &q, &k, &v)?,
                 None => {
-                    let mut outs = Vec::with_capacity(batch.len());
-                    let mut row = 0;
-                    for (s, mask) in batch.iter().zip(&masks) {
-                        let n = s.tokens.len();
-                        let out = self.attend(
+                    let fused = if single.is_empty() {
+                        None
+                    } else {
+                        Some(self.attend_decode_cpu(
+                            batch,
+                            &single,
+                            &single_rows,
                             l,
                             block.window,
-                            s.kv,
-                            &q.narrow(0, row, n)?,
-                            &k.narrow(0, row, n)?,
-                            &v.narrow(0, row, n)?,
-                            mask.as_ref(),
-                        )?;
-                        outs.push(out);
-                        row += n;
+                            &q,
+                            &k,
+                            &v,
+                        )?)
+                    };
+                    match fused {
+                        Some(all) if single.len() == batch.len() => all,
+                        fused => {
+                            let mut outs = Vec::with_capacity(batch.len());
+                            let (mut row, mut next_single) = (0, 0);
+                            for (i, (s, mask)) in batch.iter().zip(&masks).enumerate() {
+                                let n = s.tokens.len();
+                                match &fused {
+                                    Some(f) if single.get(next_single) == Some(&i) => {
+                                        outs.push(f.narrow(0, next_single, 1)?);
+                                        next_single += 1;
+                                    }
+                                    _ => outs.push(self.attend(
+                                        l,
+                                        block.window,
+                                        s.kv,
+                                        &q.narrow(0, row, n)?,
+                                        &k.narrow(0, row, n)?,
+                                        &v.narrow(0, row, n)?,
+                                        mask.as_ref(),
+                                    )?),
+                                }
+                                row += n;
+                            }
+                            // (`cat` of a single tensor is a cheap clone.)
+                            Tensor::cat(&outs, 0)?
+                        }
                     }
-                    // (`cat` of a single tensor is a cheap clone.)
-                    Tensor::cat(&outs, 0)?
                 }
             };
             let attn = self.linear_step(block, l, LoraTarget::O, &attn, &groups)?;

@@ -3,7 +3,6 @@
 //! (the `qmatmul` module documentation describes the scheme and why it is deterministic).
 
 use parking_lot::Mutex;
-use rayon::prelude::*;
 
 use super::packed::{self, PackedWeight, Q8Block, LANES};
 #[cfg(target_arch = "x86_64")]
@@ -12,6 +11,7 @@ use super::packed_x86;
 use super::x86;
 use super::{Isa, Kernel};
 use crate::error::{Error, Result};
+use crate::pool::Pool;
 
 /// Activation rows dotted against one decoded weight row at a time.
 const TILE: usize = 4;
@@ -60,30 +60,18 @@ pub(super) fn run<K: Kernel>(
     // threads own disjoint column ranges of y.
     let mut yt = vec![0f32; n * m];
     let columns = |j0: usize, out: &mut [f32]| dot_rows::<K>(isa, w, row_bytes, j0, &acts, out);
-    let pool = Pool::get();
-    let threads = pool.threads();
-    if threads <= 1 || n * k * m < min_parallel_work() {
+    let pool = Pool::global();
+    if pool.threads() <= 1 || n * k * m < min_parallel_work() {
         columns(0, &mut yt);
     } else {
-        // A few chunks per thread for balance; never under 16 columns each.
-        let per_chunk = n.div_ceil(4 * threads).max(16);
-        match pool {
-            Pool::Rayon => yt
-                .par_chunks_mut(per_chunk * m)
-                .enumerate()
-                .for_each(|(c, out)| columns(c * per_chunk, out)),
-            Pool::Candle => {
-                // Each chunk behind its own (uncontended) lock: the pool's closure is
-                // shared by its threads, which take chunks from a common cursor.
-                let chunks: Vec<Mutex<&mut [f32]>> =
-                    yt.chunks_mut(per_chunk * m).map(Mutex::new).collect();
-                candle_core::utils::barrier_pool().execute_chunked(chunks.len(), |range| {
-                    for c in range {
-                        columns(c * per_chunk, &mut chunks[c].lock());
-                    }
-                });
-            }
-        }
+        // Several chunks per thread; never under 16 columns each.
+        let per_chunk = n.div_ceil(8 * pool.threads()).max(16);
+        // Each chunk behind its own (uncontended) lock: the pool's closure is shared by
+        // its threads, which take chunks from a common cursor.
+        let chunks: Vec<Mutex<&mut [f32]>> = yt.chunks_mut(per_chunk * m).map(Mutex::new).collect();
+        pool.run(chunks.len(), |c| {
+            columns(c * per_chunk, &mut chunks[c].lock())
+        });
     }
     if m == 1 {
         return Ok(yt);
@@ -128,20 +116,17 @@ pub(super) fn run_packed(isa: Isa, p: &PackedWeight, x: &[f32], m: usize) -> Res
             packed_columns(isa, p, cb, &acts, &out);
         }
     };
-    let pool = Pool::get();
-    let threads = pool.threads();
-    if threads <= 1 || n * k * m < min_parallel_work() {
+    let pool = Pool::global();
+    if pool.threads() <= 1 || n * k * m < min_parallel_work() {
         columns(0..blocks);
     } else {
-        // A few chunks per thread for balance.
-        let per_chunk = blocks.div_ceil(4 * threads).max(1);
+        // Several chunks per thread, so that a thread the OS does not run loses its share
+        // to the others (`pool`).
+        let per_chunk = blocks.div_ceil(8 * pool.threads()).max(1);
         let chunks = blocks.div_ceil(per_chunk);
-        let chunk = |c: usize| columns(c * per_chunk..blocks.min((c + 1) * per_chunk));
-        match pool {
-            Pool::Rayon => (0..chunks).into_par_iter().for_each(chunk),
-            Pool::Candle => candle_core::utils::barrier_pool()
-                .execute_chunked(chunks, |range| range.for_each(chunk)),
-        }
+        pool.run(chunks, |c| {
+            columns(c * per_chunk..blocks.min((c + 1) * per_chunk))
+        });
     }
     Ok(y)
 }
@@ -198,38 +183,6 @@ fn packed_columns(isa: Isa, p: &PackedWeight, cb: usize, acts: &[&[Q8Block]], y:
                     std::ptr::copy_nonoverlapping(y_row.as_ptr(), y.ptr.add(r * y.n + c0), len)
                 };
             }
-        }
-    }
-}
-
-/// The threads that share out a product's columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pool {
-    /// candle's persistent pool, the one its own CPU ops use: the calling thread works
-    /// too and the others spin briefly between calls, so the hundreds of small products
-    /// of a decode step pay no wake-ups, and no second set of threads competes with
-    /// candle's for the cores. The default: SmolLM2 batch-1 decode on 2 cores runs at
-    /// ~100 tok/s with it and ~60 with rayon. A call waits for every thread at its
-    /// barrier, which stalls when another process holds a core.
-    Candle,
-    /// rayon's global pool (`VERITY_QMATMUL_POOL=rayon`): work-stealing, so a thread the
-    /// OS has not scheduled holds nobody up.
-    Rayon,
-}
-
-impl Pool {
-    fn get() -> Self {
-        static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
-        *POOL.get_or_init(|| match std::env::var("VERITY_QMATMUL_POOL").as_deref() {
-            Ok("rayon") => Pool::Rayon,
-            _ => Pool::Candle,
-        })
-    }
-
-    fn threads(self) -> usize {
-        match self {
-            Pool::Rayon => rayon::current_num_threads(),
-            Pool::Candle => candle_core::utils::barrier_pool().n_workers() + 1,
         }
     }
 }

@@ -151,7 +151,7 @@ fn throughput(
 
 /// The GSM8K prompt's ids: chat-rendered when the model has a chat template, the plain
 /// question otherwise (random-weight models made for a benchmark may have none).
-fn gsm8k_prompt(runtime: &Runtime) -> Result<Vec<u32>, String> {
+pub(super) fn gsm8k_prompt(runtime: &Runtime) -> Result<Vec<u32>, String> {
     let question = "Janet’s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins for her friends every day with four. She sells the remainder at the farmers' market daily for $2 per fresh duck egg. How much in dollars does she make every day at the farmers' market?";
     let text = format!("{question}{}", verity_cli::eval::BOXED_INSTRUCTION);
     let tokenizer = &runtime.model().tokenizer;

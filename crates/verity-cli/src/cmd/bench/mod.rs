@@ -1,10 +1,11 @@
 //! `verity bench`: measurements through the runtime, each with an optional JSON report for
-//! scripts (`scripts/gpu-check.sh` reads them): decode speed, the logits of given token ids,
+//! scripts (`scripts/gpu-check.sh` reads them): decode and prefill speed, the logits of given token ids,
 //! GRPO trainer steps, and a helper that writes a model's tokenizer as a Hugging Face folder
 //! (for random-weight models made elsewhere).
 
 mod decode;
 mod logits;
+mod prefill;
 mod tokenizer;
 mod train;
 
@@ -14,6 +15,8 @@ use std::path::Path;
 pub enum Command {
     /// Decode tokens/s by batch size, n samples vs independent requests, cost of the stats.
     Decode(decode::Args),
+    /// Prompt tokens/s: the time from a prompt to its first new token.
+    Prefill(prefill::Args),
     /// The last prompt position's logits row for given token ids and a greedy continuation
     /// (with log-probs and per-token statistics), directly and through the engine.
     Logits(logits::Args),
@@ -26,6 +29,7 @@ pub enum Command {
 pub fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Decode(a) => decode::run(a),
+        Command::Prefill(a) => prefill::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Train(a) => train::run(a),
         Command::Tokenizer(a) => tokenizer::run(a),
