@@ -176,6 +176,61 @@ fn batched_incremental_decode_equals_whole_sequence_and_single_decode() {
     }
 }
 
+/// A KV cache stored in f16 (the default for quantized weights on the CPU) read by both
+/// attention paths: a whole-prompt step (candle ops) and single-token steps (the batched
+/// decode kernel) give logits within f16's rounding of the f32 forward, and of each other.
+#[test]
+fn an_f16_kv_cache_stays_within_rounding_of_f32_on_both_attention_paths() {
+    let (gguf, _) = tiny_files(Architecture::Qwen2, "kv-f16");
+    let model = Model::load(
+        &gguf,
+        &LoadOptions {
+            kv_dtype: Some(DType::F16),
+            ..dense(DType::F32)
+        },
+    )
+    .unwrap();
+    assert_eq!(model.transformer.kv_dtype(), DType::F16);
+    assert_eq!(
+        Model::load(&gguf, &LoadOptions::default())
+            .unwrap()
+            .transformer
+            .kv_dtype(),
+        DType::F16,
+        "quantized weights on the CPU default to an f16 cache"
+    );
+    assert_eq!(
+        Model::load(&gguf, &dense(DType::F32))
+            .unwrap()
+            .transformer
+            .kv_dtype(),
+        DType::F32
+    );
+    let seq = [5u32, 17, 230, 41, 8, 99, 3, 150, 64, 12, 7, 201];
+    let full = train_logits(&model, &seq, None);
+    let scale = full
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let mut kv = model.transformer.new_kv();
+    let whole = step(&model, &seq, &mut kv, None);
+    let mut kv = model.transformer.new_kv();
+    let mut rows = vec![step(&model, &seq[..4], &mut kv, None)];
+    rows.extend(seq[4..].iter().map(|t| step(&model, &[*t], &mut kv, None)));
+    let one_by_one = Tensor::cat(&rows, 0).unwrap();
+    for (what, logits) in [("whole prompt", &whole), ("token by token", &one_by_one)] {
+        let d = max_abs_diff(logits, &full) / scale;
+        // f16 keeps 11 bits: a relative error of about 5e-4 per value.
+        assert!(d < 5e-3, "{what}: f16 cache off f32 by {d} (relative)");
+        assert!(d > 0.0, "{what}: the cache was not rounded to f16");
+    }
+    let d = max_abs_diff(&whole, &one_by_one) / scale;
+    assert!(d < 5e-3, "the two attention paths differ by {d} (relative)");
+}
+
 #[test]
 fn forked_kv_continues_like_a_fresh_sequence() {
     let (gguf, _) = tiny_files(Architecture::Llama, "fork");

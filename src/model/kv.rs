@@ -119,8 +119,9 @@ impl KvSegment {
     /// Writes new rows (n, kv_heads, head_dim) after the stored ones; they count once
     /// [`Self::commit`] is called (after every layer has written).
     pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        self.keys[layer].slice_set(&k.contiguous()?, 0, self.len)?;
-        self.values[layer].slice_set(&v.contiguous()?, 0, self.len)?;
+        let dtype = self.keys[layer].dtype();
+        self.keys[layer].slice_set(&k.to_dtype(dtype)?.contiguous()?, 0, self.len)?;
+        self.values[layer].slice_set(&v.to_dtype(dtype)?.contiguous()?, 0, self.len)?;
         Ok(())
     }
 

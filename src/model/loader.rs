@@ -21,6 +21,10 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// See [`Transformer::set_dense_rows`].
     pub dense_rows: Option<usize>,
+    /// KV cache dtype; default f16 where quantized weights run on the CPU (as llama.cpp
+    /// does: half the memory and half the bytes attention reads per step), else the
+    /// activation dtype.
+    pub kv_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -30,6 +34,7 @@ impl Default for LoadOptions {
             format: WeightFormat::Quantized,
             dtype: None,
             dense_rows: None,
+            kv_dtype: None,
         }
     }
 }
@@ -41,6 +46,16 @@ impl LoadOptions {
         } else {
             DType::BF16
         })
+    }
+
+    fn kv_dtype(&self) -> DType {
+        self.kv_dtype.unwrap_or(
+            if self.device.is_cpu() && self.format == WeightFormat::Quantized {
+                DType::F16
+            } else {
+                self.dtype()
+            },
+        )
     }
 }
 
@@ -84,6 +99,7 @@ impl Model {
             let mut transformer =
                 Transformer::new(config, &mut weights, options.format, dtype, &options.device)?;
             transformer.set_dense_rows(options.dense_rows)?;
+            transformer.set_kv_dtype(options.kv_dtype())?;
             Ok(Self {
                 transformer,
                 tokenizer,
@@ -101,6 +117,7 @@ impl Model {
             let mut transformer =
                 Transformer::new(config, &mut weights, options.format, dtype, &options.device)?;
             transformer.set_dense_rows(options.dense_rows)?;
+            transformer.set_kv_dtype(options.kv_dtype())?;
             Ok(Self {
                 transformer,
                 tokenizer,

@@ -11,7 +11,8 @@
 //! A task's arithmetic depends only on its own sequence, in a fixed order, so a row's
 //! result does not depend on the batch it is in.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, StorageRef, Tensor};
+use half::slice::HalfFloatSliceExt;
 use parking_lot::Mutex;
 
 use super::step::StepInput;
@@ -20,9 +21,9 @@ use crate::error::{Error, Result};
 use crate::pool::Pool;
 
 /// One segment of one sequence as the kernel reads it, for one layer.
-struct SegmentView<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+struct SegmentView<'a, T> {
+    keys: &'a [T],
+    values: &'a [T],
     /// Absolute position of its first row, and the rows to read.
     start: usize,
     len: usize,
@@ -62,7 +63,6 @@ impl Transformer {
         let (_, nh, hd) = q.dims3()?;
         let b = which.len();
         let nkv = self.config.num_kv_heads;
-        let groups = nh / nkv;
         for (&i, &r) in which.iter().zip(rows) {
             batch[i]
                 .kv
@@ -91,64 +91,137 @@ impl Transformer {
             }
         }
         first.push(held.len());
+        let job = Job {
+            batch,
+            which,
+            rows,
+            first: &first,
+            window,
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            scale,
+            q: &q,
+        };
+        let out = match self.kv_dtype() {
+            DType::F32 => job.run::<f32>(&held)?,
+            DType::F16 => job.run::<half::f16>(&held)?,
+            DType::BF16 => job.run::<half::bf16>(&held)?,
+            other => {
+                return Err(Error::Internal(format!(
+                    "CPU decode attention over a {other:?} KV cache"
+                )))
+            }
+        };
+        Ok(Tensor::from_vec(out, (b, nh * hd), &self.device)?)
+    }
+}
+
+/// A segment's key and value storage, held for reading, its first position and the rows
+/// to read.
+type Held<'a> = (StorageRef<'a>, StorageRef<'a>, usize, usize);
+
+/// What every task of one layer's call reads.
+struct Job<'a, 'b> {
+    batch: &'a [StepInput<'b>],
+    which: &'a [usize],
+    rows: &'a [usize],
+    /// Sequence i's segments are `held[first[i]..first[i + 1]]`.
+    first: &'a [usize],
+    window: Option<usize>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    /// The queries, (T, H, d) flat.
+    q: &'a [f32],
+}
+
+impl Job<'_, '_> {
+    /// Runs the (sequence, KV head) tasks over a KV cache of element type `T`; returns the
+    /// attention (B, H·d) flat.
+    fn run<T: KvElement>(&self, held: &[Held<'_>]) -> Result<Vec<f32>> {
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let groups = nh / nkv;
         let row = nkv * hd;
         let views = held
             .iter()
             .map(|(keys, values, start, len)| {
                 Ok(SegmentView {
-                    keys: f32_rows(keys, len * row)?,
-                    values: f32_rows(values, len * row)?,
+                    keys: rows_of::<T>(keys, len * row)?,
+                    values: rows_of::<T>(values, len * row)?,
                     start: *start,
                     len: *len,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-
-        let mut out = vec![0f32; b * nh * hd];
+        let mut out = vec![0f32; self.which.len() * nh * hd];
         // Task t = (sequence t / nkv, KV head t % nkv) owns output heads h·G..(h+1)·G of
         // its sequence: a contiguous run of G·d values.
         let outputs: Vec<Mutex<&mut [f32]>> = out.chunks_mut(groups * hd).map(Mutex::new).collect();
-        let task = |t: usize| {
+        Pool::global().run(outputs.len(), |t| {
             let (i, h) = (t / nkv, t % nkv);
-            let segments = &views[first[i]..first[i + 1]];
-            let at = batch[which[i]].kv.len();
-            let r = rows[i];
-            let queries = &q[(r * nh + h * groups) * hd..(r * nh + (h + 1) * groups) * hd];
+            let r = self.rows[i];
             attend_one(
-                segments,
-                at,
-                window,
+                &views[self.first[i]..self.first[i + 1]],
+                self.batch[self.which[i]].kv.len(),
+                self.window,
                 h,
                 nkv,
                 hd,
-                scale,
-                queries,
+                self.scale,
+                &self.q[(r * nh + h * groups) * hd..(r * nh + (h + 1) * groups) * hd],
                 &mut outputs[t].lock(),
             );
-        };
-        Pool::global().run(b * nkv, task);
+        });
         drop(outputs);
-        Ok(Tensor::from_vec(out, (b, nh * hd), &self.device)?)
+        Ok(out)
     }
 }
 
-/// The first `n` values of a CPU f32 storage.
-fn f32_rows(storage: &Storage, n: usize) -> Result<&[f32]> {
+/// An element type of the KV cache, read as f32.
+trait KvElement: candle_core::WithDType {
+    /// `src` as f32: itself, or converted into `buf`.
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl KvElement for f32 {
+    fn as_f32<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElement for half::f16 {
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+impl KvElement for half::bf16 {
+    fn as_f32<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+/// The first `n` values of a CPU storage of `T`.
+fn rows_of<T: KvElement>(storage: &Storage, n: usize) -> Result<&[T]> {
     let Storage::Cpu(cpu) = storage else {
         return Err(Error::Internal(
             "CPU decode attention over a device tensor".into(),
         ));
     };
-    cpu.as_slice::<f32>()?
+    cpu.as_slice::<T>()?
         .get(..n)
         .ok_or_else(|| Error::Internal("a KV segment shorter than its length".into()))
 }
 
-/// Attention of one KV head's query group (G heads, `queries` G·d) at position `at` over
-/// `segments`, into `out` (G·d).
+/// Attention of one KV head's query group (G heads of d values: `queries` and `out` are
+/// G·d) at position `at` over `segments`.
 #[allow(clippy::too_many_arguments)]
-fn attend_one(
-    segments: &[SegmentView<'_>],
+fn attend_one<T: KvElement>(
+    segments: &[SegmentView<'_, T>],
     at: usize,
     window: Option<usize>,
     head: usize,
@@ -160,17 +233,18 @@ fn attend_one(
 ) {
     let groups = queries.len() / hd;
     let oldest = window.map_or(0, |w| (at + 1).saturating_sub(w));
-    let visible = |seg: &SegmentView<'_>| {
+    let visible = |seg: &SegmentView<'_, T>| {
         let from = oldest.saturating_sub(seg.start).min(seg.len);
         from..seg.len
     };
     let keys: usize = segments.iter().map(|s| visible(s).len()).sum();
     // scores[g·keys + j]
     let mut scores = vec![0f32; groups * keys];
+    let mut buf = vec![0f32; hd];
     let mut j = 0;
     for seg in segments {
         for r in visible(seg) {
-            let key = &seg.keys[(r * kv_heads + head) * hd..][..hd];
+            let key = T::as_f32(&seg.keys[(r * kv_heads + head) * hd..][..hd], &mut buf);
             for (g, query) in queries.chunks_exact(hd).enumerate() {
                 scores[g * keys + j] = dot(query, key) * scale;
             }
@@ -191,7 +265,7 @@ fn attend_one(
     let mut j = 0;
     for seg in segments {
         for r in visible(seg) {
-            let value = &seg.values[(r * kv_heads + head) * hd..][..hd];
+            let value = T::as_f32(&seg.values[(r * kv_heads + head) * hd..][..hd], &mut buf);
             for (g, o) in out.chunks_exact_mut(hd).enumerate() {
                 let w = scores[g * keys + j];
                 o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);

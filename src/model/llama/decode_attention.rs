@@ -49,6 +49,7 @@ impl Transformer {
             && c.num_heads / c.num_kv_heads <= MAX_GROUPS
             && c.head_dim <= MAX_HEAD_DIM
             && matches!(self.dtype, DType::BF16 | DType::F16 | DType::F32)
+            && self.kv_geometry.dtype == self.dtype
             && std::env::var_os("VERITY_REFERENCE_ATTENTION").is_none();
         if !fits {
             return Ok(None);

@@ -298,11 +298,29 @@ impl Transformer {
         }
         Ok(())
     }
+    /// Stores the KV caches made from now on in `dtype` (a float type); attention
+    /// computes in the activation dtype.
+    pub fn set_kv_dtype(&mut self, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            return Err(Error::InvalidArgument(format!(
+                "KV cache dtype {dtype:?}: a float type only"
+            )));
+        }
+        self.kv_geometry = Arc::new(KvGeometry {
+            dtype,
+            ..(*self.kv_geometry).clone()
+        });
+        Ok(())
+    }
+    /// The KV caches' dtype.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_geometry.dtype
+    }
     /// The device holding the weights; inputs and KV caches live there too.
     pub fn device(&self) -> &Device {
         &self.device
     }
-    /// Activation (and KV) dtype.
+    /// Activation dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
     }

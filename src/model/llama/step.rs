@@ -287,12 +287,14 @@ impl Transformer {
             * c.attention_scale())?;
         let mut keys = Vec::with_capacity(kv.shared_segments().len() + 1);
         let mut values = Vec::with_capacity(keys.capacity());
+        // (A KV cache stored in another dtype is read in the activations'.)
+        let dtype = q.dtype();
         for seg in kv.shared_segments() {
-            keys.push(seg.keys(layer)?);
-            values.push(seg.values(layer)?);
+            keys.push(seg.keys(layer)?.to_dtype(dtype)?);
+            values.push(seg.values(layer)?.to_dtype(dtype)?);
         }
-        keys.push(own.keys_with_pending(layer, n)?);
-        values.push(own.values_with_pending(layer, n)?);
+        keys.push(own.keys_with_pending(layer, n)?.to_dtype(dtype)?);
+        values.push(own.values_with_pending(layer, n)?.to_dtype(dtype)?);
 
         let mut scores = Vec::with_capacity(keys.len());
         for key in &keys {
