@@ -183,7 +183,7 @@ fn exp_term(d: f32) -> (f32, f32) {
 /// a degree-7 polynomial for e^r, 2^n through the exponent bits). Branch-free, so a loop
 /// over it vectorizes.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // Adding 1.5·2^23 rounds to an integer, which then sits in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let shifted = x * std::f32::consts::LOG2_E + ROUND;

@@ -227,7 +227,10 @@ impl Transformer {
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
             let gate = self.linear_step(block, l, LoraTarget::Gate, &h, &groups)?;
             let up = self.linear_step(block, l, LoraTarget::Up, &h, &groups)?;
-            let mlp = ops::gated(c.activation, &gate, &up)?;
+            let mlp = match ops::gated_f32_cpu(c.activation, &gate, &up)? {
+                Some(mlp) => mlp,
+                None => ops::gated(c.activation, &gate, &up)?,
+            };
             let mlp = self.linear_step(block, l, LoraTarget::Down, &mlp, &groups)?;
             x = (x + head_norm(mlp, block.mlp_out_norm.as_ref(), eps)?)?;
         }

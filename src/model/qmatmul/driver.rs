@@ -50,10 +50,7 @@ pub(super) fn run<K: Kernel>(
         return Ok(vec![0.0; m * n]);
     }
     let per_row = k.div_ceil(K::ACT_ELEMS);
-    let acts: Vec<K::Act> = x
-        .chunks_exact(k)
-        .flat_map(|row| row.chunks(K::ACT_ELEMS).map(K::quantize))
-        .collect();
+    let acts = quantize_rows(x, k, K::ACT_ELEMS, K::quantize);
     let acts: Vec<&[K::Act]> = acts.chunks_exact(per_row).collect();
 
     // yt holds y transposed (n × m): each weight row's m outputs are contiguous, so
@@ -103,7 +100,7 @@ pub(super) fn run_packed(isa: Isa, p: &PackedWeight, x: &[f32], m: usize) -> Res
     if m == 0 || n == 0 {
         return Ok(y);
     }
-    let acts = packed::quantize_rows(x, k);
+    let acts = quantize_rows(x, k, packed::BLOCK, packed::quantize_block);
     let acts: Vec<&[Q8Block]> = acts.chunks_exact(p.blocks()).collect();
     // Threads own disjoint column ranges of y, written through this pointer.
     let out = SharedRows {
@@ -130,6 +127,35 @@ pub(super) fn run_packed(isa: Isa, p: &PackedWeight, x: &[f32], m: usize) -> Res
     }
     Ok(y)
 }
+
+/// m rows of k values, each quantized per `block` values (the last block of a row may
+/// be short). With enough rows the rows are shared out over the pool; a row's blocks
+/// depend on that row only, so the result is the same either way.
+fn quantize_rows<A: Send>(
+    x: &[f32],
+    k: usize,
+    block: usize,
+    quantize: impl Fn(&[f32]) -> A + Sync,
+) -> Vec<A> {
+    let row = |r: &[f32]| r.chunks(block).map(&quantize).collect::<Vec<A>>();
+    let m = x.len() / k;
+    let pool = Pool::global();
+    if m < 2 || pool.threads() <= 1 || x.len() < MIN_PARALLEL_QUANTIZE {
+        return x.chunks_exact(k).flat_map(row).collect();
+    }
+    let per_chunk = m.div_ceil(2 * pool.threads());
+    let parts: Vec<Mutex<Vec<A>>> = (0..m.div_ceil(per_chunk))
+        .map(|_| Mutex::new(Vec::new()))
+        .collect();
+    pool.run(parts.len(), |c| {
+        let rows = &x[c * per_chunk * k..x.len().min((c + 1) * per_chunk * k)];
+        *parts[c].lock() = rows.chunks_exact(k).flat_map(row).collect();
+    });
+    parts.into_iter().flat_map(Mutex::into_inner).collect()
+}
+
+/// Below this many activation values, quantizing them is not worth a pool call.
+const MIN_PARALLEL_QUANTIZE: usize = 8192;
 
 /// Column groups per kernel call.
 const GROUPS_PER_CALL: usize = 2;

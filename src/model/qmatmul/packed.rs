@@ -359,13 +359,6 @@ pub(super) fn quantize_block(x: &[f32]) -> Q8Block {
     }
 }
 
-/// m rows of k values as m · k/32 blocks.
-pub(super) fn quantize_rows(x: &[f32], k: usize) -> Vec<Q8Block> {
-    // k is a multiple of 32, so the rows' blocks are the chunks of x.
-    debug_assert!(k.is_multiple_of(BLOCK) && x.len().is_multiple_of(k));
-    x.chunks(BLOCK).map(quantize_block).collect()
-}
-
 // ---------------------------------------------------------------------------------------
 // The scalar kernel: the reference, and the path on CPUs without the SIMD levels
 // ---------------------------------------------------------------------------------------
