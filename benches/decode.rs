@@ -37,7 +37,8 @@ fn measure_bandwidth() -> f64 {
 
 /// CPU time of all this process's threads, in seconds (Linux; 0 elsewhere). Unlike wall
 /// time it barely moves when other processes share the cores; run with
-/// RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 to leave out threads that spin while idle.
+/// VERITY_THREADS=1 RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 to leave out threads that
+/// spin while idle.
 fn process_cpu_seconds() -> f64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0.0;

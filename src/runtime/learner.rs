@@ -91,10 +91,14 @@ impl Inner {
 
     fn train_locked(&self, learn: &mut LearnState, rollouts: &[Rollout]) -> Result<StepReport> {
         learn.steps += 1;
-        match learn
+        let result = learn
             .trainer
-            .step(&self.engine.model().transformer, rollouts)
-        {
+            .step(&self.engine.model().transformer, rollouts);
+        // The step's short-lived buffers (about a gigabyte on a small model) are free now:
+        // hand them back, or each allocator arena that ever served a step keeps that much
+        // resident.
+        crate::release_free_memory();
+        match result {
             Ok(report) => {
                 learn.applied += report.applied as u64;
                 learn.last = Some(report.clone());
