@@ -59,18 +59,6 @@ fn golden(dir: &Path) -> Golden {
     }
 }
 
-/// max |a − b| / max |b|.
-fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    max_abs_diff(a, b) / scale.max(1e-6)
-}
-
 /// Logits (T, V) of every position: once through one decode step over the whole sequence,
 /// once through the training forward. Both must be within tolerance of `want`.
 fn check_logits(

@@ -380,20 +380,10 @@ mod tests {
         let n = gate.len();
         let g = Tensor::from_vec(gate.clone(), (1, n), &dev).unwrap();
         let u = Tensor::from_vec(up.clone(), (1, n), &dev).unwrap();
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for act in [Activation::Silu, Activation::GeluTanh] {
-            let fast: Vec<f32> = gated_f32_cpu(act, &g, &u)
-                .unwrap()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let candle: Vec<f32> = gated(act, &g, &u)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let fast = flat(gated_f32_cpu(act, &g, &u).unwrap().unwrap());
+            let candle = flat(gated(act, &g, &u).unwrap());
             for i in 0..n {
                 let (x, up) = (gate[i] as f64, up[i] as f64);
                 // (the value, the argument of σ: its rounding in f32 scales the error)

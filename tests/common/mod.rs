@@ -491,4 +491,16 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// max |a − b| / max |b|.
+pub fn relative_error(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(a, b) / scale.max(1e-6)
+}
 pub mod fuzz;
