@@ -15,7 +15,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::eval::{self, EvalConfig, EvalItem};
-use verity::adapter::save_versioned;
+use verity::adapter::{save_peft, save_versioned};
 use verity::engine::FinishReason;
 use verity::runtime::{GenerateResult, Generation, Runtime};
 use verity::select::SelectionRule;
@@ -407,6 +407,10 @@ pub fn learn(
             let probe_now = config.eval_every > 0 && step % config.eval_every == 0;
             if probe_now {
                 m.probe_kl = Some(probe_kl(runtime, &probes, &eval_config, config)?);
+                // Every probed policy is kept as it is, so that it can be scored afterwards
+                // on labels the run never saw (what a labelled guard would have picked).
+                let snapshot = checkpoints.join("steps").join(format!("step-{step:04}"));
+                save_peft(&adapter, model.config(), &snapshot, "")?;
             }
             let verdict = guard.observe(StepSignals {
                 agreement: m.agreement,

@@ -556,9 +556,21 @@ fn sample_and_rl_run_on_every_architecture() {
             "8".as_ref(),
             "--reward".as_ref(),
             "ttrl".as_ref(),
+            "--eval-every".as_ref(),
+            "1".as_ref(),
             "--out".as_ref(),
             out.as_os_str(),
         ]);
+        // Without labels, the policy of every probe step is kept for scoring afterwards.
+        for step in ["step-0001", "step-0002"] {
+            let snapshot = out.join("checkpoints/steps").join(step);
+            assert!(
+                snapshot.join("adapter_model.safetensors").is_file()
+                    && snapshot.join("adapter_config.json").is_file(),
+                "{name}: no snapshot {}",
+                snapshot.display()
+            );
+        }
         let config: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
         )

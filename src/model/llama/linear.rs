@@ -93,6 +93,40 @@ impl Linear {
         }
     }
 
+    /// [`Self::forward`] of several layers on one input (q, k, v; gate, up): on repacked
+    /// weights the input is quantized once and one parallel call runs them all.
+    pub fn forward_many<const N: usize>(
+        layers: [&Self; N],
+        x: &Tensor,
+        dense_rows: Option<usize>,
+    ) -> Result<[Tensor; N]> {
+        let dense = dense_rows.is_some_and(|n| x.dim(0).unwrap_or(0) >= n);
+        let packed: Vec<&qmatmul::PackedWeight> = layers
+            .iter()
+            .filter_map(|l| match &l.weight {
+                LinearWeight::Packed(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        if dense || packed.len() < N {
+            return layers
+                .iter()
+                .map(|l| l.forward(x, dense_rows))
+                .collect::<Result<Vec<_>>>()
+                .map(|ys| ys.try_into().expect("N results"));
+        }
+        let ys = qmatmul::PackedWeight::forward_many(&packed, x)?;
+        let ys = layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| match &l.bias {
+                Some(b) => Ok(y.broadcast_add(b)?),
+                None => Ok(y),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ys.try_into().expect("N results"))
+    }
+
     /// The weight as a dense (out, in) tensor; quantized weights are dequantized once.
     pub fn dense_weight(&self) -> Result<Tensor> {
         match &self.weight {

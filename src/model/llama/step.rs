@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
+use super::linear::Linear;
 use super::{Block, Transformer};
 use crate::error::{Error, Result};
 use crate::model::kv::SeqKv;
@@ -166,9 +167,13 @@ impl Transformer {
         let mut x = self.embed_rows(&ids)?;
         for (l, block) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &block.input_norm, eps)?;
-            let q = self.linear_step(block, l, LoraTarget::Q, &h, &groups)?;
-            let k = self.linear_step(block, l, LoraTarget::K, &h, &groups)?;
-            let v = self.linear_step(block, l, LoraTarget::V, &h, &groups)?;
+            let [q, k, v] = self.linear_steps(
+                block,
+                l,
+                [LoraTarget::Q, LoraTarget::K, LoraTarget::V],
+                &h,
+                &groups,
+            )?;
             let q = head_norm(q.reshape((1, total, nh, hd))?, block.q_norm.as_ref(), eps)?;
             let k = head_norm(k.reshape((1, total, nkv, hd))?, block.k_norm.as_ref(), eps)?;
             let (cos, sin) = &ropes[block.rope];
@@ -225,8 +230,8 @@ impl Transformer {
             let attn = self.linear_step(block, l, LoraTarget::O, &attn, &groups)?;
             x = (x + head_norm(attn, block.attn_out_norm.as_ref(), eps)?)?;
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
-            let gate = self.linear_step(block, l, LoraTarget::Gate, &h, &groups)?;
-            let up = self.linear_step(block, l, LoraTarget::Up, &h, &groups)?;
+            let [gate, up] =
+                self.linear_steps(block, l, [LoraTarget::Gate, LoraTarget::Up], &h, &groups)?;
             let mlp = match ops::gated_f32_cpu(c.activation, &gate, &up)? {
                 Some(mlp) => mlp,
                 None => ops::gated(c.activation, &gate, &up)?,
@@ -398,7 +403,37 @@ impl Transformer {
         x: &Tensor,
         groups: &[LoraGroup],
     ) -> Result<Tensor> {
-        let mut y = block.linear(target).forward(x, self.dense_rows)?;
+        let y = block.linear(target).forward(x, self.dense_rows)?;
+        self.add_lora(layer, target, x, y, groups)
+    }
+
+    /// [`Self::linear_step`] of several layers on one input, which the quantized kernels
+    /// then quantize once.
+    fn linear_steps<const N: usize>(
+        &self,
+        block: &Block,
+        layer: usize,
+        targets: [LoraTarget; N],
+        x: &Tensor,
+        groups: &[LoraGroup],
+    ) -> Result<[Tensor; N]> {
+        let ys = Linear::forward_many(targets.map(|t| block.linear(t)), x, self.dense_rows)?;
+        let mut out = Vec::with_capacity(N);
+        for (t, y) in targets.into_iter().zip(ys) {
+            out.push(self.add_lora(layer, t, x, y, groups)?);
+        }
+        Ok(out.try_into().expect("N outputs"))
+    }
+
+    /// y plus the LoRA deltas of the rows' adapters for this layer and target.
+    fn add_lora(
+        &self,
+        layer: usize,
+        target: LoraTarget,
+        x: &Tensor,
+        mut y: Tensor,
+        groups: &[LoraGroup],
+    ) -> Result<Tensor> {
         for g in groups {
             match &g.rows {
                 None => {

@@ -50,7 +50,11 @@ pub(super) fn run<K: Kernel>(
         return Ok(vec![0.0; m * n]);
     }
     let per_row = k.div_ceil(K::ACT_ELEMS);
-    let acts = quantize_rows(x, k, K::ACT_ELEMS, K::quantize);
+    let acts = quantize_rows(x, k, per_row, K::ZERO, |x, out| {
+        for (o, x) in out.iter_mut().zip(x.chunks(K::ACT_ELEMS)) {
+            *o = K::quantize(x);
+        }
+    });
     let acts: Vec<&[K::Act]> = acts.chunks_exact(per_row).collect();
 
     // yt holds y transposed (n × m): each weight row's m outputs are contiguous, so
@@ -89,73 +93,121 @@ pub(super) fn run<K: Kernel>(
 /// `y = x · Wᵀ` on a repacked weight: returns y as m rows of n values (`x` holds m rows
 /// of k values).
 pub(super) fn run_packed(isa: Isa, p: &PackedWeight, x: &[f32], m: usize) -> Result<Vec<f32>> {
-    let (n, k) = p.shape();
+    let mut ys = run_packed_many(isa, &[p], x, m)?;
+    Ok(ys.pop().unwrap_or_default())
+}
+
+/// `y_i = x · W_iᵀ` for several repacked weights of the same input width (q, k and v; gate
+/// and up): the activations are quantized once and all the weights' columns are shared out
+/// in one pool call. Each y_i is what [`run_packed`] returns for W_i alone.
+pub(super) fn run_packed_many(
+    isa: Isa,
+    ps: &[&PackedWeight],
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let Some(k) = ps.first().map(|p| p.shape().1) else {
+        return Ok(Vec::new());
+    };
+    if let Some(p) = ps.iter().find(|p| p.shape().1 != k) {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: weights of {k} and {} inputs on one activation",
+            p.shape().1
+        )));
+    }
     if x.len() != m * k {
         return Err(Error::InvalidArgument(format!(
             "qmatmul: {} inputs for m = {m} rows of {k}",
             x.len()
         )));
     }
-    let mut y = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return Ok(y);
+    let mut ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0f32; m * p.shape().0]).collect();
+    let work: usize = ps.iter().map(|p| p.shape().0).sum::<usize>() * k * m;
+    if work == 0 {
+        return Ok(ys);
     }
-    let acts = quantize_rows(x, k, packed::BLOCK, packed::quantize_block);
-    let acts: Vec<&[Q8Block]> = acts.chunks_exact(p.blocks()).collect();
-    // Threads own disjoint column ranges of y, written through this pointer.
-    let out = SharedRows {
-        ptr: y.as_mut_ptr(),
-        n,
-    };
-    let blocks = p.groups().div_ceil(GROUPS_PER_CALL);
+    let nb = k / packed::BLOCK;
+    let acts = quantize_rows(x, k, nb, Q8Block::ZERO, |x, out| {
+        packed::quantize_row(isa, x, out)
+    });
+    let acts: Vec<&[Q8Block]> = acts.chunks_exact(nb).collect();
+    // Threads own disjoint column ranges of each y, written through these pointers.
+    let outs: Vec<SharedRows> = ys
+        .iter_mut()
+        .zip(ps)
+        .map(|(y, p)| SharedRows {
+            ptr: y.as_mut_ptr(),
+            n: p.shape().0,
+        })
+        .collect();
+    // The column blocks of all the weights, one after the other.
+    let blocks: Vec<usize> = ps
+        .iter()
+        .map(|p| p.groups().div_ceil(GROUPS_PER_CALL))
+        .collect();
+    let total: usize = blocks.iter().sum();
     let columns = |range: std::ops::Range<usize>| {
+        let (mut w, mut first) = (0, 0);
         for cb in range {
-            packed_columns(isa, p, cb, &acts, &out);
+            while cb >= first + blocks[w] {
+                first += blocks[w];
+                w += 1;
+            }
+            packed_columns(isa, ps[w], cb - first, &acts, &outs[w]);
         }
     };
     let pool = Pool::global();
-    if pool.threads() <= 1 || n * k * m < min_parallel_work() {
-        columns(0..blocks);
+    if pool.threads() <= 1 || work < min_parallel_work() {
+        columns(0..total);
     } else {
         // Several chunks per thread, so that a thread the OS does not run loses its share
         // to the others (`pool`).
-        let per_chunk = blocks.div_ceil(8 * pool.threads()).max(1);
-        let chunks = blocks.div_ceil(per_chunk);
+        let per_chunk = total.div_ceil(8 * pool.threads()).max(1);
+        let chunks = total.div_ceil(per_chunk);
         pool.run(chunks, |c| {
-            columns(c * per_chunk..blocks.min((c + 1) * per_chunk))
+            columns(c * per_chunk..total.min((c + 1) * per_chunk))
         });
     }
-    Ok(y)
+    Ok(ys)
 }
 
-/// m rows of k values, each quantized per `block` values (the last block of a row may
-/// be short). With enough rows the rows are shared out over the pool; a row's blocks
-/// depend on that row only, so the result is the same either way.
-fn quantize_rows<A: Send>(
+/// m rows of k values, each quantized to `per_row` blocks by `quantize_row`, into one
+/// vector (row r's blocks at r · per_row). With enough values the rows are shared out over
+/// the pool; a row's blocks depend on that row only, so the result is the same either way.
+fn quantize_rows<A: Copy + Send + Sync>(
     x: &[f32],
     k: usize,
-    block: usize,
-    quantize: impl Fn(&[f32]) -> A + Sync,
+    per_row: usize,
+    zero: A,
+    quantize_row: impl Fn(&[f32], &mut [A]) + Sync,
 ) -> Vec<A> {
-    let row = |r: &[f32]| r.chunks(block).map(&quantize).collect::<Vec<A>>();
     let m = x.len() / k;
+    let mut out = vec![zero; m * per_row];
     let pool = Pool::global();
     if m < 2 || pool.threads() <= 1 || x.len() < MIN_PARALLEL_QUANTIZE {
-        return x.chunks_exact(k).flat_map(row).collect();
+        for (x, out) in x.chunks_exact(k).zip(out.chunks_exact_mut(per_row)) {
+            quantize_row(x, out);
+        }
+        return out;
     }
-    let per_chunk = m.div_ceil(2 * pool.threads());
-    let parts: Vec<Mutex<Vec<A>>> = (0..m.div_ceil(per_chunk))
-        .map(|_| Mutex::new(Vec::new()))
+    let rows_per_chunk = m.div_ceil(2 * pool.threads());
+    let parts: Vec<Mutex<&mut [A]>> = out
+        .chunks_mut(rows_per_chunk * per_row)
+        .map(Mutex::new)
         .collect();
     pool.run(parts.len(), |c| {
-        let rows = &x[c * per_chunk * k..x.len().min((c + 1) * per_chunk * k)];
-        *parts[c].lock() = rows.chunks_exact(k).flat_map(row).collect();
+        let rows = &x[c * rows_per_chunk * k..x.len().min((c + 1) * rows_per_chunk * k)];
+        let mut part = parts[c].lock();
+        for (x, out) in rows.chunks_exact(k).zip(part.chunks_exact_mut(per_row)) {
+            quantize_row(x, out);
+        }
     });
-    parts.into_iter().flat_map(Mutex::into_inner).collect()
+    drop(parts);
+    out
 }
 
 /// Below this many activation values, quantizing them is not worth a pool call.
-const MIN_PARALLEL_QUANTIZE: usize = 8192;
+const MIN_PARALLEL_QUANTIZE: usize = 1 << 16;
 
 /// Column groups per kernel call.
 const GROUPS_PER_CALL: usize = 2;

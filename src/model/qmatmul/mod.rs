@@ -103,6 +103,20 @@ impl PackedWeight {
         })
     }
 
+    /// `x · W_iᵀ` for several weights of the same input width, as [`Self::forward`] gives
+    /// each, with x quantized once and one parallel call for all of them.
+    pub(crate) fn forward_many(ws: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(k) = ws.first().map(|w| w.shape().1) else {
+            return Ok(Vec::new());
+        };
+        let xs = input_rows(x, k)?;
+        let ys = driver::run_packed_many(Isa::detect(), ws, &xs, x.elem_count() / k)?;
+        ws.iter()
+            .zip(ys)
+            .map(|(w, y)| output(x, w.shape().0, y))
+            .collect()
+    }
+
     /// The weight as a dense (out, in) f32 tensor.
     pub(crate) fn dequantize_tensor(&self) -> Result<Tensor> {
         Ok(Tensor::from_vec(
@@ -121,19 +135,28 @@ fn apply(
     k: usize,
     product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
 ) -> Result<Tensor> {
-    let mut out_dims = x.dims().to_vec();
-    if out_dims.last() != Some(&k) {
+    let xs = input_rows(x, k)?;
+    let y = product(&xs, x.elem_count() / k)?;
+    output(x, n, y)
+}
+
+/// x of shape (…, k) as f32 rows of k values.
+fn input_rows(x: &Tensor, k: usize) -> Result<Vec<f32>> {
+    if x.dims().last() != Some(&k) {
         return Err(Error::InvalidArgument(format!(
-            "qmatmul: input {:?} does not end in {k} (weight of {n} × {k})",
+            "qmatmul: input {:?} does not end in {k} (the weight's input width)",
             x.dims(),
         )));
     }
-    let m = x.elem_count() / k;
+    Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+}
+
+/// The rows y (n values each) of a product on x, shaped (…, n) in x's dtype.
+fn output(x: &Tensor, n: usize, y: Vec<f32>) -> Result<Tensor> {
+    let mut out_dims = x.dims().to_vec();
     if let Some(last) = out_dims.last_mut() {
         *last = n;
     }
-    let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let y = product(&xs, m)?;
     let y = Tensor::from_vec(y, out_dims, &Device::Cpu)?;
     Ok(if x.dtype() == DType::F32 {
         y
@@ -213,6 +236,8 @@ trait Kernel {
     /// The activation block this weight type is dotted with, and its number of values.
     type Act: Copy + Send + Sync;
     const ACT_ELEMS: usize;
+    /// An activation block of zeros (what the driver allocates before quantizing).
+    const ZERO: Self::Act;
     /// Values and bytes per weight block.
     const ELEMS: usize;
     const BYTES: usize;
@@ -235,6 +260,7 @@ struct Q6K;
 impl Kernel for Q4K {
     type Act = Q8KBlock;
     const ACT_ELEMS: usize = QK_K;
+    const ZERO: Q8KBlock = Q8KBlock::ZERO;
     const ELEMS: usize = QK_K;
     const BYTES: usize = quant::Q4K_BYTES;
     fn quantize(x: &[f32]) -> Q8KBlock {
@@ -256,6 +282,7 @@ impl Kernel for Q4K {
 impl Kernel for Q6K {
     type Act = Q8KBlock;
     const ACT_ELEMS: usize = QK_K;
+    const ZERO: Q8KBlock = Q8KBlock::ZERO;
     const ELEMS: usize = QK_K;
     const BYTES: usize = quant::Q6K_BYTES;
     fn quantize(x: &[f32]) -> Q8KBlock {

@@ -332,6 +332,31 @@ pub(super) struct Q8Block {
     pub(super) sum: i32,
 }
 
+impl Q8Block {
+    pub(super) const ZERO: Self = Self {
+        qs: [0; BLOCK],
+        d: 0.0,
+        s: 0.0,
+        sum: 0,
+    };
+}
+
+/// A row of activations (a multiple of 32 values on the SIMD levels) as blocks: the
+/// x86 levels give [`quantize_block`]'s bits (the same max, division, products and
+/// ties-to-even rounding).
+pub(super) fn quantize_row(isa: super::Isa, x: &[f32], out: &mut [Q8Block]) {
+    #[cfg(target_arch = "x86_64")]
+    if let super::Isa::X86(simd) = isa {
+        if x.len() == out.len() * BLOCK {
+            return super::packed_x86::quantize_row(simd, x, out);
+        }
+    }
+    let _ = isa;
+    for (o, x) in out.iter_mut().zip(x.chunks(BLOCK)) {
+        *o = quantize_block(x);
+    }
+}
+
 /// Up to 32 values as a [`Q8Block`]; missing values are zeros.
 pub(super) fn quantize_block(x: &[f32]) -> Q8Block {
     let mut v = [0f32; BLOCK];

@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::packed::{PackedType, Q8Block, LANES};
+use super::packed::{PackedType, Q8Block, BLOCK, LANES};
 use super::x86::Simd;
 
 /// Rows of the largest register tile, by vector width.
@@ -115,6 +115,84 @@ pub(super) fn tile(
 
 mod avx512 {
     pub(super) use super::tile_512 as tile;
+}
+
+/// Activations (`out.len()` blocks of 32) as [`Q8Block`]s, with `packed::quantize_block`'s
+/// arithmetic: |x| max, d = max / 127, the products x · (1 / d) rounded to nearest even
+/// (the default MXCSR mode of `cvtps2dq`, as `round_small` rounds), their sum.
+pub(super) fn quantize_row(simd: Simd, x: &[f32], out: &mut [Q8Block]) {
+    assert_eq!(x.len(), out.len() * BLOCK);
+    for (o, x) in out.iter_mut().zip(x.chunks_exact(BLOCK)) {
+        let x: &[f32; BLOCK] = x.try_into().expect("a block of 32");
+        // SAFETY: the token proves the CPU features.
+        *o = unsafe {
+            match simd {
+                Simd::Avx512(_) => quantize_512(x),
+                _ => quantize_256(x),
+            }
+        };
+    }
+}
+
+/// The scale and its inverse for a block whose largest |value| is `max`.
+#[inline(always)]
+fn scale_of(max: f32) -> (f32, f32) {
+    let d = max / 127.0;
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn quantize_512(x: &[f32; BLOCK]) -> Q8Block {
+    unsafe {
+        let a = _mm512_loadu_ps(x.as_ptr());
+        let b = _mm512_loadu_ps(x.as_ptr().add(16));
+        let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        let (d, id) = scale_of(max);
+        let id = _mm512_set1_ps(id);
+        let qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, id));
+        let qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, id));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        let mut o = Q8Block::ZERO;
+        _mm_storeu_si128(o.qs.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(o.qs.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(qb));
+        o.d = d;
+        o.sum = sum;
+        o.s = d * sum as f32;
+        o
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_256(x: &[f32; BLOCK]) -> Q8Block {
+    unsafe {
+        let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(x.as_ptr().add(8 * i)));
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let m = v.map(|v| _mm256_and_ps(v, abs));
+        let m = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let (d, id) = scale_of(_mm_cvtss_f32(m));
+        let id = _mm256_set1_ps(id);
+        let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_hadd_epi32(s, s);
+        let sum = _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
+        // i32 → i8 with saturating packs (|q| ≤ 127, so nothing saturates), then the
+        // 32-bit lanes back in order (the packs work within 128-bit halves).
+        let w = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut o = Q8Block::ZERO;
+        _mm256_storeu_si256(o.qs.as_mut_ptr().cast(), w);
+        o.d = d;
+        o.sum = sum;
+        o.s = d * sum as f32;
+        o
+    }
 }
 
 /// Asks for `bytes` bytes `PREFETCH` ahead of p.

@@ -69,6 +69,14 @@ pub(super) struct Q8KBlock {
     pub(super) bsums: [i16; QK_K / 16],
 }
 
+impl Q8KBlock {
+    pub(super) const ZERO: Self = Self {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+}
+
 /// Largest |v|, in a shape the compiler vectorizes.
 fn abs_max(x: &[f32]) -> f32 {
     let mut m = [0f32; 8];

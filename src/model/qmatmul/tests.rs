@@ -120,6 +120,48 @@ fn simd_matches_scalar() {
 }
 
 #[test]
+fn activation_blocks_are_the_same_on_every_level() {
+    // Random blocks, a block of zeros, one whose largest value is negative, and one of
+    // exact ties: with max 127 the scale is 1, so v + 0.5 must round to the even side.
+    let mut x = values(32 * 12, 7);
+    x.extend([0.0; 32]);
+    x.extend((0..32).map(|i| if i == 5 { -3.0 } else { i as f32 / 16.0 }));
+    x.extend((0..32).map(|i| {
+        if i == 0 {
+            127.0
+        } else {
+            (i as f32 - 16.0) + 0.5
+        }
+    }));
+    let blocks = x.len() / 32;
+    let reference: Vec<packed::Q8Block> = x.chunks(32).map(packed::quantize_block).collect();
+    // The scalar reference itself on the ties: round half to even.
+    let ties = &reference[blocks - 1];
+    assert_eq!(ties.d, 1.0);
+    for i in 1..32 {
+        let v = i as f32 - 16.0 + 0.5;
+        let even = if (v - 0.5) as i32 % 2 == 0 {
+            v - 0.5
+        } else {
+            v + 0.5
+        };
+        assert_eq!(ties.qs[i] as f32, even, "value {v}");
+    }
+    for isa in isas() {
+        let mut got = vec![packed::Q8Block::ZERO; blocks];
+        packed::quantize_row(isa, &x, &mut got);
+        for (b, (g, r)) in got.iter().zip(&reference).enumerate() {
+            assert_eq!(g.qs, r.qs, "{isa:?} block {b}");
+            assert_eq!(
+                (g.d.to_bits(), g.s.to_bits(), g.sum),
+                (r.d.to_bits(), r.s.to_bits(), r.sum),
+                "{isa:?} block {b}"
+            );
+        }
+    }
+}
+
+#[test]
 fn repacking_keeps_every_value() {
     for ty in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
         // 37 columns: a last group of 5; 3 blocks per column.

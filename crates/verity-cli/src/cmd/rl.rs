@@ -54,7 +54,8 @@ pub struct Args {
     /// Generate the next step's rollouts while a step trains (one step stale).
     #[arg(long)]
     overlap: bool,
-    /// Output folder: metrics.jsonl, plot.png, checkpoints/, adapter/ (PEFT files).
+    /// Output folder: metrics.jsonl, plot.png, checkpoints/, adapter/ (PEFT files). A run
+    /// without --eval also keeps the policy of every probe step in checkpoints/steps/.
     #[arg(long)]
     out: PathBuf,
 }
