@@ -5,8 +5,12 @@
 use parking_lot::Mutex;
 
 use super::packed::{self, PackedWeight, Q8Block, LANES};
+use super::packed_k;
+#[cfg(target_arch = "x86_64")]
+use super::packed_k_x86;
 #[cfg(target_arch = "x86_64")]
 use super::packed_x86;
+use super::quant::{quantize_q8k, Q8KBlock, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
 use super::{Isa, Kernel};
@@ -121,16 +125,36 @@ pub(super) fn run_packed_many(
             x.len()
         )));
     }
-    let mut ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0f32; m * p.shape().0]).collect();
+    let ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0f32; m * p.shape().0]).collect();
     let work: usize = ps.iter().map(|p| p.shape().0).sum::<usize>() * k * m;
     if work == 0 {
         return Ok(ys);
     }
-    let nb = k / packed::BLOCK;
-    let acts = quantize_rows(x, k, nb, Q8Block::ZERO, |x, out| {
-        packed::quantize_row(isa, x, out)
-    });
-    let acts: Vec<&[Q8Block]> = acts.chunks_exact(nb).collect();
+    if ps.iter().any(|p| p.ty.is_k() != ps[0].ty.is_k()) {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul: {:?} weights take other activation blocks than K-quants",
+            ps.iter().map(|p| p.ty).collect::<Vec<_>>()
+        )));
+    }
+    Ok(if ps[0].ty.is_k() {
+        columns_of::<Q8KBlock>(isa, ps, x, k, ys, work)
+    } else {
+        columns_of::<Q8Block>(isa, ps, x, k, ys, work)
+    })
+}
+
+/// [`run_packed_many`] after the checks, with activation blocks A.
+fn columns_of<A: PackedAct>(
+    isa: Isa,
+    ps: &[&PackedWeight],
+    x: &[f32],
+    k: usize,
+    mut ys: Vec<Vec<f32>>,
+    work: usize,
+) -> Vec<Vec<f32>> {
+    let nb = ps[0].blocks();
+    let acts = quantize_rows(x, k, nb, A::ZERO, |x, out| A::quantize_row(isa, x, out));
+    let acts: Vec<&[A]> = acts.chunks_exact(nb).collect();
     // Threads own disjoint column ranges of each y, written through these pointers.
     let outs: Vec<SharedRows> = ys
         .iter_mut()
@@ -168,7 +192,8 @@ pub(super) fn run_packed_many(
             columns(c * per_chunk..total.min((c + 1) * per_chunk))
         });
     }
-    Ok(ys)
+    drop(outs);
+    ys
 }
 
 /// m rows of k values, each quantized to `per_row` blocks by `quantize_row`, into one
@@ -222,7 +247,96 @@ struct SharedRows {
 unsafe impl Sync for SharedRows {}
 
 /// Columns of column block `cb` (groups GROUPS_PER_CALL·cb, …) for every activation row.
-fn packed_columns(isa: Isa, p: &PackedWeight, cb: usize, acts: &[&[Q8Block]], y: &SharedRows) {
+/// The activation blocks of the repacked types, and the register-tile kernels that read
+/// them: [`Q8Block`] for the 32-value types, [`Q8KBlock`] for the K-quants.
+trait PackedAct: Copy + Send + Sync {
+    const ZERO: Self;
+    /// Row `x` (k values) into its blocks.
+    fn quantize_row(isa: Isa, x: &[f32], out: &mut [Self]);
+    /// Activation rows `rows` (up to the level's tile) against column groups `groups`
+    /// (starting at group g0 of p): `out[r * groups.len() + g]`.
+    fn tile(
+        isa: Isa,
+        p: &PackedWeight,
+        g0: usize,
+        groups: &[&[u8]],
+        rows: &[&[Self]],
+        out: &mut [[f32; LANES]],
+    );
+}
+
+impl PackedAct for Q8Block {
+    const ZERO: Self = Q8Block::ZERO;
+    fn quantize_row(isa: Isa, x: &[f32], out: &mut [Self]) {
+        packed::quantize_row(isa, x, out)
+    }
+    fn tile(
+        isa: Isa,
+        p: &PackedWeight,
+        g0: usize,
+        groups: &[&[u8]],
+        rows: &[&[Self]],
+        out: &mut [[f32; LANES]],
+    ) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::X86(s) => packed_x86::tile(s, p.ty, groups, rows, out),
+            Isa::Scalar => scalar_tile(groups.len(), rows.len(), out, |g, one| {
+                packed::group_scalar(p, g0 + g, rows, one)
+            }),
+        }
+    }
+}
+
+impl PackedAct for Q8KBlock {
+    const ZERO: Self = Q8KBlock::ZERO;
+    fn quantize_row(_: Isa, x: &[f32], out: &mut [Self]) {
+        for (o, x) in out.iter_mut().zip(x.chunks(QK_K)) {
+            *o = quantize_q8k(x);
+        }
+    }
+    fn tile(
+        isa: Isa,
+        p: &PackedWeight,
+        g0: usize,
+        groups: &[&[u8]],
+        rows: &[&[Self]],
+        out: &mut [[f32; LANES]],
+    ) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::X86(s) => packed_k_x86::tile(s, p.ty, groups, rows, out),
+            Isa::Scalar => scalar_tile(groups.len(), rows.len(), out, |g, one| {
+                packed_k::group_scalar(p, g0 + g, rows, one)
+            }),
+        }
+    }
+}
+
+/// A tile through a scalar kernel of one group at a time.
+fn scalar_tile(
+    groups: usize,
+    rows: usize,
+    out: &mut [[f32; LANES]],
+    group: impl Fn(usize, &mut [[f32; LANES]]),
+) {
+    let mut one = [[0f32; LANES]; 4];
+    for g in 0..groups {
+        group(g, &mut one[..rows]);
+        for (r, y) in one[..rows].iter().enumerate() {
+            out[r * groups + g] = *y;
+        }
+    }
+}
+
+/// Columns of column block `cb` (groups GROUPS_PER_CALL·cb, …) for every activation row.
+fn packed_columns<A: PackedAct>(
+    isa: Isa,
+    p: &PackedWeight,
+    cb: usize,
+    acts: &[&[A]],
+    y: &SharedRows,
+) {
     let g0 = cb * GROUPS_PER_CALL;
     let groups: Vec<&[u8]> = (g0..p.groups().min(g0 + GROUPS_PER_CALL))
         .map(|g| p.group(g))
@@ -237,19 +351,7 @@ fn packed_columns(isa: Isa, p: &PackedWeight, cb: usize, acts: &[&[Q8Block]], y:
     let mut out = [[0f32; LANES]; 4 * GROUPS_PER_CALL];
     for (t, tile) in acts.chunks(rows_per_tile).enumerate() {
         let out = &mut out[..tile.len() * groups.len()];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::X86(s) => packed_x86::tile(s, p.ty, &groups, tile, out),
-            Isa::Scalar => {
-                let mut one = [[0f32; LANES]; 4];
-                for g in 0..groups.len() {
-                    packed::group_scalar(p, g0 + g, tile, &mut one[..tile.len()]);
-                    for (r, y) in one[..tile.len()].iter().enumerate() {
-                        out[r * groups.len() + g] = *y;
-                    }
-                }
-            }
-        }
+        A::tile(isa, p, g0, &groups, tile, out);
         for (r, row) in (t * rows_per_tile..).zip(0..tile.len()) {
             for g in 0..groups.len() {
                 let y_row = &out[row * groups.len() + g];

@@ -52,6 +52,9 @@ use quant::{quantize_q8k, Q8KBlock, QK_K};
 
 mod driver;
 mod packed;
+mod packed_k;
+#[cfg(target_arch = "x86_64")]
+mod packed_k_x86;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
 mod quant;
@@ -109,6 +112,10 @@ impl PackedWeight {
         let Some(k) = ws.first().map(|w| w.shape().1) else {
             return Ok(Vec::new());
         };
+        // K-quants and the 32-value types quantize the input differently.
+        if ws.iter().any(|w| w.ty.is_k() != ws[0].ty.is_k()) {
+            return ws.iter().map(|w| w.forward(x)).collect();
+        }
         let xs = input_rows(x, k)?;
         let ys = driver::run_packed_many(Isa::detect(), ws, &xs, x.elem_count() / k)?;
         ws.iter()

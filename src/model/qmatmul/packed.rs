@@ -29,7 +29,10 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use super::quant::{f16_at, round_small, Q4_1_BYTES, Q5_0_BYTES, Q8_0_BYTES};
+use super::packed_k;
+use super::quant::{
+    f16_at, round_small, Q4K_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q6K_BYTES, Q8_0_BYTES, QK_K,
+};
 use crate::error::{Error, Result};
 
 /// Output columns per group: the lanes of a 512-bit vector of i32.
@@ -43,6 +46,9 @@ pub(super) enum PackedType {
     Q4_1,
     Q5_0,
     Q8_0,
+    /// The K-quants, laid out by `packed_k`.
+    Q4K,
+    Q6K,
 }
 
 impl PackedType {
@@ -51,6 +57,8 @@ impl PackedType {
             GgmlDType::Q4_1 => Self::Q4_1,
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         })
     }
@@ -60,6 +68,22 @@ impl PackedType {
             Self::Q4_1 => GgmlDType::Q4_1,
             Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Whether this is a K-quant (256-value blocks, Q8_K activations).
+    pub(super) const fn is_k(self) -> bool {
+        matches!(self, Self::Q4K | Self::Q6K)
+    }
+
+    /// Values per block.
+    pub(super) const fn block_values(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            BLOCK
         }
     }
 
@@ -69,6 +93,8 @@ impl PackedType {
             Self::Q4_1 => Q4_1_BYTES,
             Self::Q5_0 => Q5_0_BYTES,
             Self::Q8_0 => Q8_0_BYTES,
+            Self::Q4K => Q4K_BYTES,
+            Self::Q6K => Q6K_BYTES,
         }
     }
 
@@ -78,6 +104,8 @@ impl PackedType {
             Self::Q4_1 => 256 + 64,
             Self::Q5_0 => 256 + 64 + 32,
             Self::Q8_0 => 512 + 32,
+            Self::Q4K => packed_k::Q4K_TILE,
+            Self::Q6K => packed_k::Q6K_TILE,
         }
     }
 
@@ -87,6 +115,7 @@ impl PackedType {
             Self::Q4_1 => 256,
             Self::Q5_0 => 320,
             Self::Q8_0 => 512,
+            Self::Q4K | Self::Q6K => panic!("K-quant tiles are laid out by packed_k"),
         }
     }
 
@@ -96,6 +125,7 @@ impl PackedType {
             Self::Q4_1 => 0,
             Self::Q5_0 => 16,
             Self::Q8_0 => 128,
+            Self::Q4K | Self::Q6K => panic!("K-quant tiles are laid out by packed_k"),
         }
     }
 
@@ -125,6 +155,7 @@ impl PackedType {
                 }
                 (u, f16_at(b, 0), 0.0)
             }
+            Self::Q4K | Self::Q6K => unreachable!("K-quant blocks: packed_k"),
         }
     }
 }
@@ -158,7 +189,7 @@ impl PackedWeight {
         let Ok((n, k)) = w.shape().dims2() else {
             return Ok(None);
         };
-        if k == 0 || !k.is_multiple_of(BLOCK) {
+        if k == 0 || !k.is_multiple_of(ty.block_values()) {
             return Ok(None);
         }
         let data = w.data()?;
@@ -167,9 +198,9 @@ impl PackedWeight {
 
     /// Repacks n rows of k values in GGUF blocks of type `ty`.
     pub(super) fn from_blocks(ty: PackedType, blocks: &[u8], n: usize, k: usize) -> Result<Self> {
-        let nb = k / BLOCK;
+        let nb = k / ty.block_values();
         let row_bytes = nb * ty.block_bytes();
-        if !k.is_multiple_of(BLOCK) || blocks.len() != n * row_bytes {
+        if !k.is_multiple_of(ty.block_values()) || blocks.len() != n * row_bytes {
             return Err(Error::InvalidArgument(format!(
                 "qmatmul: {} bytes of {ty:?} blocks for {n} rows of {k} values",
                 blocks.len()
@@ -187,6 +218,10 @@ impl PackedWeight {
             for b in 0..nb {
                 let src = &blocks[j * row_bytes + b * ty.block_bytes()..][..ty.block_bytes()];
                 let t = &mut bytes[(g * nb + b) * tile..][..tile];
+                if ty.is_k() {
+                    packed_k::write_lane(ty, t, lane, src);
+                    continue;
+                }
                 let (u, d, m) = ty.decode(src);
                 write_lane(ty, t, lane, &u, d, m);
             }
@@ -207,7 +242,7 @@ impl PackedWeight {
 
     /// Blocks per column.
     pub(super) fn blocks(&self) -> usize {
-        self.k / BLOCK
+        self.k / self.ty.block_values()
     }
 
     /// Column groups.
@@ -242,13 +277,26 @@ impl PackedWeight {
     /// The weight as n × k f32 values, row-major: d · q (+ m), exactly as GGUF
     /// dequantizes it.
     pub(crate) fn dequantize(&self) -> Vec<f32> {
-        let c = self.ty.offset();
         let mut out = vec![0f32; self.n * self.k];
+        let tile = self.ty.tile_bytes();
+        if self.ty.is_k() {
+            for (j, row) in out.chunks_exact_mut(self.k).enumerate() {
+                let (g, lane) = (j / LANES, j % LANES);
+                for (b, vals) in row.chunks_exact_mut(QK_K).enumerate() {
+                    let t = &self.group(g)[b * tile..][..tile];
+                    for (i, v) in vals.iter_mut().enumerate() {
+                        *v = packed_k::dequantize(self.ty, t, lane, i);
+                    }
+                }
+            }
+            return out;
+        }
+        let c = self.ty.offset();
         for (j, row) in out.chunks_exact_mut(self.k).enumerate() {
             let (g, lane) = (j / LANES, j % LANES);
             let tiles = self.group(g);
             for (b, vals) in row.chunks_exact_mut(BLOCK).enumerate() {
-                let t = &tiles[b * self.ty.tile_bytes()..][..self.ty.tile_bytes()];
+                let t = &tiles[b * tile..][..tile];
                 let (d, m) = scale_min(self.ty, t, lane);
                 for (i, v) in vals.iter_mut().enumerate() {
                     let q = (value(self.ty, t, lane, i) as i32 - c) as f32;
@@ -279,6 +327,7 @@ fn write_lane(ty: PackedType, t: &mut [u8], lane: usize, u: &[u8; BLOCK], d: f32
                     t[256 + 8 * quad + at / 8] |= 1 << (at % 8);
                 }
             }
+            PackedType::Q4K | PackedType::Q6K => unreachable!("K-quants: packed_k"),
         }
     }
     let s = ty.scales_at();
@@ -303,6 +352,7 @@ pub(super) fn value(ty: PackedType, t: &[u8], lane: usize, i: usize) -> u8 {
             let fifth = ty == PackedType::Q5_0 && t[256 + 8 * quad + at / 8] >> (at % 8) & 1 == 1;
             low | if fifth { 0x10 } else { 0 }
         }
+        PackedType::Q4K | PackedType::Q6K => unreachable!("K-quants: packed_k"),
     }
 }
 

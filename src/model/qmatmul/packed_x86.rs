@@ -30,6 +30,7 @@ const fn code(ty: PackedType) -> u8 {
         PackedType::Q4_1 => Q4_1,
         PackedType::Q5_0 => Q5_0,
         PackedType::Q8_0 => Q8_0,
+        PackedType::Q4K | PackedType::Q6K => panic!("K-quants have their kernels in packed_k_x86"),
     }
 }
 
