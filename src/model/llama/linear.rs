@@ -24,8 +24,8 @@ pub(super) struct Linear {
 }
 
 enum LinearWeight {
-    /// On the CPU, a 32-value type repacked for our GEMM kernels (the GGUF blocks are
-    /// not kept).
+    /// On the CPU, a type our GEMM kernels cover (Q4_1, Q5_0, Q8_0, Q4_K, Q6_K), repacked
+    /// for them (the GGUF blocks are not kept).
     Packed(qmatmul::PackedWeight),
     Quantized(Arc<QTensor>, QMatMul),
     Dense(Tensor),
@@ -78,11 +78,6 @@ impl Linear {
             }
             // Our CPU kernels (batched, SIMD chosen at run time) where they cover the
             // weight type; candle's QMatMul elsewhere, or when VERITY_CANDLE_QMATMUL=1.
-            LinearWeight::Quantized(q, _)
-                if !qmatmul::disabled_by_env() && qmatmul::supports(q) =>
-            {
-                qmatmul::forward(q, x)?
-            }
             LinearWeight::Packed(p) => p.forward(x)?,
             LinearWeight::Quantized(_, qm) => qm.forward(x)?,
             LinearWeight::Dense(w) => x.matmul(&w.t()?)?,

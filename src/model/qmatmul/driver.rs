@@ -13,86 +13,12 @@ use super::packed_x86;
 use super::quant::{quantize_q8k, Q8KBlock, QK_K};
 #[cfg(target_arch = "x86_64")]
 use super::x86;
-use super::{Isa, Kernel};
+use super::Isa;
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 
-/// Activation rows dotted against one decoded weight row at a time.
-const TILE: usize = 4;
-
-/// Weight rows that all tiles of a batch meet before the next ones (see `dot_rows`).
-const ROW_BLOCK: usize = 32;
-
 /// Below this many multiply-adds (m · out · in) a product runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 18;
-
-/// `y = x · Wᵀ` for weight type K: checks the sizes, then returns y as m rows of n
-/// values (`w` holds n rows of k values in K's blocks, `x` m rows of k values).
-pub(super) fn run<K: Kernel>(
-    isa: Isa,
-    w: &[u8],
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-) -> Result<Vec<f32>> {
-    if k == 0 || !k.is_multiple_of(K::ELEMS) || x.len() != m * k {
-        return Err(Error::InvalidArgument(format!(
-            "qmatmul: k = {k} with {} inputs for m = {m}",
-            x.len()
-        )));
-    }
-    let nb = k / K::ELEMS;
-    let row_bytes = nb * K::BYTES;
-    if w.len() != n * row_bytes {
-        return Err(Error::InvalidArgument(format!(
-            "qmatmul: {} weight bytes for {n} rows of {row_bytes}",
-            w.len()
-        )));
-    }
-    if m == 0 || n == 0 {
-        return Ok(vec![0.0; m * n]);
-    }
-    let per_row = k.div_ceil(K::ACT_ELEMS);
-    let acts = quantize_rows(x, k, per_row, K::ZERO, |x, out| {
-        for (o, x) in out.iter_mut().zip(x.chunks(K::ACT_ELEMS)) {
-            *o = K::quantize(x);
-        }
-    });
-    let acts: Vec<&[K::Act]> = acts.chunks_exact(per_row).collect();
-
-    // yt holds y transposed (n × m): each weight row's m outputs are contiguous, so
-    // threads own disjoint column ranges of y.
-    let mut yt = vec![0f32; n * m];
-    let columns = |j0: usize, out: &mut [f32]| dot_rows::<K>(isa, w, row_bytes, j0, &acts, out);
-    let pool = Pool::global();
-    if pool.threads() <= 1 || n * k * m < min_parallel_work() {
-        columns(0, &mut yt);
-    } else {
-        // Several chunks per thread; never under 16 columns each.
-        let per_chunk = n.div_ceil(8 * pool.threads()).max(16);
-        // Each chunk behind its own (uncontended) lock: the pool's closure is shared by
-        // its threads, which take chunks from a common cursor.
-        let chunks: Vec<Mutex<&mut [f32]>> = yt.chunks_mut(per_chunk * m).map(Mutex::new).collect();
-        pool.run(chunks.len(), |c| {
-            columns(c * per_chunk, &mut chunks[c].lock())
-        });
-    }
-    if m == 1 {
-        return Ok(yt);
-    }
-    // Transpose in blocks of 64 columns, so that reads and writes stay in cache.
-    let mut y = vec![0f32; m * n];
-    for j0 in (0..n).step_by(64) {
-        let j1 = (j0 + 64).min(n);
-        for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
-            for (j, v) in (j0..j1).zip(&mut y_row[j0..j1]) {
-                *v = yt[j * m + i];
-            }
-        }
-    }
-    Ok(y)
-}
 
 /// `y = x · Wᵀ` on a repacked weight: returns y as m rows of n values (`x` holds m rows
 /// of k values).
@@ -375,83 +301,4 @@ fn min_parallel_work() -> usize {
             .and_then(|v| v.parse().ok())
             .unwrap_or(MIN_PARALLEL_WORK)
     })
-}
-
-/// Outputs of weight rows j0, j0 + 1, … for all m activation rows (`out` holds m values
-/// per weight row).
-fn dot_rows<K: Kernel>(
-    isa: Isa,
-    w: &[u8],
-    row_bytes: usize,
-    j0: usize,
-    acts: &[&[K::Act]],
-    out: &mut [f32],
-) {
-    let m = acts.len();
-    let row = |j: usize| &w[j * row_bytes..(j + 1) * row_bytes];
-    match isa {
-        Isa::Scalar => {
-            for (j, o) in (j0..).zip(out.chunks_exact_mut(m)) {
-                for (o, a) in o.iter_mut().zip(acts) {
-                    *o = K::dot_scalar(row(j), a);
-                }
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::X86(s) if m == 1 => {
-            // One activation row: four weight rows at a time, four independent chains.
-            let a = [acts[0]];
-            let mut quads = out.chunks_exact_mut(4);
-            let mut j = j0;
-            for o in &mut quads {
-                let y = K::dot_x86::<4, 1>(s, [row(j), row(j + 1), row(j + 2), row(j + 3)], a);
-                for (o, y) in o.iter_mut().zip(y) {
-                    *o = y[0];
-                }
-                j += 4;
-            }
-            for o in quads.into_remainder() {
-                *o = K::dot_x86::<1, 1>(s, [row(j)], a)[0][0];
-                j += 1;
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::X86(s) => {
-            // Several activation rows: a tile of TILE of them against one weight row at a
-            // time, ROW_BLOCK weight rows at a time with the tiles in the outer loop: a
-            // tile's activations stay in L1 while it meets the block's weight rows, which
-            // stay in L2 after the first tile.
-            let rows = out.len() / m;
-            for first in (0..rows).step_by(ROW_BLOCK) {
-                let rows = rows.min(first + ROW_BLOCK);
-                for t0 in (0..m).step_by(TILE) {
-                    let tile = &acts[t0..m.min(t0 + TILE)];
-                    for j in first..rows {
-                        let [y] = tile_dot::<K, 1>(s, [row(j0 + j)], tile);
-                        out[j * m + t0..j * m + t0 + tile.len()].copy_from_slice(&y[..tile.len()]);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// W weight rows against a tile of 1 to TILE activation rows (the results past the tile's
-/// length are zeros).
-#[cfg(target_arch = "x86_64")]
-fn tile_dot<K: Kernel, const W: usize>(
-    s: x86::Simd,
-    w: [&[u8]; W],
-    tile: &[&[K::Act]],
-) -> [[f32; TILE]; W] {
-    fn widen<const R: usize, const W: usize>(y: [[f32; R]; W]) -> [[f32; TILE]; W] {
-        y.map(|y| std::array::from_fn(|r| y.get(r).copied().unwrap_or(0.0)))
-    }
-    match *tile {
-        [a0] => widen(K::dot_x86::<W, 1>(s, w, [a0])),
-        [a0, a1] => widen(K::dot_x86::<W, 2>(s, w, [a0, a1])),
-        [a0, a1, a2] => widen(K::dot_x86::<W, 3>(s, w, [a0, a1, a2])),
-        [a0, a1, a2, a3] => K::dot_x86::<W, 4>(s, w, [a0, a1, a2, a3]),
-        _ => unreachable!("tiles hold 1 to {TILE} rows"),
-    }
 }

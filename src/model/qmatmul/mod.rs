@@ -7,13 +7,14 @@
 //!
 //! 1. each activation row is quantized once to 8-bit blocks (`Q8Block`, ggml's Q8_1, for
 //!    the 32-value types; `Q8KBlock`, ggml's Q8_K, for the K-quants);
-//! 2. the 32-value types (Q4_1, Q5_0, Q8_0) are repacked at load, 16 output columns side
-//!    by side ([`PackedWeight`]), for a GEMM microkernel: a register tile of up to 4
-//!    activation rows × 32 columns, one `vpdpbusd` per 4 values × 16 columns, so a weight
-//!    load serves every row of the tile and no horizontal sums are left;
-//! 3. the K-quants (Q4_K, Q6_K) stay in their blocks: a weight row is decoded once and
-//!    dotted against a tile of up to `TILE` activation rows with integer multiply-adds;
-//! 4. threads split the output columns; weights are prefetched ahead.
+//! 2. the weights are repacked at load, 16 output columns side by side ([`PackedWeight`]),
+//!    for a GEMM microkernel: a register tile of up to 4 activation rows × 32 columns, one
+//!    `vpdpbusd` per 4 values × 16 columns, so a weight load serves every row of the tile
+//!    and no horizontal sums are left. The 32-value types (Q4_1, Q5_0, Q8_0) one block per
+//!    tile (`packed`); the K-quants (Q4_K, Q6_K) one 256-value super-block per tile, with
+//!    integer sub-block scales (`packed_k`);
+//! 3. threads split the output columns (of several weights on one input at once: q, k, v;
+//!    gate, up); weights are prefetched ahead.
 //!
 //! **Determinism.** Every output element is computed by the same sequence of floating-point
 //! operations whatever `m` is, whichever tile it falls in and however the columns are split
@@ -28,27 +29,22 @@
 //! Layout:
 //!
 //! - this file: the entry points other modules use ([`PackedWeight::forward`],
-//!   [`forward`], [`supports`], [`disabled_by_env`]), the choice of kernel by weight type
-//!   and instruction set (`WeightType`, `Isa`, `matmul`) and the `Kernel` trait that ties
-//!   each K-quant to its block format, activation quantization and kernels;
+//!   [`PackedWeight::forward_many`], [`disabled_by_env`]) and the instruction set (`Isa`);
 //! - `packed`: the repacked layout of the 32-value types, its activation blocks and its
 //!   scalar kernel; `packed_x86`: its AVX2, AVX-VNNI and AVX-512 microkernels;
-//! - `quant`: the GGUF block formats: sizes and field decoding, and the K-quants'
+//! - `packed_k` and `packed_k_x86`: the same for the K-quants;
+//! - `quant`: the GGUF block formats (sizes and field decoding) and the K-quants'
 //!   activation blocks;
 //! - `driver`: one product: quantizes the activations, splits the columns among threads,
 //!   tiles the rows and calls a weight type's kernels;
-//! - `scalar`: the portable scalar kernels of the K-quants, the reference;
-//! - `x86`: the K-quants' AVX2 and AVX-VNNI kernels;
+//! - `x86`: the detected instruction-set level;
 //! - `tests`: unit tests that compare the levels with each other, with candle and with the
 //!   f32 product, and check determinism across batches; `timing`: ignored timing runs.
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use driver::run;
 pub(crate) use packed::PackedWeight;
-use quant::{quantize_q8k, Q8KBlock, QK_K};
 
 mod driver;
 mod packed;
@@ -58,7 +54,6 @@ mod packed_k_x86;
 #[cfg(target_arch = "x86_64")]
 mod packed_x86;
 mod quant;
-mod scalar;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -71,28 +66,6 @@ pub fn disabled_by_env() -> bool {
     static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *DISABLED.get_or_init(|| {
         std::env::var("VERITY_CANDLE_QMATMUL").is_ok_and(|v| !v.is_empty() && v != "0")
-    })
-}
-
-/// Whether [`forward`] handles this weight: a 2-D CPU tensor of a type with a kernel here.
-pub fn supports(w: &QTensor) -> bool {
-    let Ok((_, k)) = w.shape().dims2() else {
-        return false;
-    };
-    matches!(w.device(), Device::Cpu)
-        && WeightType::of(w.dtype()).is_some_and(|t| k > 0 && k.is_multiple_of(t.block_elems()))
-}
-
-/// `x · Wᵀ` for `x` of shape (…, in) in any float dtype; the result has x's dtype and
-/// shape (…, out). Fails on a weight that [`supports`] rejects.
-pub fn forward(w: &QTensor, x: &Tensor) -> Result<Tensor> {
-    let (n, k) = w.shape().dims2()?;
-    let ty = WeightType::of(w.dtype())
-        .filter(|_| supports(w))
-        .ok_or_else(|| Error::InvalidArgument(format!("no CPU kernel for {w:?}")))?;
-    let data = w.data()?;
-    apply(x, n, k, |xs, m| {
-        matmul(ty, Isa::detect(), &data, n, k, xs, m)
     })
 }
 
@@ -172,30 +145,6 @@ fn output(x: &Tensor, n: usize, y: Vec<f32>) -> Result<Tensor> {
     })
 }
 
-/// The weight block formats with kernels on their GGUF blocks (the 32-value types are
-/// repacked: [`PackedWeight`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WeightType {
-    Q4K,
-    Q6K,
-}
-
-impl WeightType {
-    fn of(dtype: GgmlDType) -> Option<Self> {
-        Some(match dtype {
-            GgmlDType::Q4K => Self::Q4K,
-            GgmlDType::Q6K => Self::Q6K,
-            _ => return None,
-        })
-    }
-
-    fn block_elems(self) -> usize {
-        match self {
-            Self::Q4K | Self::Q6K => QK_K,
-        }
-    }
-}
-
 /// The instruction set the kernels use, detected once.
 #[derive(Debug, Clone, Copy)]
 enum Isa {
@@ -214,96 +163,5 @@ impl Isa {
             }
             Isa::Scalar
         })
-    }
-}
-
-/// `y = x · Wᵀ` on raw GGUF blocks: `w` holds n rows of k values, `x` m rows of k values;
-/// returns y as m rows of n values.
-fn matmul(
-    ty: WeightType,
-    isa: Isa,
-    w: &[u8],
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-) -> Result<Vec<f32>> {
-    match ty {
-        WeightType::Q4K => run::<Q4K>(isa, w, n, k, x, m),
-        WeightType::Q6K => run::<Q6K>(isa, w, n, k, x, m),
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Kernels: one implementation of this trait per weight type
-// ---------------------------------------------------------------------------------------
-
-/// A weight type's block format and its kernels, as the driver uses them.
-trait Kernel {
-    /// The activation block this weight type is dotted with, and its number of values.
-    type Act: Copy + Send + Sync;
-    const ACT_ELEMS: usize;
-    /// An activation block of zeros (what the driver allocates before quantizing).
-    const ZERO: Self::Act;
-    /// Values and bytes per weight block.
-    const ELEMS: usize;
-    const BYTES: usize;
-    /// Up to ACT_ELEMS values (a row's last block may be short: zeros fill it).
-    fn quantize(x: &[f32]) -> Self::Act;
-    /// Reference dot product of one weight row (its blocks) with one activation row.
-    fn dot_scalar(w: &[u8], a: &[Self::Act]) -> f32;
-    /// W weight rows against R activation rows, with AVX2.
-    #[cfg(target_arch = "x86_64")]
-    fn dot_x86<const W: usize, const R: usize>(
-        s: x86::Simd,
-        w: [&[u8]; W],
-        a: [&[Self::Act]; R],
-    ) -> [[f32; R]; W];
-}
-
-struct Q4K;
-struct Q6K;
-
-impl Kernel for Q4K {
-    type Act = Q8KBlock;
-    const ACT_ELEMS: usize = QK_K;
-    const ZERO: Q8KBlock = Q8KBlock::ZERO;
-    const ELEMS: usize = QK_K;
-    const BYTES: usize = quant::Q4K_BYTES;
-    fn quantize(x: &[f32]) -> Q8KBlock {
-        quantize_q8k(x)
-    }
-    fn dot_scalar(w: &[u8], a: &[Q8KBlock]) -> f32 {
-        scalar::q4k(w, a)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn dot_x86<const W: usize, const R: usize>(
-        s: x86::Simd,
-        w: [&[u8]; W],
-        a: [&[Q8KBlock]; R],
-    ) -> [[f32; R]; W] {
-        x86::q4k(s, w, a)
-    }
-}
-
-impl Kernel for Q6K {
-    type Act = Q8KBlock;
-    const ACT_ELEMS: usize = QK_K;
-    const ZERO: Q8KBlock = Q8KBlock::ZERO;
-    const ELEMS: usize = QK_K;
-    const BYTES: usize = quant::Q6K_BYTES;
-    fn quantize(x: &[f32]) -> Q8KBlock {
-        quantize_q8k(x)
-    }
-    fn dot_scalar(w: &[u8], a: &[Q8KBlock]) -> f32 {
-        scalar::q6k(w, a)
-    }
-    #[cfg(target_arch = "x86_64")]
-    fn dot_x86<const W: usize, const R: usize>(
-        s: x86::Simd,
-        w: [&[u8]; W],
-        a: [&[Q8KBlock]; R],
-    ) -> [[f32; R]; W] {
-        x86::q6k(s, w, a)
     }
 }

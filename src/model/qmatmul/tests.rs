@@ -2,7 +2,7 @@
 //! reference, against candle's `QMatMul` and the f32 product; batch independence of
 //! every row; and `forward`'s shapes, dtypes and refusals.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 
 use super::*;
@@ -45,16 +45,10 @@ fn isas() -> Vec<Isa> {
     v
 }
 
-/// Our product: repacked for the 32-value types, on the GGUF blocks for the K-quants.
+/// Our product, on the repacked weight.
 fn ours(isa: Isa, w: &QTensor, x: &[f32], m: usize) -> Vec<f32> {
-    let (n, k) = w.shape().dims2().unwrap();
-    match PackedWeight::new(w).unwrap() {
-        Some(p) => driver::run_packed(isa, &p, x, m).unwrap(),
-        None => {
-            let ty = WeightType::of(w.dtype()).unwrap();
-            matmul(ty, isa, &w.data().unwrap(), n, k, x, m).unwrap()
-        }
-    }
+    let p = PackedWeight::new(w).unwrap().unwrap();
+    driver::run_packed(isa, &p, x, m).unwrap()
 }
 
 fn is_packed(ty: GgmlDType) -> bool {
@@ -272,15 +266,14 @@ fn a_row_does_not_depend_on_its_batch() {
 fn forward_keeps_shape_and_dtype_and_rejects_what_it_cannot_do() {
     let x = Tensor::from_vec(values(2 * 3 * 256, 5), (2, 3, 256), &Device::Cpu).unwrap();
     let bad = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
-    let q4k = weight(GgmlDType::Q4K, 8, 256, 4);
-    let packed = PackedWeight::new(&weight(GgmlDType::Q4_1, 8, 256, 4))
+    let q4k = PackedWeight::new(&weight(GgmlDType::Q4K, 8, 256, 4))
+        .unwrap()
+        .unwrap();
+    let q4_1 = PackedWeight::new(&weight(GgmlDType::Q4_1, 8, 256, 4))
         .unwrap()
         .unwrap();
     type Product<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
-    let products: [Product; 2] = [
-        Box::new(|x| forward(&q4k, x)),
-        Box::new(|x| packed.forward(x)),
-    ];
+    let products: [Product; 2] = [Box::new(|x| q4k.forward(x)), Box::new(|x| q4_1.forward(x))];
     for f in &products {
         let y = f(&x).unwrap();
         assert_eq!(y.dims(), &[2, 3, 8]);
@@ -297,8 +290,14 @@ fn forward_keeps_shape_and_dtype_and_rejects_what_it_cannot_do() {
     }
     // A type without a kernel here.
     let q4_0 = weight(GgmlDType::Q4_0, 8, 64, 6);
-    assert!(!supports(&q4_0));
-    assert!(forward(&q4_0, &x).is_err());
     assert!(PackedWeight::new(&q4_0).unwrap().is_none());
-    assert!(supports(&q4k));
+    // Weights that take different activation blocks, on one input: each as alone.
+    let many = PackedWeight::forward_many(&[&q4k, &q4_1], &x).unwrap();
+    for (y, w) in many.iter().zip([&q4k, &q4_1]) {
+        let alone = w.forward(&x).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
 }
