@@ -225,6 +225,107 @@ pub fn gated_f32_cpu(
     )?))
 }
 
+/// The values of `x` when it lives on the CPU as f32 (row-major); None otherwise. (A
+/// decode step's activations are a few hundred KB at most: the copy is cheap.)
+fn cpu_f32(x: &Tensor) -> Result<Option<Vec<f32>>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    Ok(Some(x.flatten_all()?.to_vec1::<f32>()?))
+}
+
+/// Σ v² of a row, summed in order as candle's RMSNorm sums it, so that both give the same
+/// bits (the int8 activation quantization downstream can turn a last-bit difference into a
+/// visible one).
+fn sum_squares(row: &[f32]) -> f32 {
+    row.iter().map(|v| v * v).sum()
+}
+
+/// RMSNorm rows of `w.len()` values in place: each over √(mean of squares + eps), times
+/// w (candle's formula).
+fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    for row in x.chunks_exact_mut(d) {
+        let m = (sum_squares(row) / d as f32 + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(w) {
+            *v = *v / m * w;
+        }
+    }
+}
+
+/// `x + y` and RMSNorm(x + y) · w over the last dimension in one pass on the calling
+/// thread, for f32 on the CPU: a decode step's few rows cost less than a parallel op's
+/// dispatch (candle's ops wake rayon's threads, which then spin against verity's pool).
+/// None elsewhere.
+pub fn residual_rms_norm_f32_cpu(
+    x: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if x.shape() != y.shape() || w.dims() != [x.dim(D::Minus1)?] {
+        return Err(crate::Error::Internal(format!(
+            "residual norm: {:?} + {:?}, weight {:?}",
+            x.shape(),
+            y.shape(),
+            w.shape()
+        )));
+    }
+    let (Some(mut sum), Some(y), Some(w)) = (cpu_f32(x)?, cpu_f32(y)?, cpu_f32(w)?) else {
+        return Ok(None);
+    };
+    sum.iter_mut().zip(&y).for_each(|(s, y)| *s += y);
+    let mut normed = sum.clone();
+    rms_norm_rows(&mut normed, &w, eps);
+    Ok(Some((
+        Tensor::from_vec(sum, x.shape(), x.device())?,
+        Tensor::from_vec(normed, x.shape(), x.device())?,
+    )))
+}
+
+/// RMSNorm(x) · w over the last dimension, as [`residual_rms_norm_f32_cpu`] computes it;
+/// None off the CPU or for other dtypes.
+pub fn rms_norm_f32_cpu(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<Tensor>> {
+    if w.dims() != [x.dim(D::Minus1)?] {
+        return Err(crate::Error::Internal(format!(
+            "rms_norm: weight {:?} for {:?}",
+            w.shape(),
+            x.shape()
+        )));
+    }
+    let (Some(mut v), Some(w)) = (cpu_f32(x)?, cpu_f32(w)?) else {
+        return Ok(None);
+    };
+    rms_norm_rows(&mut v, &w, eps);
+    Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?))
+}
+
+/// RoPE in the "thd" layout (x: (1, T, heads, d), cos/sin: (T, d/2); each head's halves
+/// rotated as candle's `rope_thd` does) on the calling thread, for f32 on the CPU; None
+/// elsewhere.
+pub fn rope_thd_f32_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    let (_, t, heads, d) = x.dims4()?;
+    let half = d / 2;
+    if cos.dims() != [t, half] || sin.dims() != [t, half] {
+        return Ok(None);
+    }
+    let (Some(v), Some(c), Some(s)) = (cpu_f32(x)?, cpu_f32(cos)?, cpu_f32(sin)?) else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; v.len()];
+    for (i, (row, o)) in v.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+        let p = i / heads;
+        let (c, s) = (&c[p * half..][..half], &s[p * half..][..half]);
+        let (x1, x2) = row.split_at(half);
+        let (o1, o2) = o.split_at_mut(half);
+        for j in 0..half {
+            o1[j] = x1[j] * c[j] - x2[j] * s[j];
+            o2[j] = x1[j] * s[j] + x2[j] * c[j];
+        }
+    }
+    Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+}
+
 /// How attention sees the keys: logits scaled by `scale`, and, with a `window`, each query
 /// only the `window` most recent positions (itself included).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -365,6 +466,56 @@ pub fn causal_mask(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The single-threaded CPU norms and RoPE of a decode step give candle's bits.
+    #[test]
+    fn cpu_norms_and_rope_give_candles_bits() {
+        let dev = Device::Cpu;
+        let vals = |n: usize, k: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 % 997) as f32 / 498.5 - 1.0) * k)
+                .collect()
+        };
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let (rows, d) = (5, 96);
+        let x = Tensor::from_vec(vals(rows * d, 3.0), (rows, d), &dev).unwrap();
+        let y = Tensor::from_vec(vals(rows * d, 0.5), (rows, d), &dev).unwrap();
+        let w = Tensor::from_vec(vals(d, 1.5), d, &dev).unwrap();
+        let normed = rms_norm_f32_cpu(&x, &w, 1e-6).unwrap().unwrap();
+        assert_eq!(
+            bits(&normed),
+            bits(&candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap())
+        );
+        let (sum, normed) = residual_rms_norm_f32_cpu(&x, &y, &w, 1e-5)
+            .unwrap()
+            .unwrap();
+        let want = (&x + &y).unwrap();
+        assert_eq!(bits(&sum), bits(&want));
+        assert_eq!(
+            bits(&normed),
+            bits(&candle_nn::ops::rms_norm(&want, &w, 1e-5).unwrap())
+        );
+        // RoPE over (1, T, heads, d) with (T, d/2) angles.
+        let (t, heads, hd) = (3, 4, 16);
+        let q = Tensor::from_vec(vals(t * heads * hd, 2.0), (1, t, heads, hd), &dev).unwrap();
+        let cos = Tensor::from_vec(vals(t * hd / 2, 1.0), (t, hd / 2), &dev).unwrap();
+        let sin = Tensor::from_vec(vals(t * hd / 2, 0.7), (t, hd / 2), &dev).unwrap();
+        let ours = rope_thd_f32_cpu(&q, &cos, &sin).unwrap().unwrap();
+        let theirs = candle_nn::rotary_emb::rope_thd(&q, &cos, &sin).unwrap();
+        assert_eq!(bits(&ours), bits(&theirs));
+        // Off the fast path's dtype: None, and the callers use candle's ops.
+        let bf = x.to_dtype(candle_core::DType::BF16).unwrap();
+        let wb = w.to_dtype(candle_core::DType::BF16).unwrap();
+        assert!(rms_norm_f32_cpu(&bf, &wb, 1e-6).unwrap().is_none());
+    }
 
     /// The CPU fast path of the gated MLP body equals the f64 formula (and so candle's
     /// ops) within a few ulp, from deep negative to large positive gates.

@@ -39,9 +39,28 @@ struct LoraGroup {
 /// norms, Gemma's attention- and MLP-output norms), else `x` as it is.
 fn head_norm(x: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     match norm {
-        Some(w) => Ok(candle_nn::ops::rms_norm(&x, w, eps)?),
+        Some(w) => rms_norm(&x, w, eps),
         None => Ok(x),
     }
+}
+
+/// RMSNorm(x) · w: on the calling thread for f32 on the CPU (`ops`), candle's elsewhere.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    match ops::rms_norm_f32_cpu(x, w, eps)? {
+        Some(y) => Ok(y),
+        None => Ok(candle_nn::ops::rms_norm(x, w, eps)?),
+    }
+}
+
+/// The residual stream x + y and its RMSNorm · w (the next sublayer's input), in one pass
+/// for f32 on the CPU.
+fn residual_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    if let Some(both) = ops::residual_rms_norm_f32_cpu(x, y, w, eps)? {
+        return Ok(both);
+    }
+    let sum = (x + y)?;
+    let normed = candle_nn::ops::rms_norm(&sum, w, eps)?;
+    Ok((sum, normed))
 }
 
 /// candle's fused RoPE over x (1, T, heads, head_dim) with cos/sin (T, r/2): the first r
@@ -50,6 +69,9 @@ fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(3)?;
     let r = 2 * cos.dim(1)?;
     if r == d {
+        if let Some(y) = ops::rope_thd_f32_cpu(x, cos, sin)? {
+            return Ok(y);
+        }
         return Ok(candle_nn::rotary_emb::rope_thd(x, cos, sin)?);
     }
     let rotated = candle_nn::rotary_emb::rope_thd(&x.narrow(3, 0, r)?.contiguous()?, cos, sin)?;
@@ -165,8 +187,10 @@ impl Transformer {
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
         let mut x = self.embed_rows(&ids)?;
+        // h: the normed input of the next block (of the output head after the last).
+        let first_norm = self.layers.first().map_or(&self.norm, |b| &b.input_norm);
+        let mut h = rms_norm(&x, first_norm, eps)?;
         for (l, block) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &block.input_norm, eps)?;
             let [q, k, v] = self.linear_steps(
                 block,
                 l,
@@ -228,8 +252,8 @@ impl Transformer {
                 }
             };
             let attn = self.linear_step(block, l, LoraTarget::O, &attn, &groups)?;
-            x = (x + head_norm(attn, block.attn_out_norm.as_ref(), eps)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &block.post_norm, eps)?;
+            let attn = head_norm(attn, block.attn_out_norm.as_ref(), eps)?;
+            (x, h) = residual_rms_norm(&x, &attn, &block.post_norm, eps)?;
             let [gate, up] =
                 self.linear_steps(block, l, [LoraTarget::Gate, LoraTarget::Up], &h, &groups)?;
             let mlp = match ops::gated_f32_cpu(c.activation, &gate, &up)? {
@@ -237,8 +261,12 @@ impl Transformer {
                 None => ops::gated(c.activation, &gate, &up)?,
             };
             let mlp = self.linear_step(block, l, LoraTarget::Down, &mlp, &groups)?;
-            x = (x + head_norm(mlp, block.mlp_out_norm.as_ref(), eps)?)?;
+            let mlp = head_norm(mlp, block.mlp_out_norm.as_ref(), eps)?;
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |b| &b.input_norm);
+            (x, h) = residual_rms_norm(&x, &mlp, next_norm, eps)?;
         }
+        // (The residual stream itself is not needed past the last block.)
+        drop(x);
         for s in batch.iter_mut() {
             s.kv.commit(s.tokens.len());
         }
@@ -255,12 +283,11 @@ impl Transformer {
             row += n;
         }
         let x = if rows.len() == total {
-            x
+            h
         } else {
             let idx = Tensor::from_vec(rows.clone(), rows.len(), &self.device)?;
-            x.index_select(&idx, 0)?
+            h.index_select(&idx, 0)?
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         Ok(self
             .lm_head
             .forward(&x, self.dense_rows)?
