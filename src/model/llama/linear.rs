@@ -71,9 +71,7 @@ impl Linear {
     /// instead of the row-by-row quantized kernels.
     pub fn forward(&self, x: &Tensor, dense_rows: Option<usize>) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Quantized(..) | LinearWeight::Packed(_)
-                if dense_rows.is_some_and(|n| x.dim(0).unwrap_or(0) >= n) =>
-            {
+            LinearWeight::Quantized(..) | LinearWeight::Packed(_) if runs_dense(x, dense_rows) => {
                 x.matmul(&self.dense_weight()?.t()?)?
             }
             // Our CPU kernels (batched, SIMD chosen at run time) where they cover the
@@ -95,7 +93,7 @@ impl Linear {
         x: &Tensor,
         dense_rows: Option<usize>,
     ) -> Result<[Tensor; N]> {
-        let dense = dense_rows.is_some_and(|n| x.dim(0).unwrap_or(0) >= n);
+        let dense = runs_dense(x, dense_rows);
         let packed: Vec<&qmatmul::PackedWeight> = layers
             .iter()
             .filter_map(|l| match &l.weight {
@@ -167,4 +165,10 @@ impl Linear {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
         }
     }
+}
+
+/// Whether an input of x's rows runs on the dense copy of a quantized weight
+/// (`Transformer::set_dense_rows`).
+fn runs_dense(x: &Tensor, dense_rows: Option<usize>) -> bool {
+    dense_rows.is_some_and(|n| x.dim(0).unwrap_or(0) >= n)
 }

@@ -444,17 +444,25 @@ macro_rules! kernels_256 {
     };
 }
 
-mod avx2 {
-    use std::arch::x86_64::*;
+/// acc + four u8 × i8 products per lane with AVX2: through i16 pairs (`maddubs`), which
+/// the operand ranges of every kernel here and in `packed_k_x86` never saturate (at most
+/// 2 · 63 · 128).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn dpbusd_avx2(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
+    let pairs = _mm256_maddubs_epi16(u, a);
+    _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
 
-    /// acc + four u8 × i8 products per lane, through i16 pairs (which the operand
-    /// ranges here never saturate).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn dpbusd(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(u, a);
-        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
+/// acc + four u8 × i8 products per lane, in one AVX-VNNI instruction.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+pub(super) fn dpbusd_avx_vnni(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
+    _mm256_dpbusd_avx_epi32(acc, u, a)
+}
+
+mod avx2 {
+    use super::dpbusd_avx2 as dpbusd;
 
     mod kernels {
         kernels_256!("avx2,fma,f16c", false);
@@ -463,14 +471,7 @@ mod avx2 {
 }
 
 mod avx_vnni {
-    use std::arch::x86_64::*;
-
-    /// acc + four u8 × i8 products per lane, in one instruction.
-    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-    #[inline]
-    fn dpbusd(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(acc, u, a)
-    }
+    use super::dpbusd_avx_vnni as dpbusd;
 
     mod kernels {
         kernels_256!("avx2,fma,f16c,avxvnni", true);
