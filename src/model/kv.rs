@@ -11,7 +11,8 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use crate::error::Result;
 
@@ -125,8 +126,60 @@ impl KvSegment {
         Ok(())
     }
 
+    /// Writes one new position's key and value rows (kv_heads·head_dim f32 values each)
+    /// after the stored ones, in place, converted to the cache's dtype, as [`Self::write`]
+    /// writes them. CPU only: a decode step's few-hundred-byte rows cost less to copy
+    /// than the candle ops of [`Self::write`] (several per sequence and layer).
+    pub(crate) fn write_row_cpu(&self, layer: usize, key: &[f32], value: &[f32]) -> Result<()> {
+        let at = self.len * key.len();
+        self.keys[layer].inplace_op1(&WriteRow { at, values: key })?;
+        self.values[layer].inplace_op1(&WriteRow { at, values: value })?;
+        Ok(())
+    }
+
     fn commit(&mut self, n: usize) {
         self.len += n;
+    }
+}
+
+/// Copies f32 values into a contiguous CPU buffer at element `at`, converting them to its
+/// dtype (round to nearest, as candle's `to_dtype`).
+struct WriteRow<'a> {
+    at: usize,
+    values: &'a [f32],
+}
+
+impl InplaceOp1 for WriteRow<'_> {
+    fn name(&self) -> &'static str {
+        "kv-write-row"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        use half::slice::HalfFloatSliceExt;
+        let start = layout.start_offset() + self.at;
+        let n = self.values.len();
+        let room = || {
+            candle_core::Error::Msg(format!(
+                "KV row write of {n} values at {start} past the buffer ({:?})",
+                layout.shape()
+            ))
+        };
+        match storage {
+            CpuStorage::F32(d) => d
+                .get_mut(start..start + n)
+                .ok_or_else(room)?
+                .copy_from_slice(self.values),
+            CpuStorage::F16(d) => d
+                .get_mut(start..start + n)
+                .ok_or_else(room)?
+                .convert_from_f32_slice(self.values),
+            CpuStorage::BF16(d) => d
+                .get_mut(start..start + n)
+                .ok_or_else(room)?
+                .convert_from_f32_slice(self.values),
+            other => candle_core::bail!("KV row write into a {:?} cache", other.dtype()),
+        }
+        Ok(())
     }
 }
 

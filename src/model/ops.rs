@@ -225,30 +225,48 @@ pub fn gated_f32_cpu(
     )?))
 }
 
-/// The values of `x` when it lives on the CPU as f32 (row-major); None otherwise. (A
-/// decode step's activations are a few hundred KB at most: the copy is cheap.)
-fn cpu_f32(x: &Tensor) -> Result<Option<Vec<f32>>> {
+/// Runs `f` on the values of `x` (row-major) when it lives on the CPU as f32: borrowed in
+/// place when contiguous, else copied. None for other devices and dtypes. (A decode step
+/// runs hundreds of these small ops; copying each input cost more than the op.)
+pub(crate) fn with_cpu_f32<R>(
+    x: &Tensor,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<Option<R>> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return Ok(None);
     }
-    Ok(Some(x.flatten_all()?.to_vec1::<f32>()?))
+    {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<f32>()?[start..end]).map(Some);
+        }
+    }
+    let values = x.flatten_all()?.to_vec1::<f32>()?;
+    f(&values).map(Some)
 }
 
-/// Σ v² of a row, summed in order as candle's RMSNorm sums it, so that both give the same
-/// bits (the int8 activation quantization downstream can turn a last-bit difference into a
-/// visible one).
-fn sum_squares(row: &[f32]) -> f32 {
-    row.iter().map(|v| v * v).sum()
-}
-
-/// RMSNorm rows of `w.len()` values in place: each over √(mean of squares + eps), times
-/// w (candle's formula).
-fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+/// RMSNorm of rows of `w.len()` values from `x` into `out`: each over √(mean of squares +
+/// eps), times w (candle's formula). Σ v² is summed in order, as candle's RMSNorm sums it,
+/// so that both give the same bits (the int8 activation quantization downstream can turn
+/// a last-bit difference into a visible one); eight rows' sums run side by side so that
+/// the chain of dependent adds does not set the pace.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    const ROWS: usize = 8;
     let d = w.len();
-    for row in x.chunks_exact_mut(d) {
-        let m = (sum_squares(row) / d as f32 + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(w) {
-            *v = *v / m * w;
+    for (x, out) in x.chunks(ROWS * d).zip(out.chunks_mut(ROWS * d)) {
+        let rows = x.len() / d;
+        let mut sums = [0f32; ROWS];
+        for j in 0..d {
+            for (r, sum) in sums[..rows].iter_mut().enumerate() {
+                let v = x[r * d + j];
+                *sum += v * v;
+            }
+        }
+        for ((row, o), sum) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(sums) {
+            let m = (sum / d as f32 + eps).sqrt();
+            for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                *o = *v / m * w;
+            }
         }
     }
 }
@@ -271,12 +289,24 @@ pub fn residual_rms_norm_f32_cpu(
             w.shape()
         )));
     }
-    let (Some(mut sum), Some(y), Some(w)) = (cpu_f32(x)?, cpu_f32(y)?, cpu_f32(w)?) else {
+    let sum = with_cpu_f32(x, |xv| {
+        with_cpu_f32(y, |yv| {
+            Ok(xv.iter().zip(yv).map(|(x, y)| x + y).collect::<Vec<_>>())
+        })
+    })?
+    .flatten();
+    let Some(sum) = sum else {
         return Ok(None);
     };
-    sum.iter_mut().zip(&y).for_each(|(s, y)| *s += y);
-    let mut normed = sum.clone();
-    rms_norm_rows(&mut normed, &w, eps);
+    let mut normed = vec![0f32; sum.len()];
+    if with_cpu_f32(w, |w| {
+        rms_norm_rows(&sum, w, eps, &mut normed);
+        Ok(())
+    })?
+    .is_none()
+    {
+        return Ok(None);
+    }
     Ok(Some((
         Tensor::from_vec(sum, x.shape(), x.device())?,
         Tensor::from_vec(normed, x.shape(), x.device())?,
@@ -293,11 +323,17 @@ pub fn rms_norm_f32_cpu(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<Tenso
             x.shape()
         )));
     }
-    let (Some(mut v), Some(w)) = (cpu_f32(x)?, cpu_f32(w)?) else {
-        return Ok(None);
-    };
-    rms_norm_rows(&mut v, &w, eps);
-    Ok(Some(Tensor::from_vec(v, x.shape(), x.device())?))
+    let normed = with_cpu_f32(x, |xv| {
+        with_cpu_f32(w, |w| {
+            let mut out = vec![0f32; xv.len()];
+            rms_norm_rows(xv, w, eps, &mut out);
+            Ok(out)
+        })
+    })?
+    .flatten();
+    normed
+        .map(|v| Ok(Tensor::from_vec(v, x.shape(), x.device())?))
+        .transpose()
 }
 
 /// RoPE in the "thd" layout (x: (1, T, heads, d), cos/sin: (T, d/2); each head's halves
@@ -309,21 +345,29 @@ pub fn rope_thd_f32_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option
     if cos.dims() != [t, half] || sin.dims() != [t, half] {
         return Ok(None);
     }
-    let (Some(v), Some(c), Some(s)) = (cpu_f32(x)?, cpu_f32(cos)?, cpu_f32(sin)?) else {
-        return Ok(None);
-    };
-    let mut out = vec![0f32; v.len()];
-    for (i, (row, o)) in v.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
-        let p = i / heads;
-        let (c, s) = (&c[p * half..][..half], &s[p * half..][..half]);
-        let (x1, x2) = row.split_at(half);
-        let (o1, o2) = o.split_at_mut(half);
-        for j in 0..half {
-            o1[j] = x1[j] * c[j] - x2[j] * s[j];
-            o2[j] = x1[j] * s[j] + x2[j] * c[j];
-        }
-    }
-    Ok(Some(Tensor::from_vec(out, x.shape(), x.device())?))
+    let rotated = with_cpu_f32(x, |v| {
+        with_cpu_f32(cos, |c| {
+            with_cpu_f32(sin, |s| {
+                let mut out = vec![0f32; v.len()];
+                for (i, (row, o)) in v.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                    let p = i / heads;
+                    let (c, s) = (&c[p * half..][..half], &s[p * half..][..half]);
+                    let (x1, x2) = row.split_at(half);
+                    let (o1, o2) = o.split_at_mut(half);
+                    for j in 0..half {
+                        o1[j] = x1[j] * c[j] - x2[j] * s[j];
+                        o2[j] = x1[j] * s[j] + x2[j] * c[j];
+                    }
+                }
+                Ok(out)
+            })
+        })
+    })?
+    .flatten()
+    .flatten();
+    rotated
+        .map(|v| Ok(Tensor::from_vec(v, x.shape(), x.device())?))
+        .transpose()
 }
 
 /// How attention sees the keys: logits scaled by `scale`, and, with a `window`, each query

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use super::step::StepInput;
 use super::Transformer;
 use crate::error::{Error, Result};
+use crate::model::ops::with_cpu_f32;
 use crate::pool::Pool;
 
 /// One segment of one sequence as the kernel reads it, for one layer.
@@ -63,13 +64,24 @@ impl Transformer {
         let (_, nh, hd) = q.dims3()?;
         let b = which.len();
         let nkv = self.config.num_kv_heads;
-        for (&i, &r) in which.iter().zip(rows) {
-            batch[i]
-                .kv
-                .own_segment()
-                .write(layer, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?)?;
+        let row = nkv * hd;
+        let written = with_cpu_f32(k, |k| {
+            with_cpu_f32(v, |v| {
+                for (&i, &r) in which.iter().zip(rows) {
+                    let (key, value) = (&k[r * row..][..row], &v[r * row..][..row]);
+                    batch[i].kv.own_segment().write_row_cpu(layer, key, value)?;
+                }
+                Ok(())
+            })
+        })?
+        .flatten();
+        if written.is_none() {
+            return Err(Error::Internal(format!(
+                "CPU decode attention: keys {:?} and values {:?} not f32 on the CPU",
+                k.dtype(),
+                v.dtype()
+            )));
         }
-        let q = q.flatten_all()?.to_vec1::<f32>()?;
         let scale = self.config.attention_scale() as f32;
 
         // Every segment's storage, held for reading while the tasks run; `first[i]` is
@@ -91,28 +103,32 @@ impl Transformer {
             }
         }
         first.push(held.len());
-        let job = Job {
-            batch,
-            which,
-            rows,
-            first: &first,
-            window,
-            heads: nh,
-            kv_heads: nkv,
-            head_dim: hd,
-            scale,
-            q: &q,
-        };
-        let out = match self.kv_dtype() {
-            DType::F32 => job.run::<f32>(&held)?,
-            DType::F16 => job.run::<half::f16>(&held)?,
-            DType::BF16 => job.run::<half::bf16>(&held)?,
-            other => {
-                return Err(Error::Internal(format!(
+        let kv_dtype = self.kv_dtype();
+        let out = with_cpu_f32(q, |q| {
+            let job = Job {
+                batch,
+                which,
+                rows,
+                first: &first,
+                window,
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale,
+                q,
+            };
+            match kv_dtype {
+                DType::F32 => job.run::<f32>(&held),
+                DType::F16 => job.run::<half::f16>(&held),
+                DType::BF16 => job.run::<half::bf16>(&held),
+                other => Err(Error::Internal(format!(
                     "CPU decode attention over a {other:?} KV cache"
-                )))
+                ))),
             }
-        };
+        })?
+        .ok_or_else(|| {
+            Error::Internal("CPU decode attention: queries not f32 on the CPU".into())
+        })?;
         Ok(Tensor::from_vec(out, (b, nh * hd), &self.device)?)
     }
 }

@@ -89,8 +89,9 @@ impl PackedWeight {
         if ws.iter().any(|w| w.ty.is_k() != ws[0].ty.is_k()) {
             return ws.iter().map(|w| w.forward(x)).collect();
         }
-        let xs = input_rows(x, k)?;
-        let ys = driver::run_packed_many(Isa::detect(), ws, &xs, x.elem_count() / k)?;
+        let ys = with_input_rows(x, k, |xs, m| {
+            driver::run_packed_many(Isa::detect(), ws, xs, m)
+        })?;
         ws.iter()
             .zip(ys)
             .map(|(w, y)| output(x, w.shape().0, y))
@@ -115,20 +116,27 @@ fn apply(
     k: usize,
     product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
 ) -> Result<Tensor> {
-    let xs = input_rows(x, k)?;
-    let y = product(&xs, x.elem_count() / k)?;
+    let y = with_input_rows(x, k, product)?;
     output(x, n, y)
 }
 
-/// x of shape (…, k) as f32 rows of k values.
-fn input_rows(x: &Tensor, k: usize) -> Result<Vec<f32>> {
+/// Runs `f` on x of shape (…, k) as m f32 rows of k values (borrowed when x is f32 on
+/// the CPU, else copied to the host).
+fn with_input_rows<R>(
+    x: &Tensor,
+    k: usize,
+    f: impl FnOnce(&[f32], usize) -> Result<R>,
+) -> Result<R> {
     if x.dims().last() != Some(&k) {
         return Err(Error::InvalidArgument(format!(
             "qmatmul: input {:?} does not end in {k} (the weight's input width)",
             x.dims(),
         )));
     }
-    Ok(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    let m = x.elem_count() / k;
+    let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    crate::model::ops::with_cpu_f32(&x, |xs| f(xs, m))?
+        .ok_or_else(|| Error::Internal("qmatmul: the input did not reach the host".into()))
 }
 
 /// The rows y (n values each) of a product on x, shaped (…, n) in x's dtype.
