@@ -363,15 +363,7 @@ impl Scheduler {
         } else if self.reduce_on_device() {
             self.choose_on_device(&logits, &picks)?
         } else {
-            let (_, vocab) = logits.dims2()?;
-            let flat: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-            picks
-                .iter()
-                .map(|&(r, ai, si)| {
-                    let row = &flat[r * vocab..(r + 1) * vocab];
-                    Self::choose_on_host(&self.shared, &mut self.active[ai], si, row, None)
-                })
-                .collect()
+            self.choose_all_on_host(&logits, &picks)?
         };
         let generated = picks.len() as u64;
         for (&(_, ai, si), choice) in picks.iter().zip(choices) {

@@ -155,7 +155,7 @@ impl InplaceOp1 for WriteRow<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        use half::slice::HalfFloatSliceExt;
+        use half::{bf16, f16};
         let start = layout.start_offset() + self.at;
         let n = self.values.len();
         let room = || {
@@ -169,14 +169,20 @@ impl InplaceOp1 for WriteRow<'_> {
                 .get_mut(start..start + n)
                 .ok_or_else(room)?
                 .copy_from_slice(self.values),
-            CpuStorage::F16(d) => d
-                .get_mut(start..start + n)
-                .ok_or_else(room)?
-                .convert_from_f32_slice(self.values),
-            CpuStorage::BF16(d) => d
-                .get_mut(start..start + n)
-                .ok_or_else(room)?
-                .convert_from_f32_slice(self.values),
+            // (Element by element: the conversion compiles to F16C instructions where the
+            // build targets them, and half's slice version checks the CPU per call.)
+            CpuStorage::F16(d) => {
+                let d = d.get_mut(start..start + n).ok_or_else(room)?;
+                d.iter_mut()
+                    .zip(self.values)
+                    .for_each(|(d, v)| *d = f16::from_f32(*v));
+            }
+            CpuStorage::BF16(d) => {
+                let d = d.get_mut(start..start + n).ok_or_else(room)?;
+                d.iter_mut()
+                    .zip(self.values)
+                    .for_each(|(d, v)| *d = bf16::from_f32(*v));
+            }
             other => candle_core::bail!("KV row write into a {:?} cache", other.dtype()),
         }
         Ok(())

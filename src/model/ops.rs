@@ -248,26 +248,89 @@ pub(crate) fn with_cpu_f32<R>(
 /// RMSNorm of rows of `w.len()` values from `x` into `out`: each over √(mean of squares +
 /// eps), times w (candle's formula). Σ v² is summed in order, as candle's RMSNorm sums it,
 /// so that both give the same bits (the int8 activation quantization downstream can turn
-/// a last-bit difference into a visible one); eight rows' sums run side by side so that
-/// the chain of dependent adds does not set the pace.
-fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    const ROWS: usize = 8;
-    let d = w.len();
-    for (x, out) in x.chunks(ROWS * d).zip(out.chunks_mut(ROWS * d)) {
-        let rows = x.len() / d;
-        let mut sums = [0f32; ROWS];
-        for j in 0..d {
-            for (r, sum) in sums[..rows].iter_mut().enumerate() {
-                let v = x[r * d + j];
-                *sum += v * v;
-            }
+/// a last-bit difference into a visible one); eight rows' sums run side by side (lanes of
+/// one vector on AVX2) so that the chain of dependent adds does not set the pace.
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if x86_gather::usable(x.len()) {
+        // SAFETY: `usable` checked AVX2 and that every row offset fits the gather's i32.
+        return unsafe { x86_gather::rms_norm_rows(x, w, eps) };
+    }
+    rms_norm_rows_with(x, w, eps, sums_of_squares)
+}
+
+/// Σ v² of each of the `rows` ≤ 8 rows of d values in x, in order, the rows interleaved.
+fn sums_of_squares(x: &[f32], d: usize, rows: usize) -> [f32; NORM_ROWS] {
+    let mut sums = [0f32; NORM_ROWS];
+    for j in 0..d {
+        for (r, sum) in sums[..rows].iter_mut().enumerate() {
+            let v = x[r * d + j];
+            *sum += v * v;
         }
+    }
+    sums
+}
+
+/// Rows whose sums of squares run side by side.
+const NORM_ROWS: usize = 8;
+
+/// [`rms_norm_rows`] with `sums(x, d, rows)` giving Σ v² of each of the `rows` ≤ 8 rows of
+/// `x` (in order).
+#[inline(always)]
+fn rms_norm_rows_with(
+    x: &[f32],
+    w: &[f32],
+    eps: f32,
+    sums: impl Fn(&[f32], usize, usize) -> [f32; NORM_ROWS],
+) -> Vec<f32> {
+    let d = w.len();
+    let mut out = vec![0f32; x.len()];
+    for (x, out) in x.chunks(NORM_ROWS * d).zip(out.chunks_mut(NORM_ROWS * d)) {
+        let sums = sums(x, d, x.len() / d);
         for ((row, o), sum) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(sums) {
             let m = (sum / d as f32 + eps).sqrt();
+            // (A plain loop, so that it inlines into the AVX2 caller and vectorizes there.)
             for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
-                *o = *v / m * w;
+                *o = v / m * w;
             }
         }
+    }
+    out
+}
+
+/// [`rms_norm_rows`] with AVX2: a gather reads column j of eight rows into one vector.
+#[cfg(target_arch = "x86_64")]
+mod x86_gather {
+    use std::arch::x86_64::*;
+
+    use super::NORM_ROWS;
+
+    /// Whether the AVX2 version runs here for a slice of `len` values.
+    pub(super) fn usable(len: usize) -> bool {
+        len < i32::MAX as usize && is_x86_feature_detected!("avx2")
+    }
+
+    /// # Safety
+    /// [`usable`]`(x.len())` holds.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+        super::rms_norm_rows_with(x, w, eps, |x, d, rows| {
+            // Lanes past the last row read the last row again and are dropped.
+            let at: [i32; NORM_ROWS] = std::array::from_fn(|r| (r.min(rows - 1) * d) as i32);
+            let mut sums = [0f32; NORM_ROWS];
+            // SAFETY: AVX2 is there (this function's feature); every index r·d + j with
+            // r < rows and j < d lies in x, whose length fits an i32.
+            unsafe {
+                let at = _mm256_loadu_si256(at.as_ptr().cast());
+                let mut acc = _mm256_setzero_ps();
+                for j in 0..d {
+                    let v = _mm256_i32gather_ps::<4>(x.as_ptr().add(j), at);
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+                }
+                _mm256_storeu_ps(sums.as_mut_ptr(), acc);
+            }
+            sums
+        })
     }
 }
 
@@ -298,15 +361,9 @@ pub fn residual_rms_norm_f32_cpu(
     let Some(sum) = sum else {
         return Ok(None);
     };
-    let mut normed = vec![0f32; sum.len()];
-    if with_cpu_f32(w, |w| {
-        rms_norm_rows(&sum, w, eps, &mut normed);
-        Ok(())
-    })?
-    .is_none()
-    {
+    let Some(normed) = with_cpu_f32(w, |w| Ok(rms_norm_rows(&sum, w, eps)))? else {
         return Ok(None);
-    }
+    };
     Ok(Some((
         Tensor::from_vec(sum, x.shape(), x.device())?,
         Tensor::from_vec(normed, x.shape(), x.device())?,
@@ -323,14 +380,8 @@ pub fn rms_norm_f32_cpu(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<Tenso
             x.shape()
         )));
     }
-    let normed = with_cpu_f32(x, |xv| {
-        with_cpu_f32(w, |w| {
-            let mut out = vec![0f32; xv.len()];
-            rms_norm_rows(xv, w, eps, &mut out);
-            Ok(out)
-        })
-    })?
-    .flatten();
+    let normed =
+        with_cpu_f32(x, |xv| with_cpu_f32(w, |w| Ok(rms_norm_rows(xv, w, eps))))?.flatten();
     normed
         .map(|v| Ok(Tensor::from_vec(v, x.shape(), x.device())?))
         .transpose()
@@ -348,16 +399,14 @@ pub fn rope_thd_f32_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option
     let rotated = with_cpu_f32(x, |v| {
         with_cpu_f32(cos, |c| {
             with_cpu_f32(sin, |s| {
-                let mut out = vec![0f32; v.len()];
-                for (i, (row, o)) in v.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+                let mut out = Vec::with_capacity(v.len());
+                for (i, row) in v.chunks_exact(d).enumerate() {
                     let p = i / heads;
                     let (c, s) = (&c[p * half..][..half], &s[p * half..][..half]);
                     let (x1, x2) = row.split_at(half);
-                    let (o1, o2) = o.split_at_mut(half);
-                    for j in 0..half {
-                        o1[j] = x1[j] * c[j] - x2[j] * s[j];
-                        o2[j] = x1[j] * s[j] + x2[j] * c[j];
-                    }
+                    let pairs = || x1.iter().zip(x2).zip(c.iter().zip(s));
+                    out.extend(pairs().map(|((a, b), (c, s))| a * c - b * s));
+                    out.extend(pairs().map(|((a, b), (c, s))| a * s + b * c));
                 }
                 Ok(out)
             })
@@ -529,24 +578,36 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect()
         };
-        let (rows, d) = (5, 96);
-        let x = Tensor::from_vec(vals(rows * d, 3.0), (rows, d), &dev).unwrap();
-        let y = Tensor::from_vec(vals(rows * d, 0.5), (rows, d), &dev).unwrap();
+        // Fewer rows than a group of eight, then two groups and a part.
+        let d = 96;
         let w = Tensor::from_vec(vals(d, 1.5), d, &dev).unwrap();
-        let normed = rms_norm_f32_cpu(&x, &w, 1e-6).unwrap().unwrap();
-        assert_eq!(
-            bits(&normed),
-            bits(&candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap())
-        );
-        let (sum, normed) = residual_rms_norm_f32_cpu(&x, &y, &w, 1e-5)
-            .unwrap()
-            .unwrap();
-        let want = (&x + &y).unwrap();
-        assert_eq!(bits(&sum), bits(&want));
-        assert_eq!(
-            bits(&normed),
-            bits(&candle_nn::ops::rms_norm(&want, &w, 1e-5).unwrap())
-        );
+        for rows in [5, 19] {
+            let x = Tensor::from_vec(vals(rows * d, 3.0), (rows, d), &dev).unwrap();
+            let y = Tensor::from_vec(vals(rows * d, 0.5), (rows, d), &dev).unwrap();
+            let normed = rms_norm_f32_cpu(&x, &w, 1e-6).unwrap().unwrap();
+            let want = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+            assert_eq!(bits(&normed), bits(&want));
+            // The portable sums (the path without AVX2) give the same bits.
+            let (xv, wv) = (
+                x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                w.to_vec1::<f32>().unwrap(),
+            );
+            let portable = rms_norm_rows_with(&xv, &wv, 1e-6, sums_of_squares);
+            assert_eq!(
+                portable.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                bits(&want)
+            );
+            let (sum, normed) = residual_rms_norm_f32_cpu(&x, &y, &w, 1e-5)
+                .unwrap()
+                .unwrap();
+            let want = (&x + &y).unwrap();
+            assert_eq!(bits(&sum), bits(&want));
+            assert_eq!(
+                bits(&normed),
+                bits(&candle_nn::ops::rms_norm(&want, &w, 1e-5).unwrap())
+            );
+        }
+        let x = Tensor::from_vec(vals(5 * d, 3.0), (5, d), &dev).unwrap();
         // RoPE over (1, T, heads, d) with (T, d/2) angles.
         let (t, heads, hd) = (3, 4, 16);
         let q = Tensor::from_vec(vals(t * heads * hd, 2.0), (1, t, heads, hd), &dev).unwrap();

@@ -3,11 +3,20 @@
 //! whole row on the host (penalties, many top log-probs, or the CPU without
 //! `device_reduce`).
 
-use super::{Active, Scheduler};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use parking_lot::Mutex;
+
+use super::{Active, Sample, Scheduler};
 use crate::engine::logits::{apply_penalties, top_logprobs};
 use crate::engine::reduce::{reduce_rows, Mode, RowParams, CANDIDATES};
+use crate::engine::Request;
 use crate::engine::Shared;
+use crate::error::Error;
 use crate::error::Result;
+use crate::model::ops::with_cpu_f32;
+use crate::pool::Pool;
 use crate::sampling::{sample_with, SamplingParams};
 use crate::stats::{token_stats, TokenStats};
 
@@ -106,7 +115,7 @@ impl Scheduler {
                 None => {
                     let row: Vec<f32> = logits.get(r)?.to_vec1()?;
                     let u = (!whole_row[i]).then_some(params[i].u);
-                    Self::choose_on_host(&self.shared, a, si, &row, u)
+                    Self::choose_on_host(&self.shared, &a.request, &mut a.samples[si], &row, u)
                 }
             };
             choices.push(choice);
@@ -114,17 +123,73 @@ impl Scheduler {
         Ok(choices)
     }
 
+    /// Chooses the token of every pick from its whole logits row on the host, the picks
+    /// shared out over the CPU pool: at batch 16 the softmax-sized passes over 16 rows of
+    /// a 49k vocabulary were several percent of a step, on one thread. Each pick draws
+    /// from its own sample's generator, so no result depends on the thread that takes it.
+    pub(super) fn choose_all_on_host(
+        &mut self,
+        logits: &Tensor,
+        picks: &[(usize, usize, usize)],
+    ) -> Result<Vec<Choice>> {
+        let (_, vocab) = logits.dims2()?;
+        let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        // Each pick's request and sample (a step picks a sample at most once).
+        let at: HashMap<(usize, usize), usize> = picks
+            .iter()
+            .enumerate()
+            .map(|(p, &(_, ai, si))| ((ai, si), p))
+            .collect();
+        let mut slots: Vec<Option<(&Request, &mut Sample)>> = picks.iter().map(|_| None).collect();
+        for (
+            ai,
+            Active {
+                request, samples, ..
+            },
+        ) in self.active.iter_mut().enumerate()
+        {
+            for (si, s) in samples.iter_mut().enumerate() {
+                if let Some(&p) = at.get(&(ai, si)) {
+                    slots[p] = Some((&**request, s));
+                }
+            }
+        }
+        let jobs = slots
+            .into_iter()
+            .map(|slot| {
+                slot.map(|(request, sample)| Mutex::new((request, sample, None)))
+                    .ok_or_else(|| Error::Internal("a pick names no running sample".into()))
+            })
+            .collect::<Result<Vec<Mutex<(&Request, &mut Sample, Option<Choice>)>>>>()?;
+        let shared = &*self.shared;
+        with_cpu_f32(&logits, |flat| {
+            Pool::global().run(jobs.len(), |p| {
+                let mut job = jobs[p].lock();
+                let (request, sample, choice) = &mut *job;
+                let row = &flat[picks[p].0 * vocab..][..vocab];
+                *choice = Some(Self::choose_on_host(shared, request, sample, row, None));
+            });
+            Ok(())
+        })?
+        .ok_or_else(|| Error::Internal("logits did not reach the host".into()))?;
+        jobs.into_iter()
+            .map(|job| {
+                job.into_inner()
+                    .2
+                    .ok_or_else(|| Error::Internal("a pick was not chosen".into()))
+            })
+            .collect()
+    }
+
     /// Chooses the next token of one sample from its logits row on the host; `drawn` is the
     /// uniform draw already taken from the sample's generator for this token, if any.
     pub(super) fn choose_on_host(
         shared: &Shared,
-        a: &mut Active,
-        si: usize,
+        request: &Request,
+        s: &mut Sample,
         row: &[f32],
         drawn: Option<f64>,
     ) -> Choice {
-        let request = &a.request;
-        let s = &mut a.samples[si];
         let mut draw = || drawn.unwrap_or_else(|| s.rng.next_f64());
         let token = if request.penalties.is_noop() {
             sample_with(row, &request.sampling, &mut draw)

@@ -264,9 +264,13 @@ fn packed_columns<A: PackedAct>(
     y: &SharedRows,
 ) {
     let g0 = cb * GROUPS_PER_CALL;
-    let groups: Vec<&[u8]> = (g0..p.groups().min(g0 + GROUPS_PER_CALL))
-        .map(|g| p.group(g))
-        .collect();
+    // (On the stack: this runs thousands of times per decode step.)
+    let mut held: [&[u8]; GROUPS_PER_CALL] = [&[]; GROUPS_PER_CALL];
+    let count = p.groups().min(g0 + GROUPS_PER_CALL) - g0;
+    for (g, slot) in held[..count].iter_mut().enumerate() {
+        *slot = p.group(g0 + g);
+    }
+    let groups = &held[..count];
     let rows_per_tile = match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::X86(x86::Simd::Avx512(_)) => packed_x86::ROWS_512,
@@ -277,7 +281,7 @@ fn packed_columns<A: PackedAct>(
     let mut out = [[0f32; LANES]; 4 * GROUPS_PER_CALL];
     for (t, tile) in acts.chunks(rows_per_tile).enumerate() {
         let out = &mut out[..tile.len() * groups.len()];
-        A::tile(isa, p, g0, &groups, tile, out);
+        A::tile(isa, p, g0, groups, tile, out);
         for (r, row) in (t * rows_per_tile..).zip(0..tile.len()) {
             for g in 0..groups.len() {
                 let y_row = &out[row * groups.len() + g];
