@@ -193,6 +193,21 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Runs `f(i, part)` for every part i of `data` cut into parts of `part_len` elements
+    /// (the last may be shorter), as [`Self::run`] runs chunks: each part is one chunk.
+    pub fn for_each_part<T: Send>(
+        &self,
+        data: &mut [T],
+        part_len: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        let parts: Vec<Mutex<&mut [T]>> =
+            data.chunks_mut(part_len.max(1)).map(Mutex::new).collect();
+        self.run(parts.len(), |i| f(i, &mut parts[i].lock()));
+    }
+}
+
 /// Runs chunks of the open call until the cursor is spent.
 fn run_chunks(s: &Shared) {
     // SAFETY: called by the caller of the open call or by a worker inside it; the job

@@ -155,7 +155,7 @@ impl InplaceOp1 for WriteRow<'_> {
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        use half::{bf16, f16};
+        use half::bf16;
         let start = layout.start_offset() + self.at;
         let n = self.values.len();
         let room = || {
@@ -169,13 +169,8 @@ impl InplaceOp1 for WriteRow<'_> {
                 .get_mut(start..start + n)
                 .ok_or_else(room)?
                 .copy_from_slice(self.values),
-            // (Element by element: the conversion compiles to F16C instructions where the
-            // build targets them, and half's slice version checks the CPU per call.)
             CpuStorage::F16(d) => {
-                let d = d.get_mut(start..start + n).ok_or_else(room)?;
-                d.iter_mut()
-                    .zip(self.values)
-                    .for_each(|(d, v)| *d = f16::from_f32(*v));
+                to_f16(d.get_mut(start..start + n).ok_or_else(room)?, self.values)
             }
             CpuStorage::BF16(d) => {
                 let d = d.get_mut(start..start + n).ok_or_else(room)?;
@@ -186,6 +181,39 @@ impl InplaceOp1 for WriteRow<'_> {
             other => candle_core::bail!("KV row write into a {:?} cache", other.dtype()),
         }
         Ok(())
+    }
+}
+
+/// `src` rounded to f16 (to nearest, ties to even) into `dst`: eight at a time with F16C
+/// (half's conversions check the CPU for every value or every call, which cost more than
+/// a decode step's few-hundred-value rows).
+fn to_f16(dst: &mut [half::f16], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("f16c") {
+        // SAFETY: F16C is there.
+        return unsafe { to_f16_f16c(dst, src) };
+    }
+    dst.iter_mut()
+        .zip(src)
+        .for_each(|(d, v)| *d = half::f16::from_f32(*v));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn to_f16_f16c(dst: &mut [half::f16], src: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = dst.len().min(src.len());
+    let whole = n - n % 8;
+    for i in (0..whole).step_by(8) {
+        // SAFETY: i + 8 ≤ n, within both slices.
+        unsafe {
+            let v = _mm256_loadu_ps(src.as_ptr().add(i));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+        }
+    }
+    for i in whole..n {
+        dst[i] = half::f16::from_f32(src[i]);
     }
 }
 
@@ -268,5 +296,40 @@ impl SeqKv {
         }
         self.shared.push(Arc::new(own));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The F16C conversion rounds as half's `from_f32` does: ties to even, subnormals,
+    /// overflow to infinity, the tail past the last eight.
+    #[test]
+    fn f16_rows_round_as_half_does() {
+        let mut src: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0137).collect();
+        // Exact ties between two f16 values (1 + 2^-11 lies halfway between 1 and
+        // 1 + 2^-10), subnormals, the largest finite value and past it.
+        src.extend([
+            1.0 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            -(1.0 + 2f32.powi(-11)),
+            3.0e-6,
+            -5.9e-8,
+            1e-9,
+            65504.0,
+            65520.0,
+            1e6,
+            -1e6,
+            f32::INFINITY,
+        ]);
+        let mut ours = vec![half::f16::ZERO; src.len()];
+        to_f16(&mut ours, &src);
+        for (o, v) in ours.iter().zip(&src) {
+            assert_eq!(o.to_bits(), half::f16::from_f32(*v).to_bits(), "{v}");
+        }
+        let mut nan = [half::f16::ZERO; 1];
+        to_f16(&mut nan, &[f32::NAN]);
+        assert!(nan[0].is_nan());
     }
 }

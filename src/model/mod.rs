@@ -2,6 +2,7 @@
 //! transformer, its KV cache and LoRA weights.
 
 pub mod config;
+pub(crate) mod cpu_ops;
 pub(crate) mod gguf;
 pub(crate) mod hf;
 mod kv;

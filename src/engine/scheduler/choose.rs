@@ -15,7 +15,7 @@ use crate::engine::Request;
 use crate::engine::Shared;
 use crate::error::Error;
 use crate::error::Result;
-use crate::model::ops::with_cpu_f32;
+use crate::model::cpu_ops::with_cpu_f32;
 use crate::pool::Pool;
 use crate::sampling::{sample_with, SamplingParams};
 use crate::stats::{token_stats, TokenStats};

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use super::step::StepInput;
 use super::Transformer;
 use crate::error::{Error, Result};
-use crate::model::ops::with_cpu_f32;
+use crate::model::cpu_ops::with_cpu_f32;
 use crate::pool::Pool;
 
 /// One segment of one sequence as the kernel reads it, for one layer.

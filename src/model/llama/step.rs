@@ -11,8 +11,8 @@ use super::{Block, Transformer};
 use crate::error::{Error, Result};
 use crate::model::kv::SeqKv;
 use crate::model::lora::{LoraAdapter, LoraSnapshot, LoraTarget};
-use crate::model::ops;
 use crate::model::weights::Weight;
+use crate::model::{cpu_ops, ops};
 
 /// One sequence's part of a decode step.
 pub struct StepInput<'a> {
@@ -46,7 +46,7 @@ fn head_norm(x: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
 
 /// RMSNorm(x) · w: on the calling thread for f32 on the CPU (`ops`), candle's elsewhere.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-    match ops::rms_norm_f32_cpu(x, w, eps)? {
+    match cpu_ops::rms_norm_f32_cpu(x, w, eps)? {
         Some(y) => Ok(y),
         None => Ok(candle_nn::ops::rms_norm(x, w, eps)?),
     }
@@ -55,7 +55,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 /// The residual stream x + y and its RMSNorm · w (the next sublayer's input), in one pass
 /// for f32 on the CPU.
 fn residual_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
-    if let Some(both) = ops::residual_rms_norm_f32_cpu(x, y, w, eps)? {
+    if let Some(both) = cpu_ops::residual_rms_norm_f32_cpu(x, y, w, eps)? {
         return Ok(both);
     }
     let sum = (x + y)?;
@@ -69,7 +69,7 @@ fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(3)?;
     let r = 2 * cos.dim(1)?;
     if r == d {
-        if let Some(y) = ops::rope_thd_f32_cpu(x, cos, sin)? {
+        if let Some(y) = cpu_ops::rope_thd_f32_cpu(x, cos, sin)? {
             return Ok(y);
         }
         return Ok(candle_nn::rotary_emb::rope_thd(x, cos, sin)?);
@@ -256,7 +256,7 @@ impl Transformer {
             (x, h) = residual_rms_norm(&x, &attn, &block.post_norm, eps)?;
             let [gate, up] =
                 self.linear_steps(block, l, [LoraTarget::Gate, LoraTarget::Up], &h, &groups)?;
-            let mlp = match ops::gated_f32_cpu(c.activation, &gate, &up)? {
+            let mlp = match cpu_ops::gated_f32_cpu(c.activation, &gate, &up)? {
                 Some(mlp) => mlp,
                 None => ops::gated(c.activation, &gate, &up)?,
             };

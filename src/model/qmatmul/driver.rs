@@ -51,11 +51,18 @@ pub(super) fn run_packed_many(
             x.len()
         )));
     }
-    let ys: Vec<Vec<f32>> = ps.iter().map(|p| vec![0f32; m * p.shape().0]).collect();
     let work: usize = ps.iter().map(|p| p.shape().0).sum::<usize>() * k * m;
     if work == 0 {
-        return Ok(ys);
+        // (Empty sums when k = 0.)
+        return Ok(ps.iter().map(|p| vec![0f32; m * p.shape().0]).collect());
     }
+    // Not zeroed: the columns fill every element (a batch's logits are megabytes, and
+    // zeroing them was a few percent of a step). `columns_of` sets the lengths once the
+    // kernels have run.
+    let ys: Vec<Vec<f32>> = ps
+        .iter()
+        .map(|p| Vec::with_capacity(m * p.shape().0))
+        .collect();
     if ps.iter().any(|p| p.ty.is_k() != ps[0].ty.is_k()) {
         return Err(Error::InvalidArgument(format!(
             "qmatmul: {:?} weights take other activation blocks than K-quants",
@@ -119,6 +126,14 @@ fn columns_of<A: PackedAct>(
         });
     }
     drop(outs);
+    let m = acts.len();
+    for (y, p) in ys.iter_mut().zip(ps) {
+        // SAFETY: the capacity is m · n, and `packed_columns` wrote every element: the
+        // column blocks cover every group of every weight, the tiles every row, and each
+        // group its LANES columns or the last ones n has. (A panic in a kernel leaves the
+        // length at 0.)
+        unsafe { y.set_len(m * p.shape().0) };
+    }
     ys
 }
 

@@ -135,7 +135,7 @@ fn with_input_rows<R>(
     }
     let m = x.elem_count() / k;
     let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    crate::model::ops::with_cpu_f32(&x, |xs| f(xs, m))?
+    crate::model::cpu_ops::with_cpu_f32(&x, |xs| f(xs, m))?
         .ok_or_else(|| Error::Internal("qmatmul: the input did not reach the host".into()))
 }
 
