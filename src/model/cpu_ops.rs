@@ -103,7 +103,7 @@ pub(crate) fn with_cpu_f32<R>(
     f(&values).map(Some)
 }
 
-/// RMSNorm of rows of `w.len()` values from `x` into `out`: each over √(mean of squares +
+/// RMSNorm of the rows of `w.len()` values in `x`: each over √(mean of squares +
 /// eps), times w (candle's formula). Σ v² is summed in order, as candle's RMSNorm sums it,
 /// so that both give the same bits (the int8 activation quantization downstream can turn
 /// a last-bit difference into a visible one); eight rows' sums run side by side (lanes of
