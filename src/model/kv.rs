@@ -15,6 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use crate::error::Result;
+use crate::model::cpu_ops::with_cpu_f32;
 
 /// Sizes every segment of one model shares.
 #[derive(Debug, Clone)]
@@ -120,20 +121,35 @@ impl KvSegment {
     /// Writes new rows (n, kv_heads, head_dim) after the stored ones; they count once
     /// [`Self::commit`] is called (after every layer has written).
     pub(crate) fn write(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        if self.keys[layer].device().is_cpu() {
+            let written =
+                with_cpu_f32(k, |k| with_cpu_f32(v, |v| self.write_rows_cpu(layer, k, v)))?;
+            if written.flatten().is_some() {
+                return Ok(());
+            }
+        }
         let dtype = self.keys[layer].dtype();
         self.keys[layer].slice_set(&k.to_dtype(dtype)?.contiguous()?, 0, self.len)?;
         self.values[layer].slice_set(&v.to_dtype(dtype)?.contiguous()?, 0, self.len)?;
         Ok(())
     }
 
-    /// Writes one new position's key and value rows (kv_heads·head_dim f32 values each)
-    /// after the stored ones, in place, converted to the cache's dtype, as [`Self::write`]
-    /// writes them. CPU only: a decode step's few-hundred-byte rows cost less to copy
-    /// than the candle ops of [`Self::write`] (several per sequence and layer).
-    pub(crate) fn write_row_cpu(&self, layer: usize, key: &[f32], value: &[f32]) -> Result<()> {
-        let at = self.len * key.len();
-        self.keys[layer].inplace_op1(&WriteRow { at, values: key })?;
-        self.values[layer].inplace_op1(&WriteRow { at, values: value })?;
+    /// Writes new positions' key and value rows (kv_heads·head_dim f32 values each) after
+    /// the stored ones, in place, converted to the cache's dtype as candle's `to_dtype`
+    /// converts. CPU only: a decode step's few-hundred-byte rows cost less to copy than
+    /// the candle ops of a tensor write (several per sequence and layer).
+    pub(crate) fn write_rows_cpu(&self, layer: usize, keys: &[f32], values: &[f32]) -> Result<()> {
+        let row: usize = self.keys[layer].dims()[1..].iter().product();
+        if keys.len() != values.len() || !keys.len().is_multiple_of(row.max(1)) {
+            return Err(crate::Error::Internal(format!(
+                "KV write of {} key and {} value values in rows of {row}",
+                keys.len(),
+                values.len()
+            )));
+        }
+        let at = self.len * row;
+        self.keys[layer].inplace_op1(&WriteRows { at, values: keys })?;
+        self.values[layer].inplace_op1(&WriteRows { at, values })?;
         Ok(())
     }
 
@@ -144,14 +160,14 @@ impl KvSegment {
 
 /// Copies f32 values into a contiguous CPU buffer at element `at`, converting them to its
 /// dtype (round to nearest, as candle's `to_dtype`).
-struct WriteRow<'a> {
+struct WriteRows<'a> {
     at: usize,
     values: &'a [f32],
 }
 
-impl InplaceOp1 for WriteRow<'_> {
+impl InplaceOp1 for WriteRows<'_> {
     fn name(&self) -> &'static str {
-        "kv-write-row"
+        "kv-write-rows"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {

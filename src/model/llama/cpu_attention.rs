@@ -69,7 +69,10 @@ impl Transformer {
             with_cpu_f32(v, |v| {
                 for (&i, &r) in which.iter().zip(rows) {
                     let (key, value) = (&k[r * row..][..row], &v[r * row..][..row]);
-                    batch[i].kv.own_segment().write_row_cpu(layer, key, value)?;
+                    batch[i]
+                        .kv
+                        .own_segment()
+                        .write_rows_cpu(layer, key, value)?;
                 }
                 Ok(())
             })

@@ -44,7 +44,7 @@ fn head_norm(x: Tensor, norm: Option<&Tensor>, eps: f32) -> Result<Tensor> {
     }
 }
 
-/// RMSNorm(x) · w: on the calling thread for f32 on the CPU (`ops`), candle's elsewhere.
+/// RMSNorm(x) · w: verity's own for f32 on the CPU (`cpu_ops`), candle's elsewhere.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     match cpu_ops::rms_norm_f32_cpu(x, w, eps)? {
         Some(y) => Ok(y),
