@@ -6,12 +6,14 @@
 # have picked; the bar is the kept adapter within 3 points of it.
 #
 #   scripts/label-free-rl.sh REWARD OUT [STEPS]      (from the repository root)
+#   SEED=2 scripts/label-free-rl.sh ...               (another run of the same settings)
 #
 # Settings are those under which TTRL collapsed with labels hidden (lr 5e-4, difficulty 1).
 set -euo pipefail
 reward=${1:?reward: ttrl, intuitor, entropy or verifier}
 out=${2:?output folder}
 steps=${3:-90}
+seed=${SEED:-1}
 verity=${VERITY:-target/release/verity}
 model=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 mkdir -p "$out"
@@ -20,7 +22,7 @@ mkdir -p "$out"
 start=$(date +%s)
 # A finished run is scored again without training again.
 [ -f "$out/run/adapter/adapter_config.json" ] || "$verity" rl --model "$model" --data "$out/train.jsonl" --reward "$reward" --steps "$steps" \
-  --eval-every 5 --group 8 --prompts-per-step 2 --max-tokens 96 --lr 5e-4 --seed 1 \
+  --eval-every 5 --group 8 --prompts-per-step 2 --max-tokens 96 --lr 5e-4 --seed "$seed" \
   --out "$out/run" 2>&1 | tee "$out/rl.log"
 [ -f "$out/rl.log" ] && grep -q "^rl: " "$out/rl.log" || echo "rl: $(( $(date +%s) - start )) s" | tee -a "$out/rl.log"
 

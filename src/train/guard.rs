@@ -7,14 +7,28 @@
 //! the base model on fixed probe prompts — compares a moving window with the first steps,
 //! says when the policy has collapsed and why, and ranks checkpoints by label-free health
 //! so the caller can roll back to the best one.
+//!
+//! Health is the share of rollouts that *finish* with their group's majority answer (the
+//! majority of the finished ones). Plain group agreement would be the TTRL reward itself,
+//! which training raises whether or not answers get better: a TTRL run drifted into
+//! rollouts that run to the token limit while agreement rose (results/ttrl-guard.md).
+//! Unfinished rollouts count as disagreeing, so that drift lowers health.
 
 use std::collections::{HashSet, VecDeque};
+
+use crate::train::rewards::majority_label;
+use crate::verify::{equivalent, extract_answer};
 
 /// What one learning step's rollouts say, without labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepSignals {
     /// Mean over groups of the share of samples that give the group's majority answer.
     pub agreement: f64,
+    /// Mean over groups of the share of samples that finished (not cut at the token limit)
+    /// with the majority answer of the finished samples; see [`finished_agreement`].
+    pub finished_agreement: f64,
+    /// Share of rollouts that finished with an extractable answer.
+    pub answered: f64,
     /// Mean per-token entropy of the rollouts (nats).
     pub entropy: f64,
     /// The majority answer of each group (normalized text), None where no sample answered.
@@ -43,8 +57,14 @@ pub struct GuardConfig {
     /// Collapse when the share of distinct majority answers across the window's prompts
     /// falls below this fraction of the baseline's (one answer for everything).
     pub diversity_floor: f64,
-    /// Collapse when the window's mean length leaves [low, high] × the baseline's.
+    /// Collapse when the window's mean length rises above `high` × the baseline's, or
+    /// falls below `low` × it while the share of rollouts that answer falls below
+    /// `answered_floor` × the baseline's. Shorter answers that still answer are what
+    /// confidence rewards are meant to produce (INTUITOR and EM-RL runs shortened from
+    /// ~80 to ~25 tokens while held-out accuracy doubled), not a collapse.
     pub length_band: (f64, f64),
+    /// See `length_band`.
+    pub answered_floor: f64,
     /// Collapse when more than this share of the window's rollouts hit the token limit,
     /// and a quarter more than at the start (a limit that cut most rollouts from the
     /// start says nothing about drift).
@@ -63,6 +83,7 @@ impl Default for GuardConfig {
             high_agreement: 0.9,
             diversity_floor: 0.5,
             length_band: (0.4, 2.5),
+            answered_floor: 0.5,
             truncation_ceiling: 0.5,
             kl_ceiling: 1.0,
         }
@@ -76,7 +97,7 @@ pub enum Verdict {
     Warming,
     /// No collapse signal; `health` ranks checkpoints (higher is better).
     Healthy {
-        /// The window's mean agreement.
+        /// The window's mean finished agreement.
         health: f64,
     },
     /// Collapsed, with one line per signal that tripped.
@@ -92,6 +113,7 @@ struct Baseline {
     diversity: f64,
     length: f64,
     truncated: f64,
+    answered: f64,
 }
 
 /// Watches steps; see the module doc.
@@ -125,6 +147,35 @@ fn diversity<'a>(steps: impl Iterator<Item = &'a StepSignals>) -> Option<f64> {
     Some(distinct.len() as f64 / answers.len() as f64)
 }
 
+/// What a group's rollouts say without labels, counting only rollouts that finished.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FinishedAgreement {
+    /// Share of the group that finished with the majority answer of the finished
+    /// rollouts (0 when none finished with an answer).
+    pub agreement: f64,
+    /// Share of the group that finished with an extractable answer.
+    pub answered: f64,
+}
+
+/// Finished agreement of one group: `(completion, finished)` pairs, where `finished` is
+/// false for a rollout cut at the token limit (its last number is not its answer).
+pub fn finished_agreement(group: &[(&str, bool)]) -> FinishedAgreement {
+    let finished: Vec<&str> = group.iter().filter(|(_, f)| *f).map(|(t, _)| *t).collect();
+    let size = group.len().max(1) as f64;
+    let answers: Vec<_> = finished
+        .iter()
+        .filter_map(|t| extract_answer(t).map(|e| e.answer))
+        .collect();
+    let agreement = match majority_label(&finished) {
+        Some(label) => answers.iter().filter(|a| equivalent(a, &label)).count() as f64 / size,
+        None => 0.0,
+    };
+    FinishedAgreement {
+        agreement,
+        answered: answers.len() as f64 / size,
+    }
+}
+
 impl CollapseGuard {
     /// A guard with no baseline yet.
     pub fn new(config: GuardConfig) -> Self {
@@ -149,6 +200,7 @@ impl CollapseGuard {
                 diversity: diversity(self.seen.iter()).unwrap_or(1.0),
                 length: mean(self.seen.iter().map(|s| s.length)),
                 truncated: mean(self.seen.iter().map(|s| s.truncated)),
+                answered: mean(self.seen.iter().map(|s| s.answered)),
             });
             self.window.extend(self.seen.drain(..));
             while self.window.len() > c.window.max(1) {
@@ -181,6 +233,7 @@ impl CollapseGuard {
         let agreement = mean(w.iter().map(|s| s.agreement));
         let length = mean(w.iter().map(|s| s.length));
         let truncated = mean(w.iter().map(|s| s.truncated));
+        let answered = mean(w.iter().map(|s| s.answered));
         let mut reasons = Vec::new();
         if entropy < c.entropy_floor * b.entropy && agreement >= c.high_agreement {
             reasons.push(format!(
@@ -200,10 +253,18 @@ impl CollapseGuard {
             }
         }
         let (low, high) = c.length_band;
-        if b.length > 0.0 && (length < low * b.length || length > high * b.length) {
+        if b.length > 0.0 && length > high * b.length {
             reasons.push(format!(
                 "response length drifted to {length:.0} tokens from {:.0}",
                 b.length
+            ));
+        }
+        if b.length > 0.0 && length < low * b.length && answered < c.answered_floor * b.answered {
+            reasons.push(format!(
+                "responses shrank to {length:.0} tokens from {:.0} and {:.0}% of rollouts answer ({:.0}% at the start)",
+                b.length,
+                100.0 * answered,
+                100.0 * b.answered
             ));
         }
         if truncated > c.truncation_ceiling.max(b.truncated + 0.25) {
@@ -221,9 +282,12 @@ impl CollapseGuard {
             }
         }
         if reasons.is_empty() {
-            // Without labels, a group that agrees with itself is the best available sign
-            // of a right answer (self-consistency), as long as nothing above tripped.
-            Verdict::Healthy { health: agreement }
+            // Without labels, a group that finishes and agrees with itself is the best
+            // available sign of a right answer (self-consistency), as long as nothing
+            // above tripped.
+            Verdict::Healthy {
+                health: mean(w.iter().map(|s| s.finished_agreement)),
+            }
         } else {
             Verdict::Collapsed { reasons }
         }
@@ -237,6 +301,8 @@ mod tests {
     fn step(agreement: f64, entropy: f64, answers: &[&str], length: f64) -> StepSignals {
         StepSignals {
             agreement,
+            finished_agreement: agreement,
+            answered: 1.0,
             entropy,
             majority_answers: answers.iter().map(|a| Some(a.to_string())).collect(),
             length,
@@ -254,7 +320,70 @@ mod tests {
     }
 
     #[test]
-    fn a_healthy_run_stays_healthy_and_is_ranked_by_agreement() {
+    fn finished_agreement_counts_only_rollouts_that_finished() {
+        // The finished majority is 5 (two of three finished answers); the cut rollout's
+        // trailing 5 is not an answer, and the bare text answers nothing.
+        let group = [
+            ("3 + 2 = 5. The answer is 5.", true),
+            ("The answer is 5.", true),
+            ("The answer is 7.", true),
+            ("I think", true),
+            ("2 + 3 = 5 and then 5", false),
+        ];
+        let f = finished_agreement(&group);
+        assert_eq!(f.agreement, 2.0 / 5.0);
+        assert_eq!(f.answered, 3.0 / 5.0);
+        // Cut rollouts that all agree give no finished agreement at all.
+        let cut = [("The answer is 4", false), ("The answer is 4", false)];
+        let f = finished_agreement(&cut);
+        assert_eq!((f.agreement, f.answered), (0.0, 0.0));
+        assert_eq!(finished_agreement(&[]).agreement, 0.0);
+    }
+
+    #[test]
+    fn health_is_finished_agreement_not_the_agreement_ttrl_raises() {
+        let mut g = guard();
+        g.observe(step(0.4, 1.0, &["1", "2"], 80.0));
+        g.observe(step(0.4, 1.0, &["3", "4"], 80.0));
+        // Agreement rises while most rollouts run to the limit (the TTRL drift).
+        let mut drifting = step(0.6, 1.0, &["5", "6"], 90.0);
+        drifting.finished_agreement = 0.1;
+        g.observe(drifting.clone());
+        match g.observe(drifting) {
+            Verdict::Healthy { health } => assert!((health - 0.1).abs() < 1e-12, "{health}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn shorter_answers_are_a_collapse_only_when_they_stop_answering() {
+        let mut g = guard();
+        g.observe(step(0.4, 1.0, &["1", "2"], 80.0));
+        g.observe(step(0.4, 1.0, &["3", "4"], 80.0));
+        // 80 -> 20 tokens, every rollout still answers: what INTUITOR and EM-RL do.
+        g.observe(step(0.6, 0.8, &["5", "6"], 20.0));
+        assert!(matches!(
+            g.observe(step(0.6, 0.8, &["7", "8"], 20.0)),
+            Verdict::Healthy { .. }
+        ));
+        // The same length with a fifth of the rollouts answering.
+        let mut mute = step(0.2, 0.8, &["5", "6"], 20.0);
+        mute.answered = 0.2;
+        g.observe(mute.clone());
+        match g.observe(mute) {
+            Verdict::Collapsed { reasons } => {
+                assert_eq!(reasons.len(), 1, "{reasons:?}");
+                assert!(
+                    reasons[0].contains("shrank to 20 tokens from 80 and 20% of rollouts answer (100% at the start)"),
+                    "{reasons:?}"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_healthy_run_stays_healthy_and_is_ranked_by_finished_agreement() {
         let mut g = guard();
         assert_eq!(
             g.observe(step(0.4, 1.0, &["1", "2"], 100.0)),

@@ -19,7 +19,9 @@ use verity::adapter::{save_peft, save_versioned};
 use verity::engine::FinishReason;
 use verity::runtime::{GenerateResult, Generation, Runtime};
 use verity::select::SelectionRule;
-use verity::train::guard::{mean, CollapseGuard, GuardConfig, StepSignals, Verdict};
+use verity::train::guard::{
+    finished_agreement, mean, CollapseGuard, GuardConfig, StepSignals, Verdict,
+};
 use verity::train::rewards::{
     entropy_rewards, intuitor_rewards, majority_label, rlpr_rewards, ttrl_rewards, verifier_rewards,
 };
@@ -94,12 +96,18 @@ pub struct StepMetrics {
     pub train_seconds: f64,
     pub handoff_microseconds: f64,
     pub heldout_accuracy: Option<f64>,
-    /// Label-free signals of the step (no held-out set): group agreement, mean length,
+    /// Label-free signals of the step (no held-out set): group agreement, the same over
+    /// finished rollouts only, the share that finished with an answer, mean length,
     /// share truncated, KL from the base on the probe prompts when measured.
     pub agreement: f64,
+    pub finished_agreement: f64,
+    pub answered: f64,
     pub mean_length: f64,
     pub truncated: f64,
     pub probe_kl: Option<f64>,
+    /// The label-free guard's health of the window (what ranks checkpoints), when it
+    /// read the policy healthy.
+    pub health: Option<f64>,
     /// The label-free guard's reasons, when it tripped.
     pub guard: Option<Vec<String>>,
     pub rolled_back: bool,
@@ -294,6 +302,7 @@ pub fn learn(
             (0usize, 0usize, 0usize, 0usize);
         let mut majority_answers = Vec::new();
         let mut agreements = Vec::new();
+        let mut finished = Vec::new();
         for (g, (prompt, result, item)) in groups.iter().enumerate() {
             let traces: Vec<_> = result.traces.iter().map(|t| &t.trace).collect();
             let texts: Vec<&str> = traces.iter().map(|t| t.text.as_str()).collect();
@@ -326,6 +335,11 @@ pub fn learn(
             };
             let (agreement, majority) = group_agreement(&texts);
             agreements.push(agreement);
+            let done: Vec<(&str, bool)> = traces
+                .iter()
+                .map(|t| (t.text.as_str(), t.finish != FinishReason::Length))
+                .collect();
+            finished.push(finished_agreement(&done));
             majority_answers.push(majority);
             let true_rewards = verifier_rewards(&MathVerifier, &texts, &item.answer);
             correct += true_rewards.iter().filter(|&&r| r >= 1.0).count();
@@ -374,9 +388,12 @@ pub fn learn(
             handoff_microseconds: report.handoff_time.as_secs_f64() * 1e6,
             heldout_accuracy: None,
             agreement: mean(agreements.iter().copied()),
+            finished_agreement: mean(finished.iter().map(|f| f.agreement)),
+            answered: mean(finished.iter().map(|f| f.answered)),
             mean_length,
             truncated,
             probe_kl: None,
+            health: None,
             guard: None,
             rolled_back: false,
             train: report,
@@ -414,6 +431,8 @@ pub fn learn(
             }
             let verdict = guard.observe(StepSignals {
                 agreement: m.agreement,
+                finished_agreement: m.finished_agreement,
+                answered: m.answered,
                 entropy,
                 majority_answers,
                 length: mean_length,
@@ -424,6 +443,7 @@ pub fn learn(
                 Verdict::Healthy { health } => Some(*health),
                 _ => None,
             };
+            m.health = last_health;
             match verdict {
                 Verdict::Collapsed { reasons } => {
                     if let Some((_, dir)) = &best {
@@ -449,12 +469,20 @@ pub fn learn(
         writeln!(metrics_file, "{line}").map_err(|e| Error::io(&metrics_path, e))?;
         progress(&m);
         all.push(m);
-        let rewards: Vec<(usize, f64)> = all
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (i + 1, m.reward))
-            .collect();
-        crate::plot::learning_curve(&config.out.join("plot.png"), &rewards, &heldout_curve)?;
+        let curve = crate::plot::LearningCurve {
+            reward: (all.iter().enumerate())
+                .map(|(i, m)| (i + 1, m.reward))
+                .collect(),
+            heldout: heldout_curve.clone(),
+            health: (all.iter().enumerate())
+                .filter_map(|(i, m)| m.health.map(|h| (i + 1, h)))
+                .collect(),
+            rollbacks: (all.iter().enumerate())
+                .filter(|(_, m)| m.rolled_back)
+                .map(|(i, _)| i + 1)
+                .collect(),
+        };
+        crate::plot::learning_curve(&config.out.join("plot.png"), &curve)?;
         if rollbacks >= 3 {
             break;
         }

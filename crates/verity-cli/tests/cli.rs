@@ -571,6 +571,25 @@ fn sample_and_rl_run_on_every_architecture() {
                 snapshot.display()
             );
         }
+        // The guard's label-free signals: finished agreement counts only rollouts that
+        // finished with an answer, so it is at most the plain agreement and the share
+        // answered, and nothing when every rollout ran to the token limit.
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        for line in metrics.lines() {
+            let m: serde_json::Value = serde_json::from_str(line).unwrap();
+            let get = |k: &str| {
+                m[k].as_f64()
+                    .unwrap_or_else(|| panic!("{name}: {k} missing from {m}"))
+            };
+            let (finished, answered) = (get("finished_agreement"), get("answered"));
+            assert!(
+                finished <= get("agreement") + 1e-9 && finished <= answered + 1e-9,
+                "{name}: {m}"
+            );
+            if get("truncated") == 1.0 {
+                assert_eq!((finished, answered), (0.0, 0.0), "{name}: {m}");
+            }
+        }
         let config: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
         )

@@ -22,7 +22,9 @@ pub struct Args {
     /// Held-out set for greedy accuracy and the collapse guard (JSONL). Without it, a
     /// label-free guard watches the run (group agreement, entropy, answer diversity,
     /// length, truncation, KL from the base model on probe prompts every --eval-every
-    /// steps) and rolls back to the healthiest checkpoint when they say it collapsed.
+    /// steps), rolls back to the healthiest checkpoint when they say it collapsed, and
+    /// ranks checkpoints by the share of rollouts that finish with their group's majority
+    /// answer.
     #[arg(long)]
     eval: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
@@ -123,7 +125,7 @@ pub fn run(args: Args) -> Result<(), String> {
     );
     if let Some((health, dir)) = &report.kept_checkpoint {
         println!(
-            "kept the healthiest checkpoint {} (group agreement {health:.3}), which reads healthier than the last policy",
+            "kept the healthiest checkpoint {} (finished agreement {health:.3}), which reads healthier than the last policy",
             dir.display()
         );
     }
@@ -133,8 +135,8 @@ pub fn run(args: Args) -> Result<(), String> {
 
 fn print_step(m: &StepMetrics, steps: usize) {
     eprintln!(
-        "step {:>3}/{steps}  reward {:.3}  acc {:.2}  agree {:.2}  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}{}{}",
-        m.train.step, m.reward, m.sample_accuracy, m.agreement, m.train.loss, m.train.clip_fraction, m.entropy,
+        "step {:>3}/{steps}  reward {:.3}  acc {:.2}  agree {:.2} (finished {:.2})  loss {:+.4}  clip {:.2}  entropy {:.2}  {:.0} tok/s  rollout {:.1}s train {:.1}s hand-off {:.0}µs{}{}{}{}{}",
+        m.train.step, m.reward, m.sample_accuracy, m.agreement, m.finished_agreement, m.train.loss, m.train.clip_fraction, m.entropy,
         m.tokens_per_second, m.rollout_seconds, m.train_seconds, m.handoff_microseconds,
         m.heldout_accuracy.map(|a| format!("  held-out {:.1}%", 100.0 * a)).unwrap_or_default(),
         m.probe_kl.map(|k| format!("  probe KL {k:.4}")).unwrap_or_default(),
