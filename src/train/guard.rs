@@ -9,15 +9,17 @@
 //! so the caller can roll back to the best one.
 //!
 //! Health is the share of rollouts that *finish* with their group's majority answer (the
-//! majority of the finished ones). Plain group agreement would be the TTRL reward itself,
-//! which training raises whether or not answers get better: a TTRL run drifted into
-//! rollouts that run to the token limit while agreement rose (results/ttrl-guard.md).
-//! Unfinished rollouts count as disagreeing, so that drift lowers health.
+//! majority of the finished ones), an answer copied from the question not counting.
+//! Plain group agreement would be the TTRL reward itself, which training raises whether
+//! or not answers get better. Two TTRL runs found two ways to raise it
+//! (results/ttrl-guard.md): rollouts that run to the token limit, and rollouts that end
+//! by repeating the question, so that every sample "answers" its last operand. Unfinished
+//! rollouts and echoed answers count as disagreeing, and a rise in echoed answers is a
+//! collapse of its own.
 
 use std::collections::{HashSet, VecDeque};
 
-use crate::train::rewards::majority_label;
-use crate::verify::{equivalent, extract_answer};
+use crate::verify::{equivalent, extract_answer, numbers_in, Answer};
 
 /// What one learning step's rollouts say, without labels.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +31,8 @@ pub struct StepSignals {
     pub finished_agreement: f64,
     /// Share of rollouts that finished with an extractable answer.
     pub answered: f64,
+    /// Share of finished answers that repeat a number of the question.
+    pub echoed: f64,
     /// Mean per-token entropy of the rollouts (nats).
     pub entropy: f64,
     /// The majority answer of each group (normalized text), None where no sample answered.
@@ -65,6 +69,9 @@ pub struct GuardConfig {
     pub length_band: (f64, f64),
     /// See `length_band`.
     pub answered_floor: f64,
+    /// Collapse when the share of answers that repeat a number of the question rises
+    /// this far above the baseline's (absolute).
+    pub echo_rise: f64,
     /// Collapse when more than this share of the window's rollouts hit the token limit,
     /// and a quarter more than at the start (a limit that cut most rollouts from the
     /// start says nothing about drift).
@@ -84,6 +91,7 @@ impl Default for GuardConfig {
             diversity_floor: 0.5,
             length_band: (0.4, 2.5),
             answered_floor: 0.5,
+            echo_rise: 0.2,
             truncation_ceiling: 0.5,
             kl_ceiling: 1.0,
         }
@@ -114,6 +122,7 @@ struct Baseline {
     length: f64,
     truncated: f64,
     answered: f64,
+    echoed: f64,
 }
 
 /// Watches steps; see the module doc.
@@ -150,29 +159,43 @@ fn diversity<'a>(steps: impl Iterator<Item = &'a StepSignals>) -> Option<f64> {
 /// What a group's rollouts say without labels, counting only rollouts that finished.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FinishedAgreement {
-    /// Share of the group that finished with the majority answer of the finished
-    /// rollouts (0 when none finished with an answer).
+    /// Share of the group that finished with the most common answer among finished
+    /// answers not copied from the question (0 when there is none).
     pub agreement: f64,
     /// Share of the group that finished with an extractable answer.
     pub answered: f64,
+    /// Share of the finished answers that are a number of the question itself (0 when
+    /// none finished with an answer).
+    pub echoed: f64,
 }
 
-/// Finished agreement of one group: `(completion, finished)` pairs, where `finished` is
-/// false for a rollout cut at the token limit (its last number is not its answer).
-pub fn finished_agreement(group: &[(&str, bool)]) -> FinishedAgreement {
-    let finished: Vec<&str> = group.iter().filter(|(_, f)| *f).map(|(t, _)| *t).collect();
-    let size = group.len().max(1) as f64;
-    let answers: Vec<_> = finished
+/// Finished agreement of one group for `question`: `(completion, finished)` pairs, where
+/// `finished` is false for a rollout cut at the token limit (its last number is not its
+/// answer). An answer that repeats a number of the question is no evidence of solving
+/// it: TTRL learned to end with the question ("9 * 6:"), so that the last-number
+/// extractor read the same operand from every sample and the group agreed fully while
+/// every answer was wrong.
+pub fn finished_agreement(question: &str, group: &[(&str, bool)]) -> FinishedAgreement {
+    let given = numbers_in(question);
+    let answers: Vec<Answer> = group
         .iter()
-        .filter_map(|t| extract_answer(t).map(|e| e.answer))
+        .filter(|(_, finished)| *finished)
+        .filter_map(|(t, _)| extract_answer(t).map(|e| e.answer))
         .collect();
-    let agreement = match majority_label(&finished) {
-        Some(label) => answers.iter().filter(|a| equivalent(a, &label)).count() as f64 / size,
-        None => 0.0,
-    };
+    let (echoed, own): (Vec<&Answer>, Vec<&Answer>) = answers
+        .iter()
+        .partition(|a| given.iter().any(|g| equivalent(a, g)));
+    // The largest class of equivalent answers (which one leads does not matter here).
+    let largest = own
+        .iter()
+        .map(|a| own.iter().filter(|b| equivalent(a, b)).count())
+        .max()
+        .unwrap_or(0);
+    let size = group.len().max(1) as f64;
     FinishedAgreement {
-        agreement,
+        agreement: largest as f64 / size,
         answered: answers.len() as f64 / size,
+        echoed: echoed.len() as f64 / answers.len().max(1) as f64,
     }
 }
 
@@ -201,6 +224,7 @@ impl CollapseGuard {
                 length: mean(self.seen.iter().map(|s| s.length)),
                 truncated: mean(self.seen.iter().map(|s| s.truncated)),
                 answered: mean(self.seen.iter().map(|s| s.answered)),
+                echoed: mean(self.seen.iter().map(|s| s.echoed)),
             });
             self.window.extend(self.seen.drain(..));
             while self.window.len() > c.window.max(1) {
@@ -234,6 +258,7 @@ impl CollapseGuard {
         let length = mean(w.iter().map(|s| s.length));
         let truncated = mean(w.iter().map(|s| s.truncated));
         let answered = mean(w.iter().map(|s| s.answered));
+        let echoed = mean(w.iter().map(|s| s.echoed));
         let mut reasons = Vec::new();
         if entropy < c.entropy_floor * b.entropy && agreement >= c.high_agreement {
             reasons.push(format!(
@@ -273,6 +298,13 @@ impl CollapseGuard {
                 100.0 * truncated
             ));
         }
+        if echoed > b.echoed + c.echo_rise {
+            reasons.push(format!(
+                "{:.0}% of answers repeat a number of the question ({:.0}% at the start)",
+                100.0 * echoed,
+                100.0 * b.echoed
+            ));
+        }
         if let Some(kl) = w.iter().rev().find_map(|s| s.probe_kl) {
             if kl > c.kl_ceiling {
                 reasons.push(format!(
@@ -303,6 +335,7 @@ mod tests {
             agreement,
             finished_agreement: agreement,
             answered: 1.0,
+            echoed: 0.1,
             entropy,
             majority_answers: answers.iter().map(|a| Some(a.to_string())).collect(),
             length,
@@ -321,8 +354,8 @@ mod tests {
 
     #[test]
     fn finished_agreement_counts_only_rollouts_that_finished() {
-        // The finished majority is 5 (two of three finished answers); the cut rollout's
-        // trailing 5 is not an answer, and the bare text answers nothing.
+        // Finished answers 5, 5, 7 (the bare text answers nothing); the cut rollout's
+        // trailing 5 is not an answer. Nothing repeats the question's 3 or 2.
         let group = [
             ("3 + 2 = 5. The answer is 5.", true),
             ("The answer is 5.", true),
@@ -330,14 +363,57 @@ mod tests {
             ("I think", true),
             ("2 + 3 = 5 and then 5", false),
         ];
-        let f = finished_agreement(&group);
+        let f = finished_agreement("What is 3 + 2?", &group);
         assert_eq!(f.agreement, 2.0 / 5.0);
         assert_eq!(f.answered, 3.0 / 5.0);
+        assert_eq!(f.echoed, 0.0);
         // Cut rollouts that all agree give no finished agreement at all.
         let cut = [("The answer is 4", false), ("The answer is 4", false)];
-        let f = finished_agreement(&cut);
-        assert_eq!((f.agreement, f.answered), (0.0, 0.0));
-        assert_eq!(finished_agreement(&[]).agreement, 0.0);
+        let f = finished_agreement("What is 2 + 2?", &cut);
+        assert_eq!((f.agreement, f.answered, f.echoed), (0.0, 0.0, 0.0));
+        assert_eq!(finished_agreement("", &[]).agreement, 0.0);
+    }
+
+    #[test]
+    fn an_answer_that_repeats_the_question_is_no_agreement() {
+        // What the collapsed TTRL policy wrote: the question again, whose last number the
+        // extractor reads as the answer. Every sample agrees; none solved anything.
+        let group = [
+            ("9 * 6:", true),
+            ("9 * 6: 9 * 6, Step-by-step:", true),
+            ("When 9 * 6, I will put it within \\boxed{6}.", true),
+            ("9 * 6 = 54", true),
+        ];
+        let f = finished_agreement("What is 9 * 6?", &group);
+        assert_eq!(f.answered, 1.0);
+        assert_eq!(f.echoed, 3.0 / 4.0);
+        assert_eq!(f.agreement, 1.0 / 4.0);
+        // Numbers of the question are read as the extractor reads them: "-5" after "is"
+        // is negative, "5-3" holds 5 and 3.
+        let f = finished_agreement("What is -5 + 5-3?", &[("So -5.", true), ("-3", true)]);
+        assert_eq!((f.echoed, f.agreement), (0.5, 0.5));
+    }
+
+    #[test]
+    fn a_rise_in_echoed_answers_is_a_collapse() {
+        let mut g = guard();
+        g.observe(step(0.4, 1.0, &["1", "2"], 80.0));
+        g.observe(step(0.4, 1.0, &["3", "4"], 80.0));
+        let mut echoing = step(0.9, 1.0, &["5", "6"], 20.0);
+        echoing.echoed = 0.8;
+        g.observe(echoing.clone());
+        match g.observe(echoing) {
+            Verdict::Collapsed { reasons } => {
+                assert_eq!(reasons.len(), 1, "{reasons:?}");
+                assert!(
+                    reasons[0].contains(
+                        "80% of answers repeat a number of the question (10% at the start)"
+                    ),
+                    "{reasons:?}"
+                );
+            }
+            v => panic!("{v:?}"),
+        }
     }
 
     #[test]

@@ -273,17 +273,33 @@ fn leading_choice_letter(raw: &str) -> Option<char> {
 
 // ---- last number ----
 
-fn find_last_number(text: &str) -> Option<Extracted> {
+/// Numbers as written: `\frac{a}{b}`, fractions, decimals, thousands separators, a sign.
+fn number_regex() -> &'static Regex {
     static NUMBER: OnceLock<Regex> = OnceLock::new();
-    let re = NUMBER.get_or_init(|| {
+    NUMBER.get_or_init(|| {
         compile(concat!(
             r"[-\x{2212}]?\\[dt]?frac\{[-\x{2212}]?\d+(?:\.\d+)?\}\{\d+(?:\.\d+)?\}",
             r"|[-\x{2212}]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+(?:\.\d+)?)?",
         ))
-    });
-    let m = re.find_iter(text).last()?;
+    })
+}
+
+fn find_last_number(text: &str) -> Option<Extracted> {
+    let m = number_regex().find_iter(text).last()?;
     let start = start_without_hyphen(text, m.start(), m.as_str());
     build(text, start, m.end(), AnswerSource::LastNumber)
+}
+
+/// Every number in `text`, in order, read as the last-number fallback reads one (so an
+/// answer can be compared with the numbers of its question).
+pub fn numbers_in(text: &str) -> Vec<Answer> {
+    number_regex()
+        .find_iter(text)
+        .filter_map(|m| {
+            let start = start_without_hyphen(text, m.start(), m.as_str());
+            build(text, start, m.end(), AnswerSource::LastNumber).map(|e| e.answer)
+        })
+        .collect()
 }
 
 /// A minus sign glued to a preceding word or digit ("5-3", "2023-01") is a hyphen.

@@ -12,7 +12,7 @@ mod verifiers;
 mod tests;
 
 pub use answer::{equivalent, normalize, Answer};
-pub use extract::{extract_answer, extract_choice, AnswerSource, Extracted};
+pub use extract::{extract_answer, extract_choice, numbers_in, AnswerSource, Extracted};
 pub use verifiers::{
     reference_answer, ChoiceVerifier, ExactMatch, FnVerifier, MathVerifier, RegexVerifier,
     RewardFn, Verdict, Verifier, VerifyError,

@@ -102,6 +102,8 @@ pub struct StepMetrics {
     pub agreement: f64,
     pub finished_agreement: f64,
     pub answered: f64,
+    /// Share of finished answers that repeat a number of the question.
+    pub echoed: f64,
     pub mean_length: f64,
     pub truncated: f64,
     pub probe_kl: Option<f64>,
@@ -339,7 +341,7 @@ pub fn learn(
                 .iter()
                 .map(|t| (t.text.as_str(), t.finish != FinishReason::Length))
                 .collect();
-            finished.push(finished_agreement(&done));
+            finished.push(finished_agreement(&item.question, &done));
             majority_answers.push(majority);
             let true_rewards = verifier_rewards(&MathVerifier, &texts, &item.answer);
             correct += true_rewards.iter().filter(|&&r| r >= 1.0).count();
@@ -390,6 +392,7 @@ pub fn learn(
             agreement: mean(agreements.iter().copied()),
             finished_agreement: mean(finished.iter().map(|f| f.agreement)),
             answered: mean(finished.iter().map(|f| f.answered)),
+            echoed: mean(finished.iter().map(|f| f.echoed)),
             mean_length,
             truncated,
             probe_kl: None,
@@ -433,6 +436,7 @@ pub fn learn(
                 agreement: m.agreement,
                 finished_agreement: m.finished_agreement,
                 answered: m.answered,
+                echoed: m.echoed,
                 entropy,
                 majority_answers,
                 length: mean_length,

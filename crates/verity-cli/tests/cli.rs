@@ -586,6 +586,7 @@ fn sample_and_rl_run_on_every_architecture() {
                 finished <= get("agreement") + 1e-9 && finished <= answered + 1e-9,
                 "{name}: {m}"
             );
+            assert!((0.0..=1.0).contains(&get("echoed")), "{name}: {m}");
             if get("truncated") == 1.0 {
                 assert_eq!((finished, answered), (0.0, 0.0), "{name}: {m}");
             }
