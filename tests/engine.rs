@@ -688,3 +688,48 @@ fn smollm2_batched_equals_alone_and_greedy_stats_match_the_reference() {
         }
     }
 }
+
+/// A prompt's numbers do not depend on how it is cut into chunks: the prompt budget of a
+/// step is shared among requests, so the same prompt is chunked differently depending on
+/// what else is in flight. SmolLM2 as served (Q4_1 weights, f16 KV cache): the same
+/// sampled trace, bit for bit, whole or in chunks of 3 or 7.
+#[test]
+fn a_prompt_gives_the_same_bits_whatever_its_chunks() {
+    let model = Arc::new(Model::load(real_model(SMOLLM2), &Default::default()).unwrap());
+    let reference = reference("smollm2-135m-q4_1.json");
+    let prompt = ids(&reference["greedy"]["prompts"][0]["prompt_token_ids"]);
+    assert!(prompt.len() > 7, "a prompt of several chunks");
+    let run = |chunk: usize| {
+        let e = engine(
+            &model,
+            EngineConfig {
+                prefill_chunk: chunk,
+                ..EngineConfig::default()
+            },
+        );
+        e.generate(req(&prompt, 12, 0.8, 5), None)
+            .unwrap()
+            .traces
+            .remove(0)
+    };
+    let whole = run(512);
+    for chunk in [3, 7] {
+        let cut = run(chunk);
+        assert_eq!(whole.tokens, cut.tokens, "chunk {chunk}");
+        for (a, b) in whole.stats.iter().zip(&cut.stats) {
+            assert_eq!(
+                (
+                    a.logprob.to_bits(),
+                    a.entropy.to_bits(),
+                    a.self_certainty.to_bits()
+                ),
+                (
+                    b.logprob.to_bits(),
+                    b.entropy.to_bits(),
+                    b.self_certainty.to_bits()
+                ),
+                "chunk {chunk}"
+            );
+        }
+    }
+}

@@ -176,11 +176,11 @@ fn batched_incremental_decode_equals_whole_sequence_and_single_decode() {
     }
 }
 
-/// A KV cache stored in f16 (the default for quantized weights on the CPU) read by both
-/// attention paths: a whole-prompt step (candle ops) and single-token steps (the batched
-/// decode kernel) give logits within f16's rounding of the f32 forward, and of each other.
+/// A KV cache stored in f16 (the default for quantized weights on the CPU): a whole-prompt
+/// step and single-token steps (both through the CPU attention kernel) give logits within
+/// f16's rounding of the f32 training forward (candle ops), and of each other.
 #[test]
-fn an_f16_kv_cache_stays_within_rounding_of_f32_on_both_attention_paths() {
+fn an_f16_kv_cache_stays_within_rounding_of_f32_whole_or_token_by_token() {
     let (gguf, _) = tiny_files(Architecture::Qwen2, "kv-f16");
     let model = Model::load(
         &gguf,

@@ -1,15 +1,20 @@
-//! Decode attention for the whole batch on the CPU, in one parallel call per layer.
+//! Attention for the whole batch on the CPU, decode tokens and prompt chunks alike, in one
+//! parallel call per layer.
 //!
 //! The reference, [`Transformer::attend`](super::Transformer), is about fifteen candle ops
 //! per sequence and layer; at batch 16 on a 30-layer model that is thousands of small ops
 //! per step, whose dispatch costs more than the arithmetic (a context of a few hundred
-//! positions is a few hundred thousand multiply-adds per sequence and layer). Here a step
-//! where every sequence adds one token reads each sequence's KV segments in place: one task
-//! per (sequence, KV head) computes the scores of the head's query group, the softmax and
-//! the weighted sum of values, and the tasks share out over [`crate::pool::Pool`].
+//! positions is a few hundred thousand multiply-adds per sequence and layer). Here every
+//! sequence's new rows are written into its own KV segment, and then each sequence's
+//! segments are read in place: one task per (new row, KV head) computes the scores of the
+//! head's query group over the positions up to the row's own, the softmax and the
+//! weighted sum of values, and the tasks share out over [`crate::pool::Pool`].
 //!
-//! A task's arithmetic depends only on its own sequence, in a fixed order, so a row's
-//! result does not depend on the batch it is in.
+//! A task's arithmetic depends only on its own row's position and sequence, in a fixed
+//! order, so a row's result depends neither on the batch it is in nor on how its prompt
+//! was cut into chunks. (The reference's matrix products over a chunk's keys do depend on
+//! the chunk: greedy answers differed in about 1% of questions between `verity eval`
+//! runs whose concurrency shared each step's prompt budget differently.)
 
 use candle_core::{DType, Device, Storage, StorageRef, Tensor};
 use half::slice::HalfFloatSliceExt;
@@ -30,11 +35,19 @@ struct SegmentView<'a, T> {
     len: usize,
 }
 
+/// One new row to attend: its sequence (an index into the batch's held segments), its
+/// row of the queries, and its absolute position.
+#[derive(Clone, Copy)]
+struct NewRow {
+    sequence: usize,
+    row: usize,
+    at: usize,
+}
+
 impl Transformer {
-    /// Whether [`Self::attend_decode_cpu`] takes this step's single-token sequences: f32
-    /// on the CPU. (Always, whatever else is in the batch, so that a sequence's numbers
-    /// do not depend on its batch.)
-    pub(super) fn cpu_decode_fits(&self) -> bool {
+    /// Whether [`Self::attend_cpu`] takes this step: f32 activations on the CPU. (Then it
+    /// takes every sequence, so that a sequence's numbers do not depend on its batch.)
+    pub(super) fn cpu_attention_fits(&self) -> bool {
         matches!(self.device, Device::Cpu)
             && self.dtype == DType::F32
             && self
@@ -44,35 +57,32 @@ impl Transformer {
             && std::env::var_os("VERITY_REFERENCE_ATTENTION").is_none()
     }
 
-    /// For the sequences `which` of the batch, each adding one token whose query, key and
-    /// value are row `rows[i]` of `q` (T, H, d), `k`, `v` (T, KV, d): writes the key and
-    /// value into the sequence's own segment and returns the attention as
-    /// (which.len(), H·d), for one layer. Each new token sits at position `kv.len()`; with
-    /// a `window` it sees only the `window` latest positions.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn attend_decode_cpu(
+    /// For every sequence of the batch, adding `tokens.len()` rows whose queries, keys and
+    /// values are consecutive rows of `q` (T, H, d), `k`, `v` (T, KV, d) in batch order:
+    /// writes the keys and values into the sequence's own segment and returns the
+    /// attention as (T, H·d), for one layer. A sequence's new rows sit at positions
+    /// `kv.len()..`; each sees the positions up to its own, and with a `window` only the
+    /// `window` latest of those.
+    pub(super) fn attend_cpu(
         &self,
         batch: &[StepInput<'_>],
-        which: &[usize],
-        rows: &[usize],
         layer: usize,
         window: Option<usize>,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
-        let (_, nh, hd) = q.dims3()?;
-        let b = which.len();
+        let (total, nh, hd) = q.dims3()?;
         let nkv = self.config.num_kv_heads;
         let row = nkv * hd;
         let written = with_cpu_f32(k, |k| {
             with_cpu_f32(v, |v| {
-                for (&i, &r) in which.iter().zip(rows) {
-                    let (key, value) = (&k[r * row..][..row], &v[r * row..][..row]);
-                    batch[i]
-                        .kv
-                        .own_segment()
-                        .write_rows_cpu(layer, key, value)?;
+                let mut first = 0;
+                for s in batch {
+                    let span = first * row..(first + s.tokens.len()) * row;
+                    s.kv.own_segment()
+                        .write_rows_cpu(layer, &k[span.clone()], &v[span])?;
+                    first += s.tokens.len();
                 }
                 Ok(())
             })
@@ -80,23 +90,24 @@ impl Transformer {
         .flatten();
         if written.is_none() {
             return Err(Error::Internal(format!(
-                "CPU decode attention: keys {:?} and values {:?} not f32 on the CPU",
+                "CPU attention: keys {:?} and values {:?} not f32 on the CPU",
                 k.dtype(),
                 v.dtype()
             )));
         }
         let scale = self.config.attention_scale() as f32;
 
-        // Every segment's storage, held for reading while the tasks run; `first[i]` is
-        // sequence i's first segment.
+        // Every segment's storage, held for reading while the tasks run; sequence i's
+        // segments are `held[first[i]..first[i + 1]]`.
         let mut held = Vec::new();
-        let mut first = Vec::with_capacity(b + 1);
-        for s in which.iter().map(|&i| &batch[i]) {
+        let mut first = Vec::with_capacity(batch.len() + 1);
+        let mut new_rows = Vec::with_capacity(total);
+        for (i, s) in batch.iter().enumerate() {
             first.push(held.len());
             let own = s.kv.own_segment();
             let segments = s.kv.shared_segments().iter().map(|seg| (&**seg, seg.len()));
-            // The own segment: its stored positions and the one this step wrote.
-            for (seg, len) in segments.chain([(own, own.len() + 1)]) {
+            // The own segment: its stored positions and those this step wrote.
+            for (seg, len) in segments.chain([(own, own.len() + s.tokens.len())]) {
                 held.push((
                     seg.key_buffer(layer).storage_and_layout().0,
                     seg.value_buffer(layer).storage_and_layout().0,
@@ -104,14 +115,18 @@ impl Transformer {
                     len,
                 ));
             }
+            let base = new_rows.len();
+            new_rows.extend((0..s.tokens.len()).map(|j| NewRow {
+                sequence: i,
+                row: base + j,
+                at: s.kv.len() + j,
+            }));
         }
         first.push(held.len());
         let kv_dtype = self.kv_dtype();
         let out = with_cpu_f32(q, |q| {
             let job = Job {
-                batch,
-                which,
-                rows,
+                new_rows: &new_rows,
                 first: &first,
                 window,
                 heads: nh,
@@ -125,14 +140,12 @@ impl Transformer {
                 DType::F16 => job.run::<half::f16>(&held),
                 DType::BF16 => job.run::<half::bf16>(&held),
                 other => Err(Error::Internal(format!(
-                    "CPU decode attention over a {other:?} KV cache"
+                    "CPU attention over a {other:?} KV cache"
                 ))),
             }
         })?
-        .ok_or_else(|| {
-            Error::Internal("CPU decode attention: queries not f32 on the CPU".into())
-        })?;
-        Ok(Tensor::from_vec(out, (b, nh * hd), &self.device)?)
+        .ok_or_else(|| Error::Internal("CPU attention: queries not f32 on the CPU".into()))?;
+        Ok(Tensor::from_vec(out, (total, nh * hd), &self.device)?)
     }
 }
 
@@ -141,10 +154,8 @@ impl Transformer {
 type Held<'a> = (StorageRef<'a>, StorageRef<'a>, usize, usize);
 
 /// What every task of one layer's call reads.
-struct Job<'a, 'b> {
-    batch: &'a [StepInput<'b>],
-    which: &'a [usize],
-    rows: &'a [usize],
+struct Job<'a> {
+    new_rows: &'a [NewRow],
     /// Sequence i's segments are `held[first[i]..first[i + 1]]`.
     first: &'a [usize],
     window: Option<usize>,
@@ -156,9 +167,9 @@ struct Job<'a, 'b> {
     q: &'a [f32],
 }
 
-impl Job<'_, '_> {
-    /// Runs the (sequence, KV head) tasks over a KV cache of element type `T`; returns the
-    /// attention (B, H·d) flat.
+impl Job<'_> {
+    /// Runs the (new row, KV head) tasks over a KV cache of element type `T`; returns the
+    /// attention (T, H·d) flat.
     fn run<T: KvElement>(&self, held: &[Held<'_>]) -> Result<Vec<f32>> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let groups = nh / nkv;
@@ -174,16 +185,16 @@ impl Job<'_, '_> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut out = vec![0f32; self.which.len() * nh * hd];
-        // Task t = (sequence t / nkv, KV head t % nkv) owns output heads h·G..(h+1)·G of
-        // its sequence: a contiguous run of G·d values.
+        let mut out = vec![0f32; self.new_rows.len() * nh * hd];
+        // Task t = (new row t / nkv, KV head t % nkv) owns output heads h·G..(h+1)·G of
+        // its row: a contiguous run of G·d values.
         let outputs: Vec<Mutex<&mut [f32]>> = out.chunks_mut(groups * hd).map(Mutex::new).collect();
         Pool::global().run(outputs.len(), |t| {
-            let (i, h) = (t / nkv, t % nkv);
-            let r = self.rows[i];
+            let (new, h) = (self.new_rows[t / nkv], t % nkv);
+            let (i, r) = (new.sequence, new.row);
             attend_one(
                 &views[self.first[i]..self.first[i + 1]],
-                self.batch[self.which[i]].kv.len(),
+                new.at,
                 self.window,
                 h,
                 nkv,
@@ -246,7 +257,7 @@ fn rows_of<T: KvElement>(storage: &Storage, n: usize) -> Result<&[T]> {
 }
 
 /// Attention of one KV head's query group (G heads of d values: `queries` and `out` are
-/// G·d) at position `at` over `segments`.
+/// G·d) at position `at` over the positions of `segments` up to `at`.
 #[allow(clippy::too_many_arguments)]
 fn attend_one<T: KvElement>(
     segments: &[SegmentView<'_, T>],
@@ -261,18 +272,19 @@ fn attend_one<T: KvElement>(
 ) {
     let groups = queries.len() / hd;
     let oldest = window.map_or(0, |w| (at + 1).saturating_sub(w));
+    // A segment's visible rows: from the window's oldest position to `at`.
+    let visible = move |seg: &SegmentView<'_, T>| {
+        let to = (at + 1).saturating_sub(seg.start).min(seg.len);
+        oldest.saturating_sub(seg.start).min(to)..to
+    };
     // Each segment's visible rows, as (keys, values) of this head, oldest first.
-    let rows = segments.iter().flat_map(|seg| {
-        let from = oldest.saturating_sub(seg.start).min(seg.len);
-        (from..seg.len).map(move |r| {
+    let rows = segments.iter().flat_map(move |seg| {
+        visible(seg).map(move |r| {
             let at = (r * kv_heads + head) * hd;
             (&seg.keys[at..at + hd], &seg.values[at..at + hd])
         })
     });
-    let keys: usize = segments
-        .iter()
-        .map(|seg| seg.len - oldest.saturating_sub(seg.start).min(seg.len))
-        .sum();
+    let keys: usize = segments.iter().map(|seg| visible(seg).len()).sum();
     // scores[g·keys + j]
     let mut scores = vec![0f32; groups * keys];
     #[cfg(target_arch = "x86_64")]

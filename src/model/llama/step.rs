@@ -146,18 +146,6 @@ impl Transformer {
             .map(|(cos, sin)| Ok((cos.index_select(&pos, 0)?, sin.index_select(&pos, 0)?)))
             .collect::<Result<Vec<_>>>()?;
         let groups = self.lora_groups(batch)?;
-        // Causal masks for sequences that add more than one token (prefill chunks).
-        let masks: Vec<Option<Tensor>> = batch
-            .iter()
-            .map(|s| {
-                let n = s.tokens.len();
-                if n == 1 {
-                    return Ok(None);
-                }
-                let own = s.kv.own_len();
-                ops::causal_mask(n, own, own + n, self.dtype, &self.device).map(Some)
-            })
-            .collect::<Result<_>>()?;
 
         // A decode step on a GPU: one attention launch per layer for the whole batch (but
         // not once a sequence outgrows a sliding window: the per-sequence path masks it).
@@ -171,19 +159,22 @@ impl Transformer {
         } else {
             self.decode_plan(batch)?
         };
-        // On the CPU, the single-token sequences (windows included) take one parallel call
-        // per layer; the prompt chunks the per-sequence reference.
-        let (mut single, mut single_rows) = (Vec::new(), Vec::new());
-        if plan.is_none() && self.cpu_decode_fits() {
-            let mut row = 0;
-            for (i, s) in batch.iter().enumerate() {
-                if s.tokens.len() == 1 {
-                    single.push(i);
-                    single_rows.push(row);
+        // On the CPU, every sequence (prompt chunks, windows included) takes one parallel
+        // call per layer.
+        let on_cpu = plan.is_none() && self.cpu_attention_fits();
+        // Elsewhere, causal masks for sequences that add more than one token (prompt
+        // chunks) on the per-sequence path.
+        let masks: Vec<Option<Tensor>> = batch
+            .iter()
+            .map(|s| {
+                let n = s.tokens.len();
+                if n == 1 || on_cpu || plan.is_some() {
+                    return Ok(None);
                 }
-                row += s.tokens.len();
-            }
-        }
+                let own = s.kv.own_len();
+                ops::causal_mask(n, own, own + n, self.dtype, &self.device).map(Some)
+            })
+            .collect::<Result<_>>()?;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
         let mut x = self.embed_rows(&ids)?;
@@ -206,49 +197,25 @@ impl Transformer {
             let v = v.reshape((total, nkv, hd))?;
             let attn = match &plan {
                 Some(plan) => self.attend_decode(plan, l, &q, &k, &v)?,
+                None if on_cpu => self.attend_cpu(batch, l, block.window, &q, &k, &v)?,
                 None => {
-                    let fused = if single.is_empty() {
-                        None
-                    } else {
-                        Some(self.attend_decode_cpu(
-                            batch,
-                            &single,
-                            &single_rows,
+                    let mut outs = Vec::with_capacity(batch.len());
+                    let mut row = 0;
+                    for (s, mask) in batch.iter().zip(&masks) {
+                        let n = s.tokens.len();
+                        outs.push(self.attend(
                             l,
                             block.window,
-                            &q,
-                            &k,
-                            &v,
-                        )?)
-                    };
-                    match fused {
-                        Some(all) if single.len() == batch.len() => all,
-                        fused => {
-                            let mut outs = Vec::with_capacity(batch.len());
-                            let (mut row, mut next_single) = (0, 0);
-                            for (i, (s, mask)) in batch.iter().zip(&masks).enumerate() {
-                                let n = s.tokens.len();
-                                match &fused {
-                                    Some(f) if single.get(next_single) == Some(&i) => {
-                                        outs.push(f.narrow(0, next_single, 1)?);
-                                        next_single += 1;
-                                    }
-                                    _ => outs.push(self.attend(
-                                        l,
-                                        block.window,
-                                        s.kv,
-                                        &q.narrow(0, row, n)?,
-                                        &k.narrow(0, row, n)?,
-                                        &v.narrow(0, row, n)?,
-                                        mask.as_ref(),
-                                    )?),
-                                }
-                                row += n;
-                            }
-                            // (`cat` of a single tensor is a cheap clone.)
-                            Tensor::cat(&outs, 0)?
-                        }
+                            s.kv,
+                            &q.narrow(0, row, n)?,
+                            &k.narrow(0, row, n)?,
+                            &v.narrow(0, row, n)?,
+                            mask.as_ref(),
+                        )?);
+                        row += n;
                     }
+                    // (`cat` of a single tensor is a cheap clone.)
+                    Tensor::cat(&outs, 0)?
                 }
             };
             let attn = self.linear_step(block, l, LoraTarget::O, &attn, &groups)?;
