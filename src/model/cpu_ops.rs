@@ -1,6 +1,6 @@
 //! The decode step's small f32 ops on the CPU, on verity's own threads: RMSNorm (alone
-//! and after the residual add), RoPE, the gated MLP body, and the borrowing of a tensor's
-//! values in place ([`with_cpu_f32`]).
+//! and after the residual add), RoPE, the gated MLP body, a LoRA adapter's low-rank
+//! delta, and the borrowing of a tensor's values in place ([`with_cpu_f32`]).
 //!
 //! candle's versions of these wake rayon's threads, which then spin against
 //! [`crate::pool::Pool`], and copy their inputs; a decode step runs hundreds of them. The
@@ -81,6 +81,79 @@ pub fn gated_f32_cpu(
         gl.shape().clone(),
         gate.device(),
     )?))
+}
+
+/// `scale · x Aᵀ Bᵀ` (a LoRA delta, the formula of `lora::low_rank_delta`) for f32
+/// tensors on the CPU: x (rows, in), A (rank, in), B (out, rank). Each row is computed
+/// from its own values in a fixed order, so its bits do not depend on how many rows the
+/// call holds (candle's matrix product picks its blocking by shape: a decode row's
+/// adapter output, and then its greedy token, changed with the batch). None for other
+/// dtypes and devices.
+pub fn low_rank_delta_f32_cpu(
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    let (Ok((rank, width)), Ok((out_width, b_rank)), Ok((rows, x_width))) =
+        (a.dims2(), b.dims2(), x.dims2())
+    else {
+        return Ok(None);
+    };
+    if rank != b_rank || width != x_width {
+        return Err(crate::Error::Internal(format!(
+            "LoRA delta: A {:?}, B {:?} and x {:?} do not chain",
+            a.shape(),
+            b.shape(),
+            x.shape()
+        )));
+    }
+    let scale = scale as f32;
+    let delta = with_cpu_f32(a, |a| {
+        with_cpu_f32(b, |b| {
+            with_cpu_f32(x, |x| {
+                let mut out = vec![0f32; rows * out_width];
+                let part_len = rows_per_part(rows * out_width, out_width);
+                in_parts(&mut out, part_len, |i, part| {
+                    let first = i * part_len / out_width.max(1);
+                    let mut low = vec![0f32; rank];
+                    for (r, out_row) in part.chunks_exact_mut(out_width).enumerate() {
+                        let x_row = &x[(first + r) * width..][..width];
+                        for (l, a_row) in low.iter_mut().zip(a.chunks_exact(width)) {
+                            *l = lane_dot(x_row, a_row);
+                        }
+                        for (o, b_row) in out_row.iter_mut().zip(b.chunks_exact(rank)) {
+                            *o = scale * lane_dot(&low, b_row);
+                        }
+                    }
+                });
+                Ok(out)
+            })
+        })
+    })?;
+    match delta.flatten().flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, (rows, out_width), x.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// Σ a·b in eight interleaved partial sums (lane j takes elements j, j + 8, …) added in a
+/// fixed order at the end: vectorizable, and the same bits for the same values.
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (a_tail, b_tail) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *lane += x * y;
+        }
+    }
+    let mut sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (x, y) in a_tail.iter().zip(b_tail) {
+        sum += x * y;
+    }
+    sum
 }
 
 /// Runs `f` on the values of `x` (row-major) when it lives on the CPU as f32: borrowed in
@@ -316,6 +389,62 @@ pub fn rope_thd_f32_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The LoRA delta against scale · x Aᵀ Bᵀ in f64, and a row's bits the same alone or
+    /// among 64 rows (shared out over the pool).
+    #[test]
+    fn low_rank_delta_matches_f64_and_does_not_depend_on_the_rows_around() {
+        let dev = Device::Cpu;
+        let vals = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i + seed) * 7919 % 997) as f32 / 498.5 - 1.0)
+                .collect()
+        };
+        // 37 inputs: four groups of eight and a tail.
+        let (rows, width, rank, out) = (64, 37, 8, 200);
+        let (xv, av, bv) = (
+            vals(rows * width, 1),
+            vals(rank * width, 2),
+            vals(out * rank, 3),
+        );
+        let x = Tensor::from_vec(xv.clone(), (rows, width), &dev).unwrap();
+        let a = Tensor::from_vec(av.clone(), (rank, width), &dev).unwrap();
+        let b = Tensor::from_vec(bv.clone(), (out, rank), &dev).unwrap();
+        let scale = 0.75;
+        let all = low_rank_delta_f32_cpu(&a, &b, scale, &x)
+            .unwrap()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (r, got) in all.iter().enumerate() {
+            let low: Vec<f64> = (0..rank)
+                .map(|k| {
+                    (0..width)
+                        .map(|i| xv[r * width + i] as f64 * av[k * width + i] as f64)
+                        .sum()
+                })
+                .collect();
+            for (o, g) in got.iter().enumerate() {
+                let want: f64 = scale
+                    * (0..rank)
+                        .map(|k| low[k] * bv[o * rank + k] as f64)
+                        .sum::<f64>();
+                assert!(
+                    (*g as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "row {r} out {o}: {g} vs {want}"
+                );
+            }
+        }
+        for r in [0, 17, 63] {
+            let alone = low_rank_delta_f32_cpu(&a, &b, scale, &x.narrow(0, r, 1).unwrap())
+                .unwrap()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&alone[0]), bits(&all[r]), "row {r}");
+        }
+    }
 
     /// The CPU norms and RoPE of a decode step give candle's bits, on one thread or shared
     /// out.

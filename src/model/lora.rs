@@ -283,6 +283,10 @@ impl LoraSnapshot {
         else {
             return Ok(None);
         };
+        // Decode rows: the CPU kernel, whose rows do not depend on the batch.
+        if let Some(d) = crate::model::cpu_ops::low_rank_delta_f32_cpu(a, b, self.scale, x)? {
+            return Ok(Some(d));
+        }
         low_rank_delta(a, b, self.scale, x).map(Some)
     }
 }
