@@ -103,10 +103,13 @@ impl Default for GuardConfig {
 pub enum Verdict {
     /// Still filling the baseline: nothing to compare with yet.
     Warming,
-    /// No collapse signal; `health` ranks checkpoints (higher is better).
+    /// No collapse signal; `health` ranks checkpoints (higher is better, see
+    /// [`outranks`]).
     Healthy {
         /// The window's mean finished agreement.
         health: f64,
+        /// Its standard error, from the spread of the window's steps.
+        stderr: f64,
     },
     /// Collapsed, with one line per signal that tripped.
     Collapsed {
@@ -197,6 +200,17 @@ pub fn finished_agreement(question: &str, group: &[(&str, bool)]) -> FinishedAgr
         answered: answers.len() as f64 / size,
         echoed: echoed.len() as f64 / answers.len().max(1) as f64,
     }
+}
+
+/// Whether a checkpoint read `(health, stderr)` should replace the best so far, read
+/// `best`: only when it is healthier by more than one standard error of the difference.
+/// Health is a mean over a few dozen rollouts; without the margin the ranking follows
+/// noise away from a good early checkpoint (or from the base model).
+pub fn outranks(candidate: (f64, f64), best: (f64, f64)) -> bool {
+    if !best.0.is_finite() {
+        return candidate.0.is_finite();
+    }
+    candidate.0 - best.0 > candidate.1.hypot(best.1)
 }
 
 impl CollapseGuard {
@@ -317,8 +331,16 @@ impl CollapseGuard {
             // Without labels, a group that finishes and agrees with itself is the best
             // available sign of a right answer (self-consistency), as long as nothing
             // above tripped.
+            let health = mean(w.iter().map(|s| s.finished_agreement));
+            let n = w.len() as f64;
+            let variance = w
+                .iter()
+                .map(|s| (s.finished_agreement - health).powi(2))
+                .sum::<f64>()
+                / (n - 1.0).max(1.0);
             Verdict::Healthy {
-                health: mean(w.iter().map(|s| s.finished_agreement)),
+                health,
+                stderr: (variance / n).sqrt(),
             }
         } else {
             Verdict::Collapsed { reasons }
@@ -426,7 +448,10 @@ mod tests {
         drifting.finished_agreement = 0.1;
         g.observe(drifting.clone());
         match g.observe(drifting) {
-            Verdict::Healthy { health } => assert!((health - 0.1).abs() < 1e-12, "{health}"),
+            Verdict::Healthy { health, stderr } => {
+                assert!((health - 0.1).abs() < 1e-12, "{health}");
+                assert_eq!(stderr, 0.0, "two equal steps");
+            }
             v => panic!("{v:?}"),
         }
     }
@@ -459,6 +484,24 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_outranks_the_best_only_beyond_the_noise() {
+        // Window of two steps 0.1 and 0.3: mean 0.2, sample sd √0.02, stderr 0.1.
+        let mut g = guard();
+        g.observe(step(0.1, 1.0, &["1", "2"], 80.0));
+        match g.observe(step(0.3, 1.0, &["3", "4"], 80.0)) {
+            Verdict::Healthy { health, stderr } => {
+                assert!((health - 0.2).abs() < 1e-12 && (stderr - 0.1).abs() < 1e-12);
+            }
+            v => panic!("{v:?}"),
+        }
+        // One standard error of the difference: √(0.03² + 0.04²) = 0.05.
+        assert!(outranks((0.26, 0.03), (0.2, 0.04)));
+        assert!(!outranks((0.24, 0.03), (0.2, 0.04)));
+        // Anything measured outranks the unmeasured start.
+        assert!(outranks((0.0, 0.1), (f64::NEG_INFINITY, 0.0)));
+    }
+
+    #[test]
     fn a_healthy_run_stays_healthy_and_is_ranked_by_finished_agreement() {
         let mut g = guard();
         assert_eq!(
@@ -467,7 +510,7 @@ mod tests {
         );
         // Baseline: entropy 1.0, diversity 4/4, length 100; window = the two steps.
         let health = |v: Verdict| match v {
-            Verdict::Healthy { health } => health,
+            Verdict::Healthy { health, .. } => health,
             v => panic!("{v:?}"),
         };
         let h = health(g.observe(step(0.6, 0.9, &["3", "4"], 110.0)));

@@ -20,7 +20,7 @@ use verity::engine::FinishReason;
 use verity::runtime::{GenerateResult, Generation, Runtime};
 use verity::select::SelectionRule;
 use verity::train::guard::{
-    finished_agreement, mean, CollapseGuard, GuardConfig, StepSignals, Verdict,
+    finished_agreement, mean, outranks, CollapseGuard, GuardConfig, StepSignals, Verdict,
 };
 use verity::train::rewards::{
     entropy_rewards, intuitor_rewards, majority_label, rlpr_rewards, ttrl_rewards, verifier_rewards,
@@ -244,8 +244,10 @@ pub fn learn(
     // Fixed prompts on which the policy's distance from the base model is measured.
     let probes: Vec<&EvalItem> = train.iter().take(4).collect();
     let mut rollbacks = 0;
-    // The guard's last reading of the policy as it stands (label-free runs).
-    let mut last_health: Option<f64> = None;
+    // The guard's last reading of the policy as it stands (label-free runs), and the
+    // standard error of the best checkpoint's health.
+    let mut last_health: Option<(f64, f64)> = None;
+    let mut best_stderr = 0.0;
     let mut heldout_before = None;
     // The starting adapter is the first checkpoint: a collapse before a better one
     // exists goes back to it (without labels any healthy checkpoint outranks it).
@@ -444,10 +446,10 @@ pub fn learn(
                 probe_kl: m.probe_kl,
             });
             last_health = match &verdict {
-                Verdict::Healthy { health } => Some(*health),
+                Verdict::Healthy { health, stderr } => Some((*health, *stderr)),
                 _ => None,
             };
-            m.health = last_health;
+            m.health = last_health.map(|(h, _)| h);
             match verdict {
                 Verdict::Collapsed { reasons } => {
                     if let Some((_, dir)) = &best {
@@ -459,14 +461,22 @@ pub fn learn(
                     m.rolled_back = true;
                     m.guard = Some(reasons);
                 }
-                // Checkpoints are ranked by label-free health; the best is kept.
-                Verdict::Healthy { health }
-                    if probe_now && best.as_ref().is_none_or(|(b, _)| health > *b) =>
-                {
-                    let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
-                    best = Some((health, dir));
-                }
-                _ => {}
+                // Checkpoints are ranked by label-free health; the best is kept. The first
+                // reading covers the first steps, the policy nearest the base: it is the
+                // starting checkpoint's health, which a later one must beat beyond noise.
+                Verdict::Healthy { health, stderr } => match &mut best {
+                    Some((b, _)) if !b.is_finite() => {
+                        *b = health;
+                        best_stderr = stderr;
+                    }
+                    Some((b, _)) if probe_now && outranks((health, stderr), (*b, best_stderr)) => {
+                        let dir = save_versioned(&adapter, model.config(), &checkpoints, "policy")?;
+                        best = Some((health, dir));
+                        best_stderr = stderr;
+                    }
+                    _ => {}
+                },
+                Verdict::Warming => {}
             }
         }
         let line = serde_json::to_string(&m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
@@ -491,12 +501,14 @@ pub fn learn(
             break;
         }
     }
-    // Without labels, the run keeps its healthiest checkpoint when the policy as it stands
-    // reads less healthy (or was not read healthy at all).
+    // Without labels, the run keeps its healthiest checkpoint unless the policy as it
+    // stands reads healthier beyond noise.
     let mut kept_checkpoint = None;
     if heldout.is_empty() {
         if let Some((health, dir)) = &best {
-            if health.is_finite() && last_health.is_none_or(|h| *health > h) {
+            if health.is_finite()
+                && last_health.is_none_or(|last| !outranks(last, (*health, best_stderr)))
+            {
                 runtime.restore_learning_adapter(dir)?;
                 kept_checkpoint = Some((*health, dir.clone()));
             }

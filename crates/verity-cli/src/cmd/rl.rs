@@ -125,7 +125,7 @@ pub fn run(args: Args) -> Result<(), String> {
     );
     if let Some((health, dir)) = &report.kept_checkpoint {
         println!(
-            "kept the healthiest checkpoint {} (finished agreement {health:.3}), which reads healthier than the last policy",
+            "kept the healthiest checkpoint {} (finished agreement {health:.3}): the last policy does not read healthier beyond noise",
             dir.display()
         );
     }
