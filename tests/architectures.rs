@@ -484,11 +484,21 @@ fn fused_parts_share_one_a_through_publish() {
             LoraTarget::Gate,
             LoraTarget::Up,
         ] {
+            // The decode view's CPU kernel sums in its own order: equal to f32 rounding
+            // of the values' size.
             let published = snapshot.delta(layer, t, &x).unwrap().unwrap();
             let held = adapter.delta(layer, t, &x).unwrap().unwrap();
+            let size = held
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_abs_diff(&published, &held);
             assert!(
-                max_abs_diff(&published, &held) < 1e-5,
-                "layer {layer} {t:?}"
+                d < 1e-5 * (1.0 + size),
+                "layer {layer} {t:?}: {d} at size {size}"
             );
         }
     }
