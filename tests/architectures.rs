@@ -488,18 +488,8 @@ fn fused_parts_share_one_a_through_publish() {
             // of the values' size.
             let published = snapshot.delta(layer, t, &x).unwrap().unwrap();
             let held = adapter.delta(layer, t, &x).unwrap().unwrap();
-            let size = held
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = max_abs_diff(&published, &held);
-            assert!(
-                d < 1e-5 * (1.0 + size),
-                "layer {layer} {t:?}: {d} at size {size}"
-            );
+            let d = relative_error(&published, &held);
+            assert!(d < 1e-5, "layer {layer} {t:?}: relative error {d}");
         }
     }
 }

@@ -13,7 +13,7 @@
 //! A task's arithmetic depends only on its own row's position and sequence, in a fixed
 //! order, so a row's result depends neither on the batch it is in nor on how its prompt
 //! was cut into chunks. (The reference's matrix products over a chunk's keys do depend on
-//! the chunk: greedy answers differed in about 1% of questions between `verity eval`
+//! the chunk: greedy answers differed in 1–3% of questions between `verity eval`
 //! runs whose concurrency shared each step's prompt budget differently.)
 
 use candle_core::{DType, Device, Storage, StorageRef, Tensor};
@@ -35,13 +35,26 @@ struct SegmentView<'a, T> {
     len: usize,
 }
 
-/// One new row to attend: its sequence (an index into the batch's held segments), its
-/// row of the queries, and its absolute position.
+/// One new row to attend (the i-th is row i of the step's queries): its sequence (an index
+/// into the batch) and its absolute position.
 #[derive(Clone, Copy)]
-struct NewRow {
+pub(super) struct NewRow {
     sequence: usize,
-    row: usize,
     at: usize,
+}
+
+/// The step's new rows in batch order: the same for every layer, so built once a step.
+pub(super) fn new_rows(batch: &[StepInput<'_>]) -> Vec<NewRow> {
+    batch
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            (0..s.tokens.len()).map(move |j| NewRow {
+                sequence: i,
+                at: s.kv.len() + j,
+            })
+        })
+        .collect()
 }
 
 impl Transformer {
@@ -57,15 +70,18 @@ impl Transformer {
             && std::env::var_os("VERITY_REFERENCE_ATTENTION").is_none()
     }
 
-    /// For every sequence of the batch, adding `tokens.len()` rows whose queries, keys and
-    /// values are consecutive rows of `q` (T, H, d), `k`, `v` (T, KV, d) in batch order:
+    /// For every sequence of the batch, adding `tokens.len()` rows ([`new_rows`]) whose
+    /// queries, keys and values are consecutive rows of `q` (T, H, d), `k`, `v` (T, KV, d)
+    /// in batch order:
     /// writes the keys and values into the sequence's own segment and returns the
     /// attention as (T, H·d), for one layer. A sequence's new rows sit at positions
     /// `kv.len()..`; each sees the positions up to its own, and with a `window` only the
     /// `window` latest of those.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attend_cpu(
         &self,
         batch: &[StepInput<'_>],
+        new_rows: &[NewRow],
         layer: usize,
         window: Option<usize>,
         q: &Tensor,
@@ -73,6 +89,12 @@ impl Transformer {
         v: &Tensor,
     ) -> Result<Tensor> {
         let (total, nh, hd) = q.dims3()?;
+        if new_rows.len() != total {
+            return Err(Error::Internal(format!(
+                "CPU attention: {} new rows for {total} queries",
+                new_rows.len()
+            )));
+        }
         let nkv = self.config.num_kv_heads;
         let row = nkv * hd;
         let written = with_cpu_f32(k, |k| {
@@ -101,8 +123,7 @@ impl Transformer {
         // segments are `held[first[i]..first[i + 1]]`.
         let mut held = Vec::new();
         let mut first = Vec::with_capacity(batch.len() + 1);
-        let mut new_rows = Vec::with_capacity(total);
-        for (i, s) in batch.iter().enumerate() {
+        for s in batch {
             first.push(held.len());
             let own = s.kv.own_segment();
             let segments = s.kv.shared_segments().iter().map(|seg| (&**seg, seg.len()));
@@ -115,18 +136,12 @@ impl Transformer {
                     len,
                 ));
             }
-            let base = new_rows.len();
-            new_rows.extend((0..s.tokens.len()).map(|j| NewRow {
-                sequence: i,
-                row: base + j,
-                at: s.kv.len() + j,
-            }));
         }
         first.push(held.len());
         let kv_dtype = self.kv_dtype();
         let out = with_cpu_f32(q, |q| {
             let job = Job {
-                new_rows: &new_rows,
+                new_rows,
                 first: &first,
                 window,
                 heads: nh,
@@ -190,8 +205,9 @@ impl Job<'_> {
         // its row: a contiguous run of G·d values.
         let outputs: Vec<Mutex<&mut [f32]>> = out.chunks_mut(groups * hd).map(Mutex::new).collect();
         Pool::global().run(outputs.len(), |t| {
-            let (new, h) = (self.new_rows[t / nkv], t % nkv);
-            let (i, r) = (new.sequence, new.row);
+            let (r, h) = (t / nkv, t % nkv);
+            let new = self.new_rows[r];
+            let i = new.sequence;
             attend_one(
                 &views[self.first[i]..self.first[i + 1]],
                 new.at,

@@ -162,6 +162,11 @@ impl Transformer {
         // On the CPU, every sequence (prompt chunks, windows included) takes one parallel
         // call per layer.
         let on_cpu = plan.is_none() && self.cpu_attention_fits();
+        let new_rows = if on_cpu {
+            super::cpu_attention::new_rows(batch)
+        } else {
+            Vec::new()
+        };
         // Elsewhere, causal masks for sequences that add more than one token (prompt
         // chunks) on the per-sequence path.
         let masks: Vec<Option<Tensor>> = batch
@@ -197,7 +202,7 @@ impl Transformer {
             let v = v.reshape((total, nkv, hd))?;
             let attn = match &plan {
                 Some(plan) => self.attend_decode(plan, l, &q, &k, &v)?,
-                None if on_cpu => self.attend_cpu(batch, l, block.window, &q, &k, &v)?,
+                None if on_cpu => self.attend_cpu(batch, &new_rows, l, block.window, &q, &k, &v)?,
                 None => {
                     let mut outs = Vec::with_capacity(batch.len());
                     let mut row = 0;
