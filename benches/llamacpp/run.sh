@@ -45,7 +45,7 @@ export VERITY_THREADS="$threads"
 # llama-bench's markdown table: the last column is "t/s" as "mean ± sd".
 llama() { "$bench" -m "$model" -t "$threads" -r 3 "$@" -o md | awk -F'|' '/ (pp|tg)[0-9]+ /{ split($(NF-1), a, "±"); print a[1] + 0 }'; }
 ours_prefill() { "$verity" bench prefill --model "$model" --prompt-tokens 512 --repeats 3 | awk '/tokens:/ { print $3 }'; }
-ours_decode() { "$verity" bench decode --model "$model" --batches 1 --stats-batches 1 --repeats 1 | awk '/^ +batch +1:/ { print $3 }'; }
+ours_decode() { "$verity" bench decode --model "$model" --batches 1 --stats-batches 1 --repeats 1 --rounds 1 | awk '/^ +batch +1:/ { print $3 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 echo "model $model, $threads threads"

@@ -288,44 +288,43 @@ fn attend_one<T: KvElement>(
 ) {
     let groups = queries.len() / hd;
     let oldest = window.map_or(0, |w| (at + 1).saturating_sub(w));
-    // A segment's visible rows: from the window's oldest position to `at`.
-    let visible = move |seg: &SegmentView<'_, T>| {
+    // Each segment's visible rows (from the window's oldest position to `at`) as (key,
+    // value) of this head, oldest first: found once, so the kernels' loops only index.
+    let visible = |seg: &SegmentView<'_, T>| {
         let to = (at + 1).saturating_sub(seg.start).min(seg.len);
         oldest.saturating_sub(seg.start).min(to)..to
     };
-    // Each segment's visible rows, as (keys, values) of this head, oldest first.
-    let rows = segments.iter().flat_map(move |seg| {
-        visible(seg).map(move |r| {
+    let mut rows = Vec::with_capacity(segments.iter().map(|seg| visible(seg).len()).sum());
+    for seg in segments {
+        for r in visible(seg) {
             let at = (r * kv_heads + head) * hd;
-            (&seg.keys[at..at + hd], &seg.values[at..at + hd])
-        })
-    });
-    let keys: usize = segments.iter().map(|seg| visible(seg).len()).sum();
+            rows.push((&seg.keys[at..at + hd], &seg.values[at..at + hd]));
+        }
+    }
     // scores[g·keys + j]
-    let mut scores = vec![0f32; groups * keys];
+    let mut scores = vec![0f32; groups * rows.len()];
     #[cfg(target_arch = "x86_64")]
     if let Some(kind) = T::SIMD.filter(|_| x86::fits(hd)) {
         // SAFETY: `fits` checked the CPU's features and the head size.
-        unsafe { x86::attend(kind, rows, keys, hd, scale, queries, &mut scores, out) };
+        unsafe { x86::attend(kind, &rows, hd, scale, queries, &mut scores, out) };
         return;
     }
-    attend_portable::<T>(rows, keys, hd, scale, queries, &mut scores, out);
+    attend_portable::<T>(&rows, hd, scale, queries, &mut scores, out);
 }
 
 /// [`attend_one`] after the rows are found, in plain Rust (other CPUs, bf16 caches, odd
 /// head sizes; and the reference of the x86 kernel's tests).
-#[allow(clippy::too_many_arguments)]
-fn attend_portable<'a, T: KvElement + 'a>(
-    rows: impl Iterator<Item = (&'a [T], &'a [T])> + Clone,
-    keys: usize,
+fn attend_portable<T: KvElement>(
+    rows: &[(&[T], &[T])],
     hd: usize,
     scale: f32,
     queries: &[f32],
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let keys = rows.len();
     let mut buf = vec![0f32; hd];
-    for (j, (key, _)) in rows.clone().enumerate() {
+    for (j, (key, _)) in rows.iter().enumerate() {
         let key = T::as_f32(key, &mut buf);
         for (g, query) in queries.chunks_exact(hd).enumerate() {
             scores[g * keys + j] = dot(query, key) * scale;
@@ -335,7 +334,7 @@ fn attend_portable<'a, T: KvElement + 'a>(
         softmax_in_place(s);
     }
     out.fill(0.0);
-    for (j, (_, value)) in rows.enumerate() {
+    for (j, (_, value)) in rows.iter().enumerate() {
         let value = T::as_f32(value, &mut buf);
         for (g, o) in out.chunks_exact_mut(hd).enumerate() {
             let w = scores[g * keys + j];
@@ -345,26 +344,48 @@ fn attend_portable<'a, T: KvElement + 'a>(
 }
 
 /// softmax(s) in place: e^(s − max) through the stats' branch-free exp, then normalized.
+/// Eight partial sums, so the loops vectorize (one running sum would force a serial
+/// order).
 fn softmax_in_place(s: &mut [f32]) {
-    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
+    const L: usize = 8;
+    let mut max = [f32::NEG_INFINITY; L];
+    let (chunks, rest) = s.as_chunks::<L>();
+    for c in chunks {
+        for l in 0..L {
+            max[l] = max[l].max(c[l]);
+        }
+    }
+    let max = rest
+        .iter()
+        .copied()
+        .fold(max.into_iter().fold(f32::NEG_INFINITY, f32::max), f32::max);
     for x in s.iter_mut() {
         *x = crate::stats::exp_nonpositive((*x - max).max(-80.0));
-        sum += *x;
     }
+    let mut sum = [0f32; L];
+    let (chunks, rest) = s.as_chunks::<L>();
+    for c in chunks {
+        for l in 0..L {
+            sum[l] += c[l];
+        }
+    }
+    let sum = sum.iter().sum::<f32>() + rest.iter().sum::<f32>();
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
 }
 
-/// The AVX2 kernel of [`attend_one`] for f32 and f16 caches: each key and value row is
-/// converted to f32 once into registers' worth of scratch, the dot products run in two
-/// FMA chains of 8 lanes each, and the weighted sum of values is fused multiply-adds.
+/// The AVX2 kernel of [`attend_one`] for f32 and f16 caches. Keys go in blocks of four:
+/// each is converted to f32 once, the G queries meet the block in four independent FMA
+/// chains, and one horizontal reduction gives the four scores. The weighted sum of
+/// values keeps G heads × 16 values in registers over all the keys.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     /// The largest head size the kernel's scratch holds.
     const MAX_HEAD: usize = 256;
+    /// Keys per block of the scores.
+    const BLOCK: usize = 4;
 
     /// The cache's element type, as the kernel loads it.
     #[derive(Clone, Copy)]
@@ -385,16 +406,14 @@ mod x86 {
             })
     }
 
-    /// [`super::attend_one`] after the rows are found: `rows` yields each visible
-    /// (key, value) of the head (hd values each), `scores` has room for G · keys.
+    /// [`super::attend_one`] after the rows are found: `rows` holds each visible (key,
+    /// value) of the head (hd values each), `scores` has room for G · keys.
     ///
     /// # Safety
     /// [`fits`]`(hd)` holds, and `T` is f32 for `Kind::F32`, f16 for `Kind::F16`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attend<'a, T: 'a>(
+    pub(super) unsafe fn attend<T>(
         kind: Kind,
-        rows: impl Iterator<Item = (&'a [T], &'a [T])> + Clone,
-        keys: usize,
+        rows: &[(&[T], &[T])],
         hd: usize,
         scale: f32,
         queries: &[f32],
@@ -403,30 +422,24 @@ mod x86 {
     ) {
         unsafe {
             match kind {
-                Kind::F32 => run::<T, false>(rows, keys, hd, scale, queries, scores, out),
-                Kind::F16 => run::<T, true>(rows, keys, hd, scale, queries, scores, out),
+                Kind::F32 => run::<T, false>(rows, hd, scale, queries, scores, out),
+                Kind::F16 => run::<T, true>(rows, hd, scale, queries, scores, out),
             }
         }
     }
 
-    /// Row `src` (hd values of f32, or f16 when F16) as f32 into `dst`.
+    /// 8 values at `src + c` (f32, or f16 when F16) as f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn widen<T, const F16: bool>(src: &[T], dst: &mut [f32; MAX_HEAD], hd: usize) {
-        for c in (0..hd).step_by(8) {
-            unsafe {
-                let v = if F16 {
-                    _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().cast::<u16>().add(c).cast()))
-                } else {
-                    _mm256_loadu_ps(src.as_ptr().cast::<f32>().add(c))
-                };
-                _mm256_storeu_ps(dst.as_mut_ptr().add(c), v);
+    unsafe fn load8<T, const F16: bool>(src: *const T, c: usize) -> __m256 {
+        unsafe {
+            if F16 {
+                _mm256_cvtph_ps(_mm_loadu_si128(src.cast::<u16>().add(c).cast()))
+            } else {
+                _mm256_loadu_ps(src.cast::<f32>().add(c))
             }
         }
     }
-
-    /// Rows read ahead of the one in use.
-    const AHEAD: usize = 4;
 
     /// Asks for the cache lines of a row.
     #[inline(always)]
@@ -438,116 +451,146 @@ mod x86 {
         }
     }
 
-    /// Σ a·b over hd values (a multiple of 8), in two chains of 8 lanes.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn dot(a: *const f32, b: *const f32, hd: usize) -> f32 {
-        unsafe {
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut c = 0;
-            while c + 16 <= hd {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), s0);
-                s1 = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(a.add(c + 8)),
-                    _mm256_loadu_ps(b.add(c + 8)),
-                    s1,
-                );
-                c += 16;
-            }
-            if c < hd {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), s0);
-            }
-            let s = _mm256_add_ps(s0, s1);
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run<'a, T: 'a, const F16: bool>(
-        rows: impl Iterator<Item = (&'a [T], &'a [T])> + Clone,
-        keys: usize,
+    unsafe fn run<T, const F16: bool>(
+        rows: &[(&[T], &[T])],
         hd: usize,
         scale: f32,
         queries: &[f32],
         scores: &mut [f32],
         out: &mut [f32],
     ) {
+        let keys = rows.len();
         let groups = queries.len() / hd;
-        let mut buf = [0f32; MAX_HEAD];
-        let mut values = Vec::with_capacity(keys);
-        // Rows are a head's slice of each position (strided by the other heads): ask for
-        // the ones a few keys ahead, so that loads overlap the arithmetic.
-        let mut ahead = rows.clone().skip(AHEAD);
-        for (j, (key, value)) in rows.enumerate() {
-            if let Some((next_key, next_value)) = ahead.next() {
-                // (The values are asked for here too: the loop over them does too little
-                // per row to hide a miss.)
-                prefetch(next_key);
-                prefetch(next_value);
-            }
-            values.push(value.as_ptr());
-            unsafe { widen::<T, F16>(key, &mut buf, hd) };
-            for g in 0..groups {
-                let q = queries[g * hd..].as_ptr();
-                scores[g * keys + j] = unsafe { dot(q, buf.as_ptr(), hd) } * scale;
+        unsafe {
+            match groups {
+                1 => scores_of::<T, F16, 1>(rows, hd, scale, queries, scores),
+                2 => scores_of::<T, F16, 2>(rows, hd, scale, queries, scores),
+                3 => scores_of::<T, F16, 3>(rows, hd, scale, queries, scores),
+                4 => scores_of::<T, F16, 4>(rows, hd, scale, queries, scores),
+                _ => {
+                    for (g, q) in queries.chunks_exact(hd).enumerate() {
+                        let s = &mut scores[g * keys..(g + 1) * keys];
+                        scores_of::<T, F16, 1>(rows, hd, scale, q, s);
+                    }
+                }
             }
         }
         for s in scores.chunks_exact_mut(keys.max(1)) {
             super::softmax_in_place(s);
         }
+        let values = rows;
         unsafe {
             match groups {
-                1 => weighted_sum::<T, F16, 1>(&values, hd, scores, out),
-                2 => weighted_sum::<T, F16, 2>(&values, hd, scores, out),
-                3 => weighted_sum::<T, F16, 3>(&values, hd, scores, out),
-                4 => weighted_sum::<T, F16, 4>(&values, hd, scores, out),
-                5 => weighted_sum::<T, F16, 5>(&values, hd, scores, out),
-                6 => weighted_sum::<T, F16, 6>(&values, hd, scores, out),
-                7 => weighted_sum::<T, F16, 7>(&values, hd, scores, out),
-                8 => weighted_sum::<T, F16, 8>(&values, hd, scores, out),
+                1 => weighted_sum::<T, F16, 1, 4>(values, hd, scores, out),
+                2 => weighted_sum::<T, F16, 2, 4>(values, hd, scores, out),
+                3 => weighted_sum::<T, F16, 3, 4>(values, hd, scores, out),
+                4 => weighted_sum::<T, F16, 4, 2>(values, hd, scores, out),
+                5 => weighted_sum::<T, F16, 5, 2>(values, hd, scores, out),
+                6 => weighted_sum::<T, F16, 6, 2>(values, hd, scores, out),
+                7 => weighted_sum::<T, F16, 7, 2>(values, hd, scores, out),
+                8 => weighted_sum::<T, F16, 8, 2>(values, hd, scores, out),
                 _ => {
                     for (g, o) in out.chunks_exact_mut(hd).enumerate() {
-                        let w = &scores[g * values.len()..(g + 1) * values.len()];
-                        weighted_sum::<T, F16, 1>(&values, hd, w, o);
+                        let w = &scores[g * keys..(g + 1) * keys];
+                        weighted_sum::<T, F16, 1, 4>(values, hd, w, o);
                     }
                 }
             }
         }
     }
 
-    /// out[g] = Σ_j scores[g · keys + j] · value_j for G heads: 8 values of each head
-    /// at a time, their G sums in registers over all the keys (fused multiply-adds in key
-    /// order).
+    /// The scaled scores q_g · k_j · scale into `scores[g · keys + j]` for G heads:
+    /// keys in blocks of four, each 8-value piece of a key converted once and met by the
+    /// G queries' pieces, 4G FMA chains in registers; one reduction per head and block.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn weighted_sum<T, const F16: bool, const G: usize>(
-        values: &[*const T],
+    unsafe fn scores_of<T, const F16: bool, const G: usize>(
+        rows: &[(&[T], &[T])],
+        hd: usize,
+        scale: f32,
+        queries: &[f32],
+        scores: &mut [f32],
+    ) {
+        let keys = rows.len();
+        for (b, four) in rows.chunks(BLOCK).enumerate() {
+            // Rows are a head's slice of each position (strided by the other heads): ask
+            // for the next block's, so that loads overlap the arithmetic. (The values too:
+            // the weighted sum does too little per row to hide a miss.)
+            for (key, value) in rows.iter().skip((b + 1) * BLOCK).take(BLOCK) {
+                prefetch(key);
+                prefetch(value);
+            }
+            // A last, short block repeats its last key; those lanes are not stored.
+            let k: [*const T; BLOCK] =
+                std::array::from_fn(|j| four[j.min(four.len() - 1)].0.as_ptr());
+            let mut acc = [[_mm256_setzero_ps(); BLOCK]; G];
+            for c in (0..hd).step_by(8) {
+                let kv: [__m256; BLOCK] = k.map(|k| unsafe { load8::<T, F16>(k, c) });
+                for (g, acc) in acc.iter_mut().enumerate() {
+                    let q = unsafe { _mm256_loadu_ps(queries.as_ptr().add(g * hd + c)) };
+                    for (acc, kv) in acc.iter_mut().zip(kv) {
+                        *acc = _mm256_fmadd_ps(q, kv, *acc);
+                    }
+                }
+            }
+            for (g, acc) in acc.iter().enumerate() {
+                // [a0 a0 a1 a1 | a0 a0 a1 a1] pairs, then [a0 a1 a2 a3 | a0 a1 a2 a3].
+                let h01 = _mm256_hadd_ps(acc[0], acc[1]);
+                let h23 = _mm256_hadd_ps(acc[2], acc[3]);
+                let h = _mm256_hadd_ps(h01, h23);
+                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                let mut four_scores = [0f32; BLOCK];
+                unsafe {
+                    _mm_storeu_ps(four_scores.as_mut_ptr(), _mm_mul_ps(s, _mm_set1_ps(scale)))
+                };
+                // (An element loop: a slice copy of up to four is a library call.)
+                let to = &mut scores[g * keys + b * BLOCK..][..four.len()];
+                for (to, s) in to.iter_mut().zip(four_scores) {
+                    *to = s;
+                }
+            }
+        }
+    }
+
+    /// out[g] = Σ_j scores[g · keys + j] · value_j for G heads: W pieces of 8 values of
+    /// each head at a time (fewer at the end of the head), their G·W sums in registers
+    /// over all the keys (fused multiply-adds in key order).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn weighted_sum<T, const F16: bool, const G: usize, const W: usize>(
+        values: &[(&[T], &[T])],
         hd: usize,
         scores: &[f32],
         out: &mut [f32],
     ) {
         let keys = values.len();
-        for c in (0..hd).step_by(8) {
-            let mut acc = [_mm256_setzero_ps(); G];
-            for (j, &v) in values.iter().enumerate() {
-                let x = unsafe {
-                    if F16 {
-                        _mm256_cvtph_ps(_mm_loadu_si128(v.cast::<u16>().add(c).cast()))
+        let mut c = 0;
+        while c < hd {
+            let pieces = ((hd - c) / 8).min(W);
+            let mut acc = [[_mm256_setzero_ps(); W]; G];
+            for (j, (_, v)) in values.iter().enumerate() {
+                let v = v.as_ptr();
+                let x: [__m256; W] = std::array::from_fn(|i| {
+                    if i < pieces {
+                        unsafe { load8::<T, F16>(v, c + 8 * i) }
                     } else {
-                        _mm256_loadu_ps(v.cast::<f32>().add(c))
+                        _mm256_setzero_ps()
                     }
-                };
+                });
                 for (g, acc) in acc.iter_mut().enumerate() {
                     let w = _mm256_set1_ps(scores[g * keys + j]);
-                    *acc = _mm256_fmadd_ps(w, x, *acc);
+                    for (acc, x) in acc.iter_mut().zip(x).take(pieces) {
+                        *acc = _mm256_fmadd_ps(w, x, *acc);
+                    }
                 }
             }
             for (g, acc) in acc.iter().enumerate() {
-                unsafe { _mm256_storeu_ps(out[g * hd + c..][..8].as_mut_ptr(), *acc) };
+                for (i, acc) in acc.iter().enumerate().take(pieces) {
+                    unsafe { _mm256_storeu_ps(out[g * hd + c + 8 * i..].as_mut_ptr(), *acc) };
+                }
             }
+            c += 8 * pieces;
         }
     }
 }
@@ -627,6 +670,8 @@ mod tests {
             (128, 1, 33),
             (16, 9, 200),
             (24, 2, 1),
+            (64, 3, 6),
+            (40, 4, 3),
         ] {
             let ks: Vec<Vec<T>> = (0..keys)
                 .map(|j| values(hd, j as u64 + 1).into_iter().map(&convert).collect())
@@ -641,18 +686,11 @@ mod tests {
                 .collect();
             let q: Vec<f32> = values(groups * hd, 7).iter().map(|v| 4.0 * v).collect();
             let scale = 1.0 / (hd as f32).sqrt();
-            let rows = ks.iter().zip(&vs).map(|(k, v)| (&k[..], &v[..]));
+            let rows: Vec<(&[T], &[T])> =
+                ks.iter().zip(&vs).map(|(k, v)| (&k[..], &v[..])).collect();
             let mut scores = vec![0f32; groups * keys];
             let mut portable = vec![0f32; groups * hd];
-            attend_portable::<T>(
-                rows.clone(),
-                keys,
-                hd,
-                scale,
-                &q,
-                &mut scores,
-                &mut portable,
-            );
+            attend_portable::<T>(&rows, hd, scale, &q, &mut scores, &mut portable);
             let as_f32 = |r: &Vec<Vec<T>>| -> Vec<Vec<f32>> {
                 r.iter().map(|r| r.iter().map(&back).collect()).collect()
             };
@@ -671,7 +709,7 @@ mod tests {
             if let Some(kind) = T::SIMD.filter(|_| x86::fits(hd)) {
                 let mut simd = vec![0f32; groups * hd];
                 // SAFETY: `fits` checked the features and the head size.
-                unsafe { x86::attend(kind, rows, keys, hd, scale, &q, &mut scores, &mut simd) };
+                unsafe { x86::attend(kind, &rows, hd, scale, &q, &mut scores, &mut simd) };
                 assert!(err(&simd) < 2e-6, "x86 hd {hd} G {groups}: {}", err(&simd));
             }
         }

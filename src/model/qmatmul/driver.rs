@@ -302,11 +302,16 @@ fn packed_columns<A: PackedAct>(
                 let y_row = &out[row * groups.len() + g];
                 let c0 = (g0 + g) * LANES;
                 let len = LANES.min(p.n - c0);
+                let to = unsafe { y.ptr.add(r * y.n + c0) };
                 // SAFETY: row r < m and columns c0..c0 + len < n lie in y, and no other
-                // thread writes them (they belong to column block cb).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(y_row.as_ptr(), y.ptr.add(r * y.n + c0), len)
-                };
+                // thread writes them (they belong to column block cb). A whole group is a
+                // fixed-size copy (a few vector moves; a copy of run-time length is a
+                // library call, and this runs for every row and group of every product).
+                if len == LANES {
+                    unsafe { to.cast::<[f32; LANES]>().write_unaligned(*y_row) };
+                } else {
+                    unsafe { std::ptr::copy_nonoverlapping(y_row.as_ptr(), to, len) };
+                }
             }
         }
     }

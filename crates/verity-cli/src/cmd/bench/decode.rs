@@ -37,6 +37,11 @@ pub struct Args {
     /// Runs of each runtime (statistics on, off) per statistics batch; the best is kept.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Rounds of the batch-scaling runs: each round measures every batch size once, in
+    /// turn, and each size's best round is reported (a shared machine's load drifts over
+    /// seconds, and alternating keeps the sizes' chances even).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Also write the measured numbers to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -48,8 +53,8 @@ pub fn run(args: Args) -> Result<(), String> {
     if batches.contains(&0) || stats_batches.contains(&0) {
         return Err("--batches, --stats-batches: a batch size must be positive".into());
     }
-    if args.tokens == 0 || args.repeats == 0 || args.prompt_tokens == Some(0) {
-        return Err("--tokens, --repeats and --prompt-tokens must be positive".into());
+    if args.tokens == 0 || args.repeats == 0 || args.rounds == 0 || args.prompt_tokens == Some(0) {
+        return Err("--tokens, --repeats, --rounds and --prompt-tokens must be positive".into());
     }
     let mut config = args.model.config();
     let largest = batches
@@ -210,21 +215,35 @@ impl Bench<'_> {
             "decode on {}, {tokens} new tokens per sequence after a prompt of {short_len} tokens",
             runtime.device()
         );
-        // Batch scaling on the short prompt.
-        let mut single = None;
-        for &b in batches {
-            let run = throughput(runtime, b, 1, tokens, &short)?;
+        // Batch scaling on the short prompt, in rounds: each size's best run.
+        let mut best: Vec<Option<Run>> = vec![None; batches.len()];
+        let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); batches.len()];
+        for _ in 0..args.rounds {
+            for (i, &b) in batches.iter().enumerate() {
+                let run = throughput(runtime, b, 1, tokens, &short)?;
+                rounds[i].push(run.tps());
+                if best[i].is_none_or(|k| run.tps() > k.tps()) {
+                    best[i] = Some(run);
+                }
+            }
+        }
+        let single = best.first().copied().flatten().map_or(1.0, Run::tps);
+        for ((&b, run), all) in batches.iter().zip(&best).zip(&rounds) {
+            let Some(run) = *run else { continue };
             let tps = run.tps();
-            let base = *single.get_or_insert(tps);
+            let each: Vec<String> = all.iter().map(|t| format!("{t:.1}")).collect();
             println!(
-                "  batch {b:>3}: {tps:>8.1} tok/s  ({:.2}× batch 1)",
-                tps / base
+                "  batch {b:>3}: {tps:>8.1} tok/s  ({:.2}× batch {})  rounds: {}",
+                tps / single,
+                batches[0],
+                each.join(", ")
             );
             let mut row = run.json();
             row["batch"] = json!(b);
+            row["rounds_tokens_per_second"] = json!(all);
             report["batches"].as_array_mut().unwrap().push(row);
-            save(&report)?;
         }
+        save(&report)?;
         println!(
             "GSM8K prompt of {} tokens (prefill included):",
             prompt.len()
