@@ -216,7 +216,7 @@ fn online_sequential_rules_equal_their_offline_simulation() {
             offline.answer.as_ref().map(|a| a.to_string()),
             "{rule}"
         );
-        let settled = rule.settled(&plain.candidates()[..offline.used]);
+        let settled = rule.settled(&plain.candidates()[..offline.used], 8);
         assert_eq!(
             online.settled_after,
             settled.then_some(offline.used),

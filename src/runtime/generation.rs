@@ -297,12 +297,14 @@ fn candidate_of(trace: &Trace, scores: &[TraceScore]) -> Candidate {
 }
 
 /// The engine's sequential drawing for a sequential selection rule: `parallel` samples at
-/// a time, settled when the rule would stop drawing on the finished ones. For DeepConf
+/// a time, settled when the rule would stop drawing on the finished ones out of the
+/// request's `budget` of samples. For DeepConf
 /// online also the monitors that stop a later sample once its window confidence falls
 /// below the threshold the warm-up samples set (the warm-up samples never stop).
 pub(super) fn sequential_for(
     rule: SelectionRule,
     parallel: usize,
+    budget: usize,
 ) -> (Sequential, Option<EarlyStop>) {
     let threshold = Arc::new(std::sync::OnceLock::<f64>::new());
     let early_stop: Option<EarlyStop> = match rule {
@@ -331,7 +333,7 @@ pub(super) fn sequential_for(
             if let Some(t) = rule.online_threshold(&drawn) {
                 let _ = threshold.set(t);
             }
-            rule.settled(&drawn)
+            rule.settled(&drawn, budget)
         }),
     };
     (sequential, early_stop)

@@ -306,7 +306,7 @@ impl Runtime {
             // A default wider than a batch (esc:100) runs a batch at a time; a `parallel`
             // asked for explicitly is checked by the engine like any other size.
             let parallel = parallel.unwrap_or(default.min(self.inner.config.max_batch));
-            let (sequential, early_stop) = sequential_for(rule, parallel);
+            let (sequential, early_stop) = sequential_for(rule, parallel, request.n);
             request.sequential = Some(sequential);
             if request.early_stop.is_none() {
                 request.early_stop = early_stop;

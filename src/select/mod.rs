@@ -203,13 +203,19 @@ impl SelectionRule {
         }
     }
 
-    /// With `drawn` the candidates drawn so far, in drawing order: whether a sequential
-    /// rule would stop drawing now. Always false for the other rules (they use every
-    /// candidate).
-    pub fn settled(&self, drawn: &[Candidate]) -> bool {
+    /// With `drawn` the candidates drawn so far, in drawing order, out of at most `budget`:
+    /// whether a sequential rule would stop drawing now. ESC and adaptive consistency also
+    /// stop once the vote is decided ([`sequential::decided`]: the samples left could not
+    /// change the majority), which changes no answer. Always false for the other rules
+    /// (they use every candidate).
+    pub fn settled(&self, drawn: &[Candidate], budget: usize) -> bool {
         match *self {
-            SelectionRule::Esc { window } => sequential::esc_settled(drawn, window),
-            SelectionRule::Adaptive { threshold } => sequential::adaptive_settled(drawn, threshold),
+            SelectionRule::Esc { window } => {
+                sequential::esc_settled(drawn, window) || sequential::decided(drawn, budget)
+            }
+            SelectionRule::Adaptive { threshold } => {
+                sequential::adaptive_settled(drawn, threshold) || sequential::decided(drawn, budget)
+            }
             SelectionRule::DeepConfOnline {
                 warmup,
                 percentile,
@@ -220,15 +226,15 @@ impl SelectionRule {
         }
     }
 
-    /// How many of `candidates` (in drawing order) the rule looks at: the first prefix
-    /// that is [`settled`](Self::settled) for a sequential rule (all when none is), one
-    /// for greedy, all for the rest. [`select`] decides on exactly this prefix, so a run
-    /// that stops drawing there gets the same answer.
+    /// How many of `candidates` (in drawing order, all of the budget) the rule looks at:
+    /// the first prefix that is [`settled`](Self::settled) for a sequential rule (all when
+    /// none is), one for greedy, all for the rest. [`select`] decides on exactly this
+    /// prefix, so a run that stops drawing there gets the same answer.
     pub fn samples_needed(&self, candidates: &[Candidate]) -> usize {
         match self {
             SelectionRule::Greedy => candidates.len().min(1),
             rule if rule.is_sequential() => (1..=candidates.len())
-                .find(|&k| rule.settled(&candidates[..k]))
+                .find(|&k| rule.settled(&candidates[..k], candidates.len()))
                 .unwrap_or(candidates.len()),
             _ => candidates.len(),
         }

@@ -1,6 +1,7 @@
 //! The stopping tests of the sequential rules: early-stopping self-consistency (a unanimous
 //! window) and adaptive consistency (the Beta posterior that the leading answer stays the
-//! leader). Both look only at the extracted answers, so they work where confidence
+//! leader), and the test both add: the vote is decided (the samples left cannot change
+//! the leader). All look only at the extracted answers, so they work where confidence
 //! scores are unreliable.
 
 use super::{majority, Candidate};
@@ -19,6 +20,20 @@ pub(super) fn esc_settled(drawn: &[Candidate], window: usize) -> bool {
     };
     last.iter()
         .all(|c| c.answer.as_ref().is_some_and(|a| equivalent(first, a)))
+}
+
+/// Whether the majority of all `budget` candidates is already known from the `drawn` ones:
+/// the leading answer is ahead of the runner-up by more than the candidates left to draw,
+/// so even if every one of them went to the runner-up the leader would stay ahead. (A
+/// sequential rule's answer is the majority of what it drew, and that leader leads every
+/// longer prefix too, so stopping here changes no answer; it only saves samples.)
+pub(super) fn decided(drawn: &[Candidate], budget: usize) -> bool {
+    let votes = majority(drawn).votes;
+    let Some(leader) = votes.first() else {
+        return false;
+    };
+    let runner_up = votes.get(1).map_or(0, |row| row.count);
+    leader.count - runner_up > budget.saturating_sub(drawn.len())
 }
 
 /// Adaptive consistency: the leading answer's votes v₁ and the runner-up's v₂ (0 when

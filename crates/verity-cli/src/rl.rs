@@ -244,6 +244,7 @@ pub fn learn(
     // Fixed prompts on which the policy's distance from the base model is measured.
     let probes: Vec<&EvalItem> = train.iter().take(4).collect();
     let mut rollbacks = 0;
+    let mut stopped = None;
     // The guard's last reading of the policy as it stands (label-free runs), and the
     // standard error of the best checkpoint's health.
     let mut last_health: Option<(f64, f64)> = None;
@@ -497,7 +498,11 @@ pub fn learn(
                 .collect(),
         };
         crate::plot::learning_curve(&config.out.join("plot.png"), &curve)?;
-        if rollbacks >= 3 {
+        if rollbacks >= MAX_ROLLBACKS {
+            stopped = Some(format!(
+                "stopped at step {step} of {}: the collapse guard rolled back {rollbacks} times",
+                config.steps
+            ));
             break;
         }
     }
@@ -530,9 +535,14 @@ pub fn learn(
         heldout_before,
         heldout_after,
         kept_checkpoint,
+        stopped,
         steps: all,
     })
 }
+
+/// Rollbacks after which a run stops: each one halves the learning rate, so by then the
+/// policy keeps drifting to a collapse at an eighth of the rate it started with.
+const MAX_ROLLBACKS: usize = 3;
 
 /// What [`learn`] did: the held-out accuracy of the adapter it started from and of the one
 /// it leaves (when a held-out set was given), and every step's metrics.
@@ -543,5 +553,7 @@ pub struct LearnReport {
     /// Without labels: the checkpoint (its label-free health and folder) the run ended on
     /// instead of the last policy, when that read less healthy.
     pub kept_checkpoint: Option<(f64, PathBuf)>,
+    /// Why training ended before its last step, when it did.
+    pub stopped: Option<String>,
     pub steps: Vec<StepMetrics>,
 }

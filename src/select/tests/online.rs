@@ -158,12 +158,12 @@ fn online_vote_keeps_warmup_and_later_traces_above_the_threshold() {
     let s = select(&online_rule(3, 50.0, None), &drawn);
     assert_eq!(rows(&s), vec![("5".to_string(), 25.0, 2)]);
     assert_eq!((s.answer.clone(), s.chosen, s.used), (num(5.0), Some(2), 3));
-    assert!(rule.settled(&drawn));
+    assert!(rule.settled(&drawn, 16));
     // Not before the warm-up is complete, even when unanimous.
-    assert!(!rule.settled(&drawn[..2]));
+    assert!(!rule.settled(&drawn[..2], 16));
     // At the 0th percentile (11) every warm-up trace votes: 25 / 36 < 0.75.
     let wide = online_rule(3, 0.0, Some(0.75));
-    assert!(!wide.settled(&drawn));
+    assert!(!wide.settled(&drawn, 16));
     // A stopped trace (no answer) never votes; a later confident one does.
     drawn.push(c(None, 30.0));
     drawn.push(c(num(6.0), 14.0));

@@ -69,8 +69,9 @@ fn esc_stops_after_the_first_unanimous_window() {
     let s = select(&esc, &c);
     assert_eq!((s.answer, s.used), (num(1.0), 8));
     assert_eq!(s.votes[0].count, 7);
-    // A missing answer breaks a window; with no unanimous window every candidate is used,
-    // and the answer is then plain majority vote (2 leads 6 to 5 here).
+    // A missing answer breaks a window; with no unanimous window, candidates are drawn
+    // until the vote is decided (2 leads 6 to 4 after 11, with 1 left), and the answer is
+    // plain majority vote.
     let c = answers(&[
         Some(3.0),
         None,
@@ -86,19 +87,13 @@ fn esc_stops_after_the_first_unanimous_window() {
         Some(3.0),
     ]);
     let s = select(&esc, &c);
-    assert_eq!((s.answer.clone(), s.used), (num(2.0), 12));
-    assert_eq!(
-        s,
-        Selection {
-            used: 12,
-            ..select(&SelectionRule::Majority, &c)
-        }
-    );
+    assert_eq!((s.answer.clone(), s.used), (num(2.0), 11));
+    assert_eq!(s, select(&SelectionRule::Majority, &c[..11]));
     // A partial last window never settles; the first full one can.
-    assert!(!esc.settled(&c[..3]));
-    assert!(esc.settled(&answers(&[Some(5.0); 4])));
-    assert!(!esc.settled(&answers(&[Some(5.0); 6])));
-    assert!(SelectionRule::Esc { window: 1 }.settled(&answers(&[Some(5.0)])));
+    assert!(!esc.settled(&c[..3], 16));
+    assert!(esc.settled(&answers(&[Some(5.0); 4]), 16));
+    assert!(!esc.settled(&answers(&[Some(5.0); 6]), 16));
+    assert!(SelectionRule::Esc { window: 1 }.settled(&answers(&[Some(5.0)]), 16));
 }
 
 #[test]
@@ -131,6 +126,74 @@ fn adaptive_consistency_stops_when_the_leader_is_safe() {
 }
 
 #[test]
+fn a_decided_vote_stops_drawing() {
+    // ESC's windows of 4 are never unanimous here, but after 11 of 16 the leader has 9
+    // votes to 2: the 5 left cannot change the majority (after 10, 8 to 2 with 6 left could).
+    let v: Vec<Option<f64>> = (0..16)
+        .map(|i| Some(if i % 4 == 3 { 6.0 } else { 5.0 }))
+        .collect();
+    let esc = SelectionRule::Esc { window: 4 };
+    let c = answers(&v);
+    assert!(!esc.settled(&c[..10], 16) && esc.settled(&c[..11], 16));
+    assert_eq!(select(&esc, &c).used, 11);
+    // A lead equal to what is left is not decided (the runner-up could tie). (Unanimous
+    // votes of 8 and 9 are below this threshold: 1 − 2⁻⁹ and 1 − 2⁻¹⁰.)
+    let strict = SelectionRule::Adaptive { threshold: 0.9999 };
+    assert!(!strict.settled(&answers(&[Some(5.0); 8]), 16));
+    assert!(strict.settled(&answers(&[Some(5.0); 9]), 16));
+    assert!(!strict.settled(&answers(&[Some(5.0); 9]), usize::MAX));
+    // Without answers nothing is decided, whatever the budget.
+    assert!(!esc.settled(&answers(&[None; 3]), 3));
+}
+
+/// Stopping once the vote is decided changes no answer: on every sequence of answers
+/// (seeded, three answers and none, budgets 1-16), ESC and adaptive consistency answer as
+/// they do when the budget is unbounded (no vote is ever decided), after no more samples.
+#[test]
+fn a_decided_stop_changes_no_answer() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let rules = [
+        SelectionRule::Esc { window: 2 },
+        SelectionRule::Esc { window: 4 },
+        SelectionRule::Adaptive { threshold: 0.8 },
+        SelectionRule::Adaptive { threshold: 0.95 },
+    ];
+    let mut saved = 0;
+    for _ in 0..4000 {
+        let n = 1 + (next() % 16) as usize;
+        // Skewed towards one answer, as samples of one question are.
+        let v: Vec<Option<f64>> = (0..n)
+            .map(|_| match next() % 10 {
+                0..=4 => Some(1.0),
+                5..=6 => Some(2.0),
+                7..=8 => Some(3.0),
+                _ => None,
+            })
+            .collect();
+        let c = answers(&v);
+        for rule in rules {
+            let unbounded = (1..=n)
+                .find(|&k| rule.settled(&c[..k], usize::MAX))
+                .unwrap_or(n);
+            let used = rule.samples_needed(&c);
+            assert!(used <= unbounded, "{rule} {v:?}");
+            let with_stop = select(&rule, &c);
+            let without = select(&SelectionRule::Majority, &c[..unbounded]);
+            assert_eq!(with_stop.answer, without.answer, "{rule} {v:?}");
+            saved += unbounded - used;
+        }
+    }
+    // The stop did happen (otherwise the comparison above tested nothing).
+    assert!(saved > 1000, "{saved} samples saved");
+}
+
+#[test]
 fn non_sequential_rules_use_every_candidate() {
     let c = answers(&[Some(1.0); 5]);
     for rule in [
@@ -138,7 +201,7 @@ fn non_sequential_rules_use_every_candidate() {
         SelectionRule::Max(SC),
         SelectionRule::Borda { power: 0.5 },
     ] {
-        assert!(!rule.is_sequential() && !rule.settled(&c));
+        assert!(!rule.is_sequential() && !rule.settled(&c, 5));
         assert_eq!(select(&rule, &c).used, 5, "{rule}");
     }
     assert_eq!(select(&SelectionRule::Greedy, &c).used, 1);

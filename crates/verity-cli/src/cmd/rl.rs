@@ -123,6 +123,9 @@ pub fn run(args: Args) -> Result<(), String> {
         adapter.version(),
         final_dir.display()
     );
+    if let Some(why) = &report.stopped {
+        println!("{why}");
+    }
     if let Some((health, dir)) = &report.kept_checkpoint {
         println!(
             "kept the healthiest checkpoint {} (finished agreement {health:.3}): the last policy does not read healthier beyond noise",
