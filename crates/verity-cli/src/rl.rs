@@ -286,7 +286,11 @@ pub fn learn(
         Ok((start, submitted))
     };
     let mut next = Some(submit(1)?);
-    let mut heldout_curve: Vec<(usize, f64)> = best.iter().map(|(acc, _)| (0, *acc)).collect();
+    // Without labels the best starts unmeasured (not finite): there is no held-out point.
+    let mut heldout_curve: Vec<(usize, f64)> = (best.iter())
+        .filter(|(acc, _)| acc.is_finite())
+        .map(|(acc, _)| (0, *acc))
+        .collect();
     for step in 1..=config.steps {
         // Rollout time runs from submission (with `overlap`, during the previous step's
         // training) to the last completion.
