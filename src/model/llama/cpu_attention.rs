@@ -201,42 +201,24 @@ impl Job<'_> {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut out = vec![0f32; self.new_rows.len() * nh * hd];
-        // A task is one new row's KV heads, `heads_per_task` of them in order: its output
-        // is a contiguous run of heads_per_task · G · d values. With enough rows to go
-        // round, a task takes all of a row's heads: each position's heads lie side by side,
-        // so the first head's reads bring the next heads' lines, on this core (the cache
-        // is cold in a decode step: a layer's weights stream through it between steps).
-        let pool = Pool::global();
-        let heads_per_task = if self.new_rows.len() >= 4 * pool.threads() {
-            nkv
-        } else {
-            1
-        };
-        let outputs: Vec<Mutex<&mut [f32]>> = out
-            .chunks_mut(heads_per_task * groups * hd)
-            .map(Mutex::new)
-            .collect();
-        pool.run(outputs.len(), |t| {
-            let mut output = outputs[t].lock();
-            for (k, out) in output.chunks_exact_mut(groups * hd).enumerate() {
-                let (r, h) = (
-                    (t * heads_per_task + k) / nkv,
-                    (t * heads_per_task + k) % nkv,
-                );
-                let new = self.new_rows[r];
-                let i = new.sequence;
-                attend_one(
-                    &views[self.first[i]..self.first[i + 1]],
-                    new.at,
-                    self.window,
-                    h,
-                    nkv,
-                    hd,
-                    self.scale,
-                    &self.q[(r * nh + h * groups) * hd..(r * nh + (h + 1) * groups) * hd],
-                    out,
-                );
-            }
+        // Task t = (new row t / nkv, KV head t % nkv) owns output heads h·G..(h+1)·G of
+        // its row: a contiguous run of G·d values.
+        let outputs: Vec<Mutex<&mut [f32]>> = out.chunks_mut(groups * hd).map(Mutex::new).collect();
+        Pool::global().run(outputs.len(), |t| {
+            let (r, h) = (t / nkv, t % nkv);
+            let new = self.new_rows[r];
+            let i = new.sequence;
+            attend_one(
+                &views[self.first[i]..self.first[i + 1]],
+                new.at,
+                self.window,
+                h,
+                nkv,
+                hd,
+                self.scale,
+                &self.q[(r * nh + h * groups) * hd..(r * nh + (h + 1) * groups) * hd],
+                &mut outputs[t].lock(),
+            );
         });
         drop(outputs);
         Ok(out)
