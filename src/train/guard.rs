@@ -254,7 +254,7 @@ impl CollapseGuard {
     }
 
     /// Forgets the window (after a rollback: the restored policy starts a fresh window
-    /// against the same baseline).
+    /// against the same baseline, and is not judged until it is full).
     pub fn reset_window(&mut self) {
         self.window.clear();
     }
@@ -263,7 +263,10 @@ impl CollapseGuard {
         let (c, Some(b)) = (&self.config, &self.baseline) else {
             return Verdict::Warming;
         };
-        if self.window.is_empty() {
+        // A window is judged only when full: after a rollback, one step of two prompts
+        // would judge the restored policy on a handful of answers (a run tripped twice
+        // in a row that way, halving its learning rate for noise).
+        if self.window.len() < c.window.max(1) {
             return Verdict::Warming;
         }
         let w = &self.window;
@@ -534,8 +537,15 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
-        // After a rollback the window starts afresh against the same baseline.
+        // After a rollback the window starts afresh against the same baseline, and one
+        // step of it is too little to judge, even a collapsed one.
         g.reset_window();
+        assert_eq!(
+            g.observe(step(0.97, 0.1, &["7", "7"], 100.0)),
+            Verdict::Warming
+        );
+        // A full window is judged: entropy 0.5 and agreement 0.735 on average, 3 of 4
+        // answers distinct.
         assert!(matches!(
             g.observe(step(0.5, 0.9, &["1", "8"], 100.0)),
             Verdict::Healthy { .. }
