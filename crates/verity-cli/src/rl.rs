@@ -47,6 +47,14 @@ pub enum RewardKind {
     Rlpr,
 }
 
+impl RewardKind {
+    /// Whether the reward needs no reference answers (TTRL, INTUITOR, EM-RL): such a
+    /// reward can rise while the answers get worse, so the label-free guard watches it.
+    pub fn is_label_free(self) -> bool {
+        matches!(self, Self::Ttrl | Self::Intuitor | Self::Entropy)
+    }
+}
+
 impl std::str::FromStr for RewardKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -439,7 +447,11 @@ pub fn learn(
                 let snapshot = checkpoints.join("steps").join(format!("step-{step:04}"));
                 save_peft(&adapter, model.config(), &snapshot, "")?;
             }
-            let verdict = guard.observe(StepSignals {
+            // The guard judges rewards that need no reference answers: only those can rise
+            // while the answers get worse. A verifier's reward is itself the measure (its
+            // sharpening, confident agreement on right answers, is what the guard's
+            // entropy rule reads as collapse).
+            let signals = StepSignals {
                 agreement: m.agreement,
                 finished_agreement: m.finished_agreement,
                 answered: m.answered,
@@ -449,7 +461,12 @@ pub fn learn(
                 length: mean_length,
                 truncated,
                 probe_kl: m.probe_kl,
-            });
+            };
+            let verdict = if config.reward.is_label_free() {
+                guard.observe(signals)
+            } else {
+                Verdict::Warming
+            };
             last_health = match &verdict {
                 Verdict::Healthy { health, stderr } => Some((*health, *stderr)),
                 _ => None,

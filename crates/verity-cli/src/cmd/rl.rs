@@ -19,12 +19,14 @@ pub struct Args {
     /// Training prompts (JSONL, question/answer).
     #[arg(long)]
     data: PathBuf,
-    /// Held-out set for greedy accuracy and the collapse guard (JSONL). Without it, a
-    /// label-free guard watches the run (group agreement, entropy, answer diversity,
-    /// length, truncation, KL from the base model on probe prompts every --eval-every
-    /// steps), rolls back to the healthiest checkpoint when they say it collapsed, and
-    /// ranks checkpoints by the share of rollouts that finish with their group's majority
-    /// answer.
+    /// Held-out set for greedy accuracy and the collapse guard (JSONL). Without it, and
+    /// with a reward that needs no labels (ttrl, intuitor, entropy), a label-free guard
+    /// watches the run (group agreement, entropy, answer diversity, length, truncation,
+    /// echoed answers, KL from the base model on probe prompts every --eval-every
+    /// steps), rolls back to the healthiest checkpoint when they say it collapsed (three
+    /// rollbacks stop the run), and ranks checkpoints by the share of rollouts that
+    /// finish with their group's majority answer. A verifier or rlpr run without it keeps
+    /// its last policy.
     #[arg(long)]
     eval: Option<PathBuf>,
     #[arg(long, default_value_t = 50)]
