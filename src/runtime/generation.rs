@@ -298,9 +298,9 @@ fn candidate_of(trace: &Trace, scores: &[TraceScore]) -> Candidate {
 
 /// The engine's sequential drawing for a sequential selection rule: `parallel` samples at
 /// a time, settled when the rule would stop drawing on the finished ones out of the
-/// request's `budget` of samples. For DeepConf
-/// online also the monitors that stop a later sample once its window confidence falls
-/// below the threshold the warm-up samples set (the warm-up samples never stop).
+/// request's `budget` of samples. For DeepConf online also the monitors that stop a later
+/// sample once its window confidence falls below the threshold the warm-up samples set
+/// (the warm-up samples never stop).
 pub(super) fn sequential_for(
     rule: SelectionRule,
     parallel: usize,

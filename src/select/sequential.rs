@@ -22,30 +22,29 @@ pub(super) fn esc_settled(drawn: &[Candidate], window: usize) -> bool {
         .all(|c| c.answer.as_ref().is_some_and(|a| equivalent(first, a)))
 }
 
+/// The vote counts of the leading answer and the runner-up (0 when there is none) among
+/// `drawn`; `None` when no candidate has an answer (those without one do not vote).
+fn top_two(drawn: &[Candidate]) -> Option<(usize, usize)> {
+    let votes = majority(drawn).votes;
+    let leader = votes.first()?.count;
+    Some((leader, votes.get(1).map_or(0, |row| row.count)))
+}
+
 /// Whether the majority of all `budget` candidates is already known from the `drawn` ones:
 /// the leading answer is ahead of the runner-up by more than the candidates left to draw,
 /// so even if every one of them went to the runner-up the leader would stay ahead. (A
 /// sequential rule's answer is the majority of what it drew, and that leader leads every
 /// longer prefix too, so stopping here changes no answer; it only saves samples.)
 pub(super) fn decided(drawn: &[Candidate], budget: usize) -> bool {
-    let votes = majority(drawn).votes;
-    let Some(leader) = votes.first() else {
-        return false;
-    };
-    let runner_up = votes.get(1).map_or(0, |row| row.count);
-    leader.count - runner_up > budget.saturating_sub(drawn.len())
+    top_two(drawn)
+        .is_some_and(|(leader, runner_up)| leader - runner_up > budget.saturating_sub(drawn.len()))
 }
 
-/// Adaptive consistency: the leading answer's votes v₁ and the runner-up's v₂ (0 when
-/// there is none) give [`leader_stays_ahead`]`(v₁, v₂) ≥ threshold`. Candidates without
-/// an answer do not vote.
+/// Adaptive consistency: the leading answer's votes v₁ and the runner-up's v₂ give
+/// [`leader_stays_ahead`]`(v₁, v₂) ≥ threshold`.
 pub(super) fn adaptive_settled(drawn: &[Candidate], threshold: f64) -> bool {
-    let votes = majority(drawn).votes;
-    let Some(leader) = votes.first() else {
-        return false;
-    };
-    let runner_up = votes.get(1).map_or(0, |row| row.count);
-    leader_stays_ahead(leader.count, runner_up) >= threshold
+    top_two(drawn)
+        .is_some_and(|(leader, runner_up)| leader_stays_ahead(leader, runner_up) >= threshold)
 }
 
 /// The Beta stopping rule of adaptive consistency: with v₁ votes for the leading answer and
