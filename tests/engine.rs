@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use verity::engine::{
@@ -468,19 +468,26 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
             ..Default::default()
         },
     );
-    // A long request is running; a short one arriving later finishes first.
-    let mut long = e.submit(req(&[1, 2, 3], 60, 0.0, 0), None).unwrap();
-    let mut seen = 0;
-    while seen < 5 {
-        if let Some(Event::Token { .. }) = long.blocking_next() {
-            seen += 1;
-        }
-    }
-    let short = e
-        .submit(req(&[4, 5], 3, 0.0, 0), None)
-        .unwrap()
-        .blocking_completion()
-        .unwrap();
+    // A long request is running; a short one arriving later finishes first. The long one's
+    // monitor holds the engine thread at its 5th token until the short one is queued, and
+    // at its 40th until the test has sent the abort, so the order does not depend on how
+    // the threads are scheduled.
+    let (reached, at_gate) = std::sync::mpsc::channel::<usize>();
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(parking_lot::Mutex::new((reached, gate)));
+    let mut long_request = req(&[1, 2, 3], 60, 0.0, 0);
+    long_request.early_stop = Some(Arc::new(move |_| {
+        Box::new(WaitAt {
+            tokens: 0,
+            at: vec![5, 40],
+            gate: gate.clone(),
+        }) as Box<dyn TraceMonitor>
+    }));
+    let mut long = e.submit(long_request, None).unwrap();
+    assert_eq!(at_gate.recv().unwrap(), 5);
+    let short = e.submit(req(&[4, 5], 3, 0.0, 0), None).unwrap();
+    open.send(()).unwrap();
+    let short = short.blocking_completion().unwrap();
     assert_eq!(short.traces[0].tokens.len(), 3);
     assert!(
         e.stats().running_requests >= 1,
@@ -488,6 +495,7 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
     );
     // Cancel the long one: it ends Aborted and its KV is released.
     long.abort();
+    open.send(()).unwrap();
     let mut aborted = None;
     while let Some(ev) = long.blocking_next() {
         if let Event::Done(c) = ev {
@@ -496,7 +504,8 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
     }
     let aborted = aborted.unwrap();
     assert_eq!(aborted.traces[0].finish, FinishReason::Aborted);
-    assert!(aborted.traces[0].tokens.len() >= 5);
+    let kept = aborted.traces[0].tokens.len();
+    assert!((5..=40).contains(&kept), "{kept} tokens");
     // Dropping a handle cancels too.
     let dropped = e.submit(req(&[9, 9], 50, 0.0, 0), None).unwrap();
     drop(dropped);
@@ -534,24 +543,72 @@ fn a_short_prompt_is_not_held_behind_a_long_prefill() {
         },
     );
     // 40 prompt tokens take 10 steps of 4; the 2-token prompt arriving right after them
-    // must not wait for all of them (first come, first served would make it).
+    // must not wait for all of them (first come, first served would make it). The engine is
+    // held while both arrive, so they are queued together however the threads are scheduled,
+    // and each request's monitor logs its first token on the engine thread, in step order.
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let logged = |prompt: &[u32], name: &'static str| {
+        let order = order.clone();
+        let mut r = req(prompt, 1, 0.0, 0);
+        r.early_stop = Some(Arc::new(move |_| {
+            Box::new(LogFirstToken(name, order.clone())) as Box<dyn TraceMonitor>
+        }));
+        r
+    };
     let long_prompt: Vec<u32> = (0..40).map(|i| 1 + i % 9).collect();
-    let long = e.submit(req(&long_prompt, 1, 0.0, 0), None).unwrap();
-    let short = e
-        .submit(req(&[4, 5], 1, 0.0, 0), None)
-        .unwrap()
-        .blocking_completion()
-        .unwrap();
-    let prefilled = e.stats().prompt_tokens_prefilled;
+    let long_request = logged(&long_prompt, "long");
+    let short_request = logged(&[4, 5], "short");
+    e.hold();
+    let long = e.submit(long_request, None).unwrap();
+    let short = e.submit(short_request, None).unwrap();
+    e.resume();
+    let short = short.blocking_completion().unwrap();
     assert_eq!(short.traces[0].tokens.len(), 1);
-    assert!(
-        prefilled < 40,
-        "the short request finished only after {prefilled} prompt tokens were prefilled"
-    );
     // The long one still completes, with the tokens it would have had alone.
     let long = long.blocking_completion().unwrap();
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["short", "long"],
+        "the short request's token came only after the long prompt's prefill"
+    );
     let alone = e.generate(req(&long_prompt, 1, 0.0, 0), None).unwrap();
     assert_eq!(long.traces[0].tokens, alone.traces[0].tokens);
+}
+
+/// At each token count in `at`, sends the count on the first channel and waits for a
+/// message on the second; never stops the trace.
+struct WaitAt {
+    tokens: usize,
+    at: Vec<usize>,
+    gate: Arc<
+        parking_lot::Mutex<(
+            std::sync::mpsc::Sender<usize>,
+            std::sync::mpsc::Receiver<()>,
+        )>,
+    >,
+}
+impl TraceMonitor for WaitAt {
+    fn observe(&mut self, _: &TokenStats) -> bool {
+        self.tokens += 1;
+        if self.at.contains(&self.tokens) {
+            let gate = self.gate.lock();
+            let _ = gate.0.send(self.tokens);
+            let _ = gate.1.recv();
+        }
+        false
+    }
+}
+
+/// Logs the trace's name at its first token; never stops it.
+struct LogFirstToken(&'static str, Arc<Mutex<Vec<&'static str>>>);
+impl TraceMonitor for LogFirstToken {
+    fn observe(&mut self, _: &TokenStats) -> bool {
+        let mut order = self.1.lock().unwrap();
+        if !order.contains(&self.0) {
+            order.push(self.0);
+        }
+        false
+    }
 }
 
 struct StopAfter(usize);

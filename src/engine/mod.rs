@@ -104,6 +104,9 @@ enum Command {
     Submit(Box<Waiting>),
     Abort(u64),
     Shutdown,
+    /// Stop (true) or resume (false) admitting and stepping; commands still queue.
+    #[cfg(feature = "test-hooks")]
+    Hold(bool),
 }
 
 /// What the handles and the engine thread share.
@@ -310,6 +313,21 @@ impl Engine {
     #[doc(hidden)]
     pub fn fail_next_steps(&self, steps: usize) {
         self.shared.fail_steps.store(steps, Ordering::SeqCst);
+    }
+
+    /// Stops admitting and stepping until [`Engine::resume`]; requests submitted meanwhile
+    /// wait, so a test can make several arrive at once (tests of the scheduling only).
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn hold(&self) {
+        let _ = self.commands.lock().send(Command::Hold(true));
+    }
+
+    /// Undoes [`Engine::hold`].
+    #[cfg(feature = "test-hooks")]
+    #[doc(hidden)]
+    pub fn resume(&self) {
+        let _ = self.commands.lock().send(Command::Hold(false));
     }
 
     /// Counters since the engine started.

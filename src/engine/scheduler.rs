@@ -98,6 +98,8 @@ pub(super) struct Scheduler {
     waiting: VecDeque<Waiting>,
     active: Vec<Active>,
     reserved: usize,
+    /// Set by a test's `Engine::hold`: commands queue, nothing is admitted or stepped.
+    held: bool,
 }
 
 impl Scheduler {
@@ -108,6 +110,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             active: Vec::new(),
             reserved: 0,
+            held: false,
         }
     }
 
@@ -115,7 +118,7 @@ impl Scheduler {
     pub(super) fn run(mut self) {
         loop {
             // Block only when there is nothing to do.
-            let idle = self.active.is_empty() && self.waiting.is_empty();
+            let idle = (self.active.is_empty() && self.waiting.is_empty()) || self.held;
             let first = if idle {
                 match self.commands.recv() {
                     Ok(c) => Some(c),
@@ -129,6 +132,8 @@ impl Scheduler {
                 match command {
                     Command::Submit(waiting) => self.waiting.push_back(*waiting),
                     Command::Abort(id) => self.abort(id),
+                    #[cfg(feature = "test-hooks")]
+                    Command::Hold(held) => self.held = held,
                     Command::Shutdown => {
                         for a in self
                             .active
@@ -143,6 +148,9 @@ impl Scheduler {
                         return;
                     }
                 }
+            }
+            if self.held {
+                continue;
             }
             self.admit();
             if !self.active.is_empty() {
