@@ -33,6 +33,8 @@ struct SegmentView<'a, T> {
     /// Absolute position of its first row, and the rows to read.
     start: usize,
     len: usize,
+    /// Elements between positions and between KV heads (`KvSegment::strides`).
+    strides: (usize, usize),
 }
 
 /// One new row to attend (the i-th is row i of the step's queries): its sequence (an index
@@ -129,12 +131,13 @@ impl Transformer {
             let segments = s.kv.shared_segments().iter().map(|seg| (&**seg, seg.len()));
             // The own segment: its stored positions and those this step wrote.
             for (seg, len) in segments.chain([(own, own.len() + s.tokens.len())]) {
-                held.push((
-                    seg.key_buffer(layer).storage_and_layout().0,
-                    seg.value_buffer(layer).storage_and_layout().0,
-                    seg.start(),
+                held.push(Held {
+                    keys: seg.key_buffer(layer).storage_and_layout().0,
+                    values: seg.value_buffer(layer).storage_and_layout().0,
+                    start: seg.start(),
                     len,
-                ));
+                    strides: seg.strides(nkv, hd),
+                });
             }
         }
         first.push(held.len());
@@ -164,9 +167,14 @@ impl Transformer {
     }
 }
 
-/// A segment's key and value storage, held for reading, its first position and the rows
-/// to read.
-type Held<'a> = (StorageRef<'a>, StorageRef<'a>, usize, usize);
+/// A segment's key and value storage, held for reading while the tasks run.
+struct Held<'a> {
+    keys: StorageRef<'a>,
+    values: StorageRef<'a>,
+    start: usize,
+    len: usize,
+    strides: (usize, usize),
+}
 
 /// What every task of one layer's call reads.
 struct Job<'a> {
@@ -188,15 +196,22 @@ impl Job<'_> {
     fn run<T: KvElement>(&self, held: &[Held<'_>]) -> Result<Vec<f32>> {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let groups = nh / nkv;
-        let row = nkv * hd;
         let views = held
             .iter()
-            .map(|(keys, values, start, len)| {
+            .map(|h| {
+                // The last value read: the last head's last row.
+                let (position, head) = h.strides;
+                let end = if h.len == 0 {
+                    0
+                } else {
+                    (h.len - 1) * position + (nkv - 1) * head + hd
+                };
                 Ok(SegmentView {
-                    keys: rows_of::<T>(keys, len * row)?,
-                    values: rows_of::<T>(values, len * row)?,
-                    start: *start,
-                    len: *len,
+                    keys: rows_of::<T>(&h.keys, end)?,
+                    values: rows_of::<T>(&h.values, end)?,
+                    start: h.start,
+                    len: h.len,
+                    strides: h.strides,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -213,7 +228,6 @@ impl Job<'_> {
                 new.at,
                 self.window,
                 h,
-                nkv,
                 hd,
                 self.scale,
                 &self.q[(r * nh + h * groups) * hd..(r * nh + (h + 1) * groups) * hd],
@@ -280,7 +294,6 @@ fn attend_one<T: KvElement>(
     at: usize,
     window: Option<usize>,
     head: usize,
-    kv_heads: usize,
     hd: usize,
     scale: f32,
     queries: &[f32],
@@ -297,7 +310,7 @@ fn attend_one<T: KvElement>(
     let mut rows = Vec::with_capacity(segments.iter().map(|seg| visible(seg).len()).sum());
     for seg in segments {
         for r in visible(seg) {
-            let at = (r * kv_heads + head) * hd;
+            let at = r * seg.strides.0 + head * seg.strides.1;
             rows.push((&seg.keys[at..at + hd], &seg.values[at..at + hd]));
         }
     }
