@@ -364,16 +364,22 @@ mod tests {
         pool.run(4, |_| {});
         // Long enough for the worker to park.
         std::thread::sleep(SPIN + YIELD + Duration::from_millis(20));
+        // Two chunks: the caller's waits for the worker's, so the worker must wake (a
+        // deadline instead of a hang if it never does).
         let worker_ran = AtomicBool::new(false);
         let on_caller = std::thread::current().id();
-        pool.run(64, |_| {
+        pool.run(2, |_| {
             if std::thread::current().id() != on_caller {
-                worker_ran.store(true, Ordering::Relaxed);
+                worker_ran.store(true, Ordering::Release);
+                return;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !worker_ran.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         });
         assert!(
-            worker_ran.load(Ordering::Relaxed),
+            worker_ran.load(Ordering::Acquire),
             "the parked worker never woke"
         );
         let r = catch_unwind(AssertUnwindSafe(|| pool.run(16, |c| assert_ne!(c, 7))));

@@ -495,7 +495,9 @@ fn continuous_batching_admits_new_requests_and_respects_the_budget() {
     );
     // Cancel the long one: it ends Aborted and its KV is released.
     long.abort();
-    open.send(()).unwrap();
+    // (Needed only if the engine reached the 40th token first; otherwise the request is
+    // gone, and its monitor with it.)
+    let _ = open.send(());
     let mut aborted = None;
     while let Some(ev) = long.blocking_next() {
         if let Event::Done(c) = ev {

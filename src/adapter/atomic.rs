@@ -229,14 +229,15 @@ fn recover_locked(_lock: &Locked, dir: &Path) -> Result<()> {
 /// again if the folder changed under it or a file vanished (a rename in progress), so that
 /// everything read comes from the same, complete version. If `dir` is missing because a
 /// replace was interrupted between its two renames, the old version set aside beside it is
-/// read. Returns the folder read and what `read` returned.
+/// read. Returns the folder read and what `read` returned; an error, never a mixed read,
+/// if the folder kept changing for [`READ_PATIENCE`].
 pub(super) fn read_consistent<T>(
     dir: &Path,
     mut read: impl FnMut(&Path) -> Result<T>,
 ) -> Result<(PathBuf, T)> {
-    let mut attempt = 0;
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
     loop {
-        attempt += 1;
         let folder = resolve_dir(dir)?;
         let before = folder_identity(&folder);
         let result = read(&folder);
@@ -244,13 +245,29 @@ pub(super) fn read_consistent<T>(
             &result,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
         );
-        if (vanished || folder_identity(&folder) != before) && attempt < 5 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-            continue;
+        let changed = folder_identity(&folder) != before;
+        if !(vanished || changed) {
+            return Ok((folder, result?));
         }
-        return Ok((folder, result?));
+        if started.elapsed() >= READ_PATIENCE {
+            if changed {
+                return Err(Error::Unavailable(format!(
+                    "{} was replaced during every read for {} s",
+                    dir.display(),
+                    READ_PATIENCE.as_secs()
+                )));
+            }
+            return Ok((folder, result?));
+        }
+        // (A replace is two renames: a busy writer or a descheduled reader may need
+        // several tries.)
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
     }
 }
+
+/// How long [`read_consistent`] keeps trying to read one whole version.
+const READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Which folder a path names now (a replace puts a new one there): (device, inode).
 #[cfg(unix)]

@@ -96,35 +96,88 @@ fn openai_client_extensions_learning_and_load() {
     assert!(stdout.contains("server client checks passed"));
 }
 
+/// A streamed POST, read up to its first event: by then the server has admitted the
+/// request and is decoding it.
+struct Streaming {
+    reader: BufReader<TcpStream>,
+    text: String,
+}
+
+impl Streaming {
+    /// Posts `body` (which asks for `"stream":true`); None when the server answered with
+    /// something other than an event stream (then `text` holds the answer).
+    fn start(base: &str, body: &str) -> Result<Self, String> {
+        let addr = base.trim_start_matches("http://");
+        let mut s = TcpStream::connect(addr).expect("connect");
+        write!(
+            s,
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reader = BufReader::new(s);
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                return Err(text);
+            }
+            text.push_str(&line);
+            if line.starts_with("data:") {
+                return Ok(Self { reader, text });
+            }
+        }
+    }
+
+    /// Reads the rest of the stream; everything received.
+    fn finish(mut self) -> String {
+        self.reader.read_to_string(&mut self.text).unwrap();
+        self.text
+    }
+}
+
 #[test]
 fn full_queue_gets_429_and_shutdown_finishes_in_flight_work() {
     let mut server = start(&["--max-queued", "1"]);
+    // One long request holds the only slot (its end-of-text tokens banned, so it runs
+    // until it is dropped); another is refused at once. Its first event says it runs.
+    let long_body = r#"{"prompt":"Once upon a time","max_tokens":4000,"temperature":0,"stream":true,"logit_bias":{"0":-100,"1":-100,"2":-100}}"#;
+    let long = Streaming::start(&server.base, long_body).expect("the long request starts");
     let body = r#"{"prompt":"Once upon a time","max_tokens":96,"temperature":0}"#;
-    // One long request holds the only slot; the others are refused at once.
-    let base = server.base.clone();
-    let long = std::thread::spawn(move || post(&base, "/v1/completions", body));
-    std::thread::sleep(Duration::from_millis(300));
     let (status, text) = post(&server.base, "/v1/completions", body);
     assert_eq!(status, 429, "{text}");
     assert!(
         text.to_ascii_lowercase().contains("retry-after: 1"),
         "{text}"
     );
-    let (status, text) = long.join().unwrap();
-    assert_eq!(status, 200, "{text}");
+    assert!(long.text.starts_with("HTTP/1.1 200"), "{}", long.text);
+    // Dropping the connection cancels the long request and frees the slot.
+    drop(long);
 
     // SIGTERM while a request runs: it completes, then the process exits cleanly.
-    let base = server.base.clone();
-    let in_flight = std::thread::spawn(move || post(&base, "/v1/completions", body));
-    std::thread::sleep(Duration::from_millis(300));
+    let in_flight_body =
+        r#"{"prompt":"Once upon a time","max_tokens":96,"temperature":0,"stream":true}"#;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let in_flight = loop {
+        match Streaming::start(&server.base, in_flight_body) {
+            Ok(s) => break s,
+            // The cancelled request may still hold the slot for a moment.
+            Err(text) if text.starts_with("HTTP/1.1 429") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(text) => panic!("the in-flight request did not start: {text}"),
+        }
+    };
     let killed = Command::new("kill")
         .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
-    let (status, text) = in_flight.join().unwrap();
-    assert_eq!(status, 200, "the in-flight request was cut off: {text}");
-    assert!(text.contains("\"finish_reason\""), "{text}");
+    let text = in_flight.finish();
+    assert!(
+        text.contains("\"finish_reason\":\"") && text.contains("data: [DONE]"),
+        "the in-flight request was cut off: {text}"
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
         if let Some(status) = server.child.try_wait().unwrap() {

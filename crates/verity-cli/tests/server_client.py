@@ -242,11 +242,19 @@ def load_and_memory():
     print("LOAD " + json.dumps(report), flush=True)
     # Everything a request holds is given back: no KV reserved, nothing running, waiting
     # or in flight (exact counters from /metrics).
-    status, _, body = raw("GET", "/metrics")
-    assert status == 200, body
-    gauges = dict(line.split() for line in body.splitlines() if line and not line.startswith("#"))
-    for name in ["verity_kv_reserved_tokens", "verity_running_requests", "verity_queue_depth", "verity_in_flight_requests"]:
-        assert float(gauges[name]) == 0, (name, gauges[name])
+    # (A client has its answer a moment before the server has let go of the request:
+    # poll for a while instead of reading once.)
+    names = ["verity_kv_reserved_tokens", "verity_running_requests", "verity_queue_depth", "verity_in_flight_requests"]
+    deadline = time.time() + 30
+    while True:
+        status, _, body = raw("GET", "/metrics")
+        assert status == 200, body
+        gauges = dict(line.split() for line in body.splitlines() if line and not line.startswith("#"))
+        held = {name: gauges[name] for name in names if float(gauges[name]) != 0}
+        if not held:
+            break
+        assert time.time() < deadline, held
+        time.sleep(0.1)
     # RSS is only a sanity bound: glibc's per-thread arenas make it move by a few hundred
     # MiB between identical runs (seen: -42 and +278 MiB over the full round).
     assert report["rss_settled_mib"] < warm["rss_settled_mib"] + 768, (warm, report)
