@@ -85,12 +85,39 @@ pub fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// A unique temporary folder for one test.
+/// A unique temporary folder for one test. (Folders outlive their test, for looking at
+/// after a failure; the first call of a process removes those of processes that ended.)
 pub fn temp_dir(name: &str) -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(remove_ended_processes_dirs);
     let dir = std::env::temp_dir().join(format!("verity-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// Removes `verity-test-PID-*` folders whose process has ended (Linux: no `/proc/PID`).
+fn remove_ended_processes_dirs() {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("verity-test-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A tiny model's config.
