@@ -117,9 +117,11 @@ fn columns_of<A: PackedAct>(
     if pool.threads() <= 1 || work < min_parallel_work() {
         columns(0..total);
     } else {
-        // Several chunks per thread, so that a thread the OS does not run loses its share
-        // to the others (`pool`).
-        let per_chunk = total.div_ceil(8 * pool.threads()).max(1);
+        // Many chunks per thread, so that a thread the OS does not run loses its share to
+        // the others (`pool`), and the last chunk, which one thread runs while the other
+        // waits, is short. (32 a thread against 8: the waits at the end of SmolLM2's
+        // batch-16 products went from ~9.4% to ~8.3% of the step's samples.)
+        let per_chunk = total.div_ceil(32 * pool.threads()).max(1);
         let chunks = total.div_ceil(per_chunk);
         pool.run(chunks, |c| {
             columns(c * per_chunk..total.min((c + 1) * per_chunk))
