@@ -601,7 +601,8 @@ impl TraceMonitor for WaitAt {
     }
 }
 
-/// Logs the trace's name at its first token; never stops it.
+/// Logs the trace's name at its first token; never stops it. (Monitors do not see stop
+/// tokens: the requests here ignore end-of-text.)
 struct LogFirstToken(&'static str, Arc<Mutex<Vec<&'static str>>>);
 impl TraceMonitor for LogFirstToken {
     fn observe(&mut self, _: &TokenStats) -> bool {

@@ -237,6 +237,7 @@ pub(super) fn read_consistent<T>(
 ) -> Result<(PathBuf, T)> {
     let started = std::time::Instant::now();
     let mut pause = std::time::Duration::from_millis(1);
+    let mut missing = 0;
     loop {
         let folder = resolve_dir(dir)?;
         let before = folder_identity(&folder);
@@ -247,6 +248,12 @@ pub(super) fn read_consistent<T>(
         );
         let changed = folder_identity(&folder) != before;
         if !(vanished || changed) {
+            return Ok((folder, result?));
+        }
+        // A file missing from a folder that did not change is most likely just missing:
+        // a few quick tries, not the whole patience.
+        missing += usize::from(vanished && !changed);
+        if missing >= 5 {
             return Ok((folder, result?));
         }
         if started.elapsed() >= READ_PATIENCE {

@@ -95,7 +95,7 @@ impl KvSegment {
         }
     }
 
-    /// The whole key buffer of `layer` ([`Self::offset`] addresses it), for kernels that
+    /// The whole key buffer of `layer` ([`Self::strides`] addresses it), for kernels that
     /// read the segment in place.
     pub(crate) fn key_buffer(&self, layer: usize) -> &Tensor {
         &self.keys[layer]
@@ -144,8 +144,16 @@ impl KvSegment {
             let k = Tensor::zeros(shape, geometry.dtype, &geometry.device)?;
             let v = Tensor::zeros(shape, geometry.dtype, &geometry.device)?;
             if self.len > 0 {
-                let stored =
-                    |buffer: &Tensor| buffer.narrow(position_dim, 0, self.len)?.contiguous();
+                // The stored rows as (len, kv_heads, head_dim), whatever the old layout,
+                // then in the new one.
+                let stored = |buffer: &Tensor| -> Result<Tensor> {
+                    let rows = self.positions(buffer, self.len)?;
+                    Ok(if head_major {
+                        rows.transpose(0, 1)?.contiguous()?
+                    } else {
+                        rows.contiguous()?
+                    })
+                };
                 k.slice_set(&stored(&self.keys[layer])?, position_dim, 0)?;
                 v.slice_set(&stored(&self.values[layer])?, position_dim, 0)?;
             }
@@ -201,6 +209,14 @@ impl KvSegment {
                 "KV write of {} key and {} value values in rows of {row}",
                 keys.len(),
                 values.len()
+            )));
+        }
+        // (Head-major, a row past the capacity would land in the next head's rows.)
+        let rows = keys.len() / row.max(1);
+        if self.len + rows > self.capacity {
+            return Err(crate::Error::Internal(format!(
+                "KV write of {rows} rows after {} in a segment of {}",
+                self.len, self.capacity
             )));
         }
         let (position, head) = self.strides(kv_heads, head_dim);
@@ -389,15 +405,22 @@ mod tests {
     use super::*;
 
     /// Rows written one way or another, across a regrowth and a fork, read back as the
-    /// rows written: head-major buffers (the CPU) give the position-major views.
+    /// rows written: head-major buffers (the CPU) give the position-major views. In f32
+    /// and f16 caches (the values are small integers, exact in f16).
     #[test]
     fn head_major_segments_read_back_the_rows_written() {
+        for dtype in [DType::F32, DType::F16] {
+            rows_read_back_as_written(dtype);
+        }
+    }
+
+    fn rows_read_back_as_written(dtype: DType) {
         let (layers, kv, hd) = (2, 3, 4);
         let geometry = Arc::new(KvGeometry {
             num_layers: layers,
             num_kv_heads: kv,
             head_dim: hd,
-            dtype: DType::F32,
+            dtype,
             device: Device::Cpu,
         });
         let rows = |n: usize, seed: usize| -> Vec<f32> {
@@ -433,7 +456,10 @@ mod tests {
         }
         seq.commit(14);
         let read = |seg: &KvSegment, l: usize| -> (Vec<f32>, Vec<f32>) {
-            let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let flat = |t: Tensor| {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
             (flat(seg.keys(l).unwrap()), flat(seg.values(l).unwrap()))
         };
         for l in 0..layers {
@@ -458,6 +484,8 @@ mod tests {
         let (position, head) = shared.strides(kv, hd);
         let buffer = shared
             .key_buffer(1)
+            .to_dtype(DType::F32)
+            .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()

@@ -86,7 +86,8 @@ pub fn hex(s: &str) -> Vec<u8> {
 }
 
 /// A unique temporary folder for one test. (Folders outlive their test, for looking at
-/// after a failure; the first call of a process removes those of processes that ended.)
+/// after a failure; the first call of a process removes those of processes that ended,
+/// untouched for an hour.)
 pub fn temp_dir(name: &str) -> PathBuf {
     static SWEPT: std::sync::Once = std::sync::Once::new();
     SWEPT.call_once(remove_ended_processes_dirs);
@@ -96,7 +97,9 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Removes `verity-test-PID-*` folders whose process has ended (Linux: no `/proc/PID`).
+/// Removes `verity-test-PID-*` folders whose process has ended (Linux: no `/proc/PID`) and
+/// that nobody touched for an hour (a process in another PID namespace sharing `/tmp`
+/// has no `/proc/PID` here either).
 fn remove_ended_processes_dirs() {
     if !std::path::Path::new("/proc/self").exists() {
         return;
@@ -114,7 +117,13 @@ fn remove_ended_processes_dirs() {
         else {
             continue;
         };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if stale && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

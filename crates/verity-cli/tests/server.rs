@@ -104,8 +104,8 @@ struct Streaming {
 }
 
 impl Streaming {
-    /// Posts `body` (which asks for `"stream":true`); None when the server answered with
-    /// something other than an event stream (then `text` holds the answer).
+    /// Posts `body` (which asks for `"stream":true`); `Err` with what the server answered
+    /// when that was not an event stream.
     fn start(base: &str, body: &str) -> Result<Self, String> {
         let addr = base.trim_start_matches("http://");
         let mut s = TcpStream::connect(addr).expect("connect");
@@ -119,7 +119,8 @@ impl Streaming {
         let mut text = String::new();
         loop {
             let mut line = String::new();
-            if reader.read_line(&mut line).unwrap() == 0 {
+            // (A server that refuses may close before reading the body: a reset.)
+            if !matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
                 return Err(text);
             }
             text.push_str(&line);
