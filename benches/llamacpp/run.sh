@@ -54,7 +54,7 @@ echo "prefill 512:        verity $vp tok/s   llama.cpp $lp tok/s   $(ratio "$vp"
 ld=$(llama -p 0 -n 64); vd=$(ours_decode)
 echo "decode batch 1:     verity $vd tok/s   llama.cpp $ld tok/s   $(ratio "$vd" "$ld")×"
 yes > /dev/null & busy=$!
-trap 'kill $busy 2>/dev/null' EXIT
+trap 'kill $busy 2>/dev/null || true' EXIT
 lb=$(llama -p 0 -n 64); vb=$(ours_decode)
 kill $busy
 echo "decode, 1 core busy: verity $vb tok/s ($(ratio "$vb" "$vd") of idle)   llama.cpp $lb tok/s ($(ratio "$lb" "$ld") of idle)   $(ratio "$vb" "$lb")×"

@@ -51,8 +51,8 @@ fn start(extra: &[&str]) -> Server {
     Server { child, base }
 }
 
-/// A raw HTTP/1.1 POST; returns (status, headers + body as text).
-fn post(base: &str, path: &str, body: &str) -> (u16, String) {
+/// Sends a raw HTTP/1.1 POST; the connection, to read the answer from.
+fn send_post(base: &str, path: &str, body: &str) -> TcpStream {
     let addr = base.trim_start_matches("http://");
     let mut s = TcpStream::connect(addr).expect("connect");
     write!(
@@ -61,6 +61,12 @@ fn post(base: &str, path: &str, body: &str) -> (u16, String) {
         body.len()
     )
     .unwrap();
+    s
+}
+
+/// A raw HTTP/1.1 POST; returns (status, headers + body as text).
+fn post(base: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = send_post(base, path, body);
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out
@@ -107,15 +113,7 @@ impl Streaming {
     /// Posts `body` (which asks for `"stream":true`); `Err` with what the server answered
     /// when that was not an event stream.
     fn start(base: &str, body: &str) -> Result<Self, String> {
-        let addr = base.trim_start_matches("http://");
-        let mut s = TcpStream::connect(addr).expect("connect");
-        write!(
-            s,
-            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut reader = BufReader::new(s);
+        let mut reader = BufReader::new(send_post(base, "/v1/completions", body));
         let mut text = String::new();
         loop {
             let mut line = String::new();
