@@ -108,11 +108,22 @@ impl KvSegment {
     /// Elements between consecutive positions and between consecutive KV heads in a
     /// buffer: (position of the segment, head)'s head_dim values start at
     /// `position · strides.0 + head · strides.1`.
-    pub(crate) fn strides(&self, kv_heads: usize, head_dim: usize) -> (usize, usize) {
+    pub(crate) fn strides(&self) -> (usize, usize) {
+        let (kv_heads, head_dim) = self.heads_and_dim();
         if self.head_major {
             (head_dim, self.capacity * head_dim)
         } else {
             (kv_heads * head_dim, head_dim)
+        }
+    }
+
+    /// (kv_heads, head_dim), read from the buffers' shape; (0, 0) before the first
+    /// [`Self::reserve`].
+    fn heads_and_dim(&self) -> (usize, usize) {
+        match self.keys.first().map(Tensor::dims) {
+            Some(&[kv, _, hd]) if self.head_major => (kv, hd),
+            Some(&[_, kv, hd]) => (kv, hd),
+            _ => (0, 0),
         }
     }
 
@@ -197,12 +208,7 @@ impl KvSegment {
     /// converts. CPU only: a decode step's few-hundred-byte rows cost less to copy than
     /// the candle ops of a tensor write (several per sequence and layer).
     pub(crate) fn write_rows_cpu(&self, layer: usize, keys: &[f32], values: &[f32]) -> Result<()> {
-        let dims = self.keys[layer].dims();
-        let (kv_heads, head_dim) = if self.head_major {
-            (dims[0], dims[2])
-        } else {
-            (dims[1], dims[2])
-        };
+        let (kv_heads, head_dim) = self.heads_and_dim();
         let row = kv_heads * head_dim;
         if keys.len() != values.len() || !keys.len().is_multiple_of(row.max(1)) {
             return Err(crate::Error::Internal(format!(
@@ -219,7 +225,7 @@ impl KvSegment {
                 self.len, self.capacity
             )));
         }
-        let (position, head) = self.strides(kv_heads, head_dim);
+        let (position, head) = self.strides();
         let write = |values| WriteRows {
             values,
             piece: head_dim,
@@ -481,7 +487,7 @@ mod tests {
             );
         }
         // In place: position p, head h starts at p·strides.0 + h·strides.1.
-        let (position, head) = shared.strides(kv, hd);
+        let (position, head) = shared.strides();
         let buffer = shared
             .key_buffer(1)
             .to_dtype(DType::F32)

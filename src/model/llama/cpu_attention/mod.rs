@@ -136,7 +136,7 @@ impl Transformer {
                     values: seg.value_buffer(layer).storage_and_layout().0,
                     start: seg.start(),
                     len,
-                    strides: seg.strides(nkv, hd),
+                    strides: seg.strides(),
                 });
             }
         }
