@@ -75,6 +75,8 @@ pub struct EvalConfig {
     pub rules: Vec<SelectionRule>,
     /// Sequential rules run in the engine, each on its own samples.
     pub online: Vec<SelectionRule>,
+    /// Samples of an online rule decoding at once (`None`: the rule's default).
+    pub parallel: Option<usize>,
     /// Loaded adapter to decode with (None = the base model).
     pub adapter: Option<String>,
     /// Questions in flight at once (their requests share the engine's batches); 1 = one
@@ -326,6 +328,7 @@ fn evaluate_question(
         let start = Instant::now();
         let mut r = sampled();
         r.selection = Some(*rule);
+        r.parallel = config.parallel;
         let result = runtime.generate(r)?;
         let wall = start.elapsed();
         let answer = select(rule, result.candidates()).answer;

@@ -205,6 +205,7 @@ pub fn heldout_accuracy(
         seed: 0,
         rules: vec![SelectionRule::Greedy],
         online: Vec::new(),
+        parallel: None,
         adapter: adapter.map(str::to_string),
         // Greedy questions are short requests: many in flight fill the batch.
         concurrency: 16,
@@ -243,6 +244,7 @@ pub fn learn(
         seed: config.seed,
         rules: Vec::new(),
         online: Vec::new(),
+        parallel: None,
         adapter: Some(adapter_id.clone()),
         concurrency: 1,
     };

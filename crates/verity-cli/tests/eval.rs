@@ -213,6 +213,77 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         accuracy_columns(&stdout),
         accuracy_columns(&String::from_utf8_lossy(&out.stdout))
     );
+    // One sample at a time (--parallel 1), an online rule decodes exactly the samples its
+    // simulation is charged: no sample is cut mid-way, so the tokens are equal, not just
+    // bounded as above. adaptive:0.7 settles on any first answer (P = 0.75), so with its
+    // default of 4 in flight three samples would be cut.
+    let one_at_a_time = dir.join("parallel1.jsonl");
+    let out = std::process::Command::new(bin)
+        .args([
+            "eval",
+            "--n",
+            "4",
+            "--max-tokens",
+            "48",
+            "--select",
+            "adaptive:0.7",
+            "--online",
+            "adaptive:0.7",
+            "--parallel",
+            "1",
+            "--model",
+        ])
+        .arg(real_model(SMOLLM2))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&one_at_a_time)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines1: Vec<serde_json::Value> = std::fs::read_to_string(&one_at_a_time)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of_kind = |kind: &str| {
+        let mut v: Vec<_> = lines1.iter().filter(|l| l["kind"] == kind).collect();
+        v.sort_by_key(|l| l["question"].as_u64());
+        v
+    };
+    let (live, simulated) = (of_kind("online"), of_kind("rule"));
+    assert_eq!((live.len(), simulated.len()), (3, 3));
+    for (live, simulated) in live.iter().zip(&simulated) {
+        assert_eq!(live["answer"], simulated["answer"], "{live} vs {simulated}");
+        assert_eq!(live["tokens"], simulated["tokens"], "{live} vs {simulated}");
+        assert_eq!(
+            live["samples_started"], simulated["samples"],
+            "{live} vs {simulated}"
+        );
+    }
+    // --parallel needs --online and at least one sample.
+    for (args, says) in [
+        (vec!["--parallel", "1"], "--online"),
+        (vec!["--online", "esc:2", "--parallel", "0"], "--parallel"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["eval", "--model"])
+            .arg(real_model(SMOLLM2))
+            .arg("--data")
+            .arg(&data)
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+    }
     // The live run drew its curve next to the trace file.
     assert!(dir.join("run.curve.png").is_file());
     // Re-scoring the trace file, without a model: every rule's row as the live run printed

@@ -49,6 +49,12 @@ pub struct Args {
     /// frees its batch slot for the next at once.
     #[arg(long, conflicts_with = "from")]
     online: Option<String>,
+    /// Samples of an --online rule decoding at once per question (default: the rule's own,
+    /// 4 for esc:4 and adaptive). Fewer waste fewer tokens on samples cut when the answer
+    /// settles (1 decodes exactly the samples the simulated rule is charged); raise
+    /// --concurrency to keep the batch full.
+    #[arg(long, requires = "online")]
+    parallel: Option<usize>,
     /// With --from: tune `:tune` parameters on this leading fraction of the questions and
     /// report every rule on the rest only.
     #[arg(long, default_value_t = 0.0, requires = "from")]
@@ -94,6 +100,9 @@ pub fn run(args: Args) -> Result<(), String> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
+    if args.parallel == Some(0) {
+        return Err("--parallel must be at least 1".into());
+    }
     if args.plot.is_some() && args.out.is_none() {
         return Err("--plot needs --out: the curve is drawn from the trace file".into());
     }
@@ -121,6 +130,7 @@ pub fn run(args: Args) -> Result<(), String> {
         seed: args.seed,
         rules,
         online,
+        parallel: args.parallel,
         adapter: args.adapter.as_ref().map(|_| "eval".to_string()),
         concurrency: args.concurrency,
     };
