@@ -5,8 +5,23 @@
 #[path = "../../../tests/common/mod.rs"]
 mod common;
 use common::*;
+use std::ffi::OsString;
 
 const RULES: &str = "greedy,majority,esc:2,borda:0.5,max:self_certainty,deepconf:bottom10:16:50";
+
+/// Runs `verity eval ARGS` and asserts that it fails with a message naming `says`.
+fn assert_eval_refuses(args: &[OsString], says: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_verity"))
+        .arg("eval")
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(says),
+        "{args:?}: {stderr}"
+    );
+}
 
 #[test]
 fn eval_harness_runs_end_to_end_on_smollm2() {
@@ -36,20 +51,11 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     );
     assert_eq!(std::fs::read_to_string(&data).unwrap().lines().count(), 3);
 
-    // Every rule and DeepConf-online on the same questions, with `extra` arguments.
-    let eval = |out_path: &std::path::Path, extra: &[&str]| {
+    // Rules `select` and `online` on the same questions, with `extra` arguments.
+    let eval_rules = |out_path: &std::path::Path, select: &str, online: &str, extra: &[&str]| {
         std::process::Command::new(bin)
-            .args([
-                "eval",
-                "--n",
-                "4",
-                "--max-tokens",
-                "48",
-                "--select",
-                RULES,
-                "--online",
-                "2:50:16,esc:2",
-            ])
+            .args(["eval", "--n", "4", "--max-tokens", "48"])
+            .args(["--select", select, "--online", online])
             .args(extra)
             .arg("--model")
             .arg(real_model(SMOLLM2))
@@ -59,6 +65,10 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
             .arg(out_path)
             .output()
             .unwrap()
+    };
+    // Every rule and DeepConf-online.
+    let eval = |out_path: &std::path::Path, extra: &[&str]| {
+        eval_rules(out_path, RULES, "2:50:16,esc:2", extra)
     };
     let traces = dir.join("run.jsonl");
     let out = eval(&traces, &[]);
@@ -218,28 +228,12 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     // bounded as above. adaptive:0.7 settles on any first answer (P = 0.75), so with its
     // default of 4 in flight three samples would be cut.
     let one_at_a_time = dir.join("parallel1.jsonl");
-    let out = std::process::Command::new(bin)
-        .args([
-            "eval",
-            "--n",
-            "4",
-            "--max-tokens",
-            "48",
-            "--select",
-            "adaptive:0.7",
-            "--online",
-            "adaptive:0.7",
-            "--parallel",
-            "1",
-            "--model",
-        ])
-        .arg(real_model(SMOLLM2))
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&one_at_a_time)
-        .output()
-        .unwrap();
+    let out = eval_rules(
+        &one_at_a_time,
+        "adaptive:0.7",
+        "adaptive:0.7",
+        &["--parallel", "1"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -266,24 +260,18 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         );
     }
     // --parallel needs --online and at least one sample.
-    for (args, says) in [
-        (vec!["--parallel", "1"], "--online"),
-        (vec!["--online", "esc:2", "--parallel", "0"], "--parallel"),
-    ] {
-        let out = std::process::Command::new(bin)
-            .args(["eval", "--model"])
-            .arg(real_model(SMOLLM2))
-            .arg("--data")
-            .arg(&data)
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && stderr.contains(says),
-            "{args:?}: {stderr}"
-        );
-    }
+    let model = real_model(SMOLLM2);
+    let live = |extra: &[&str]| -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--model".into(), model.clone().into()];
+        args.extend(["--data".into(), data.clone().into()]);
+        args.extend(extra.iter().map(OsString::from));
+        args
+    };
+    assert_eval_refuses(&live(&["--parallel", "1"]), "--online");
+    assert_eval_refuses(
+        &live(&["--online", "esc:2", "--parallel", "0"]),
+        "--parallel",
+    );
     // The live run drew its curve next to the trace file.
     assert!(dir.join("run.curve.png").is_file());
     // Re-scoring the trace file, without a model: every rule's row as the live run printed
@@ -324,24 +312,16 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
     // What --from cannot do is refused by name: no model flags are needed, online rules
     // and data conflict with it, and :tune needs a tuning split.
-    for (args, says) in [
+    for (extra, says) in [
         (vec!["--online", "esc:2"], "--online"),
         (vec!["--data", "x.jsonl"], "--data"),
         (vec!["--select", "cisc:logprob:tune"], "--tune-fraction"),
         (vec!["--select", "esc:tune"], "--tune-fraction"),
         (vec!["--tune-fraction", "1.0"], "--tune-fraction"),
     ] {
-        let out = std::process::Command::new(bin)
-            .args(["eval", "--from"])
-            .arg(&traces)
-            .args(&args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && stderr.contains(says),
-            "{args:?}: {stderr}"
-        );
+        let mut args: Vec<OsString> = vec!["--from".into(), traces.clone().into()];
+        args.extend(extra.iter().map(OsString::from));
+        assert_eval_refuses(&args, says);
     }
     // Bad input: a missing data file and an unknown rule are clear errors.
     let out = std::process::Command::new(bin)

@@ -49,10 +49,10 @@ pub struct Args {
     /// frees its batch slot for the next at once.
     #[arg(long, conflicts_with = "from")]
     online: Option<String>,
-    /// Samples of an --online rule decoding at once per question (default: the rule's own,
-    /// 4 for esc:4 and adaptive). Fewer waste fewer tokens on samples cut when the answer
-    /// settles (1 decodes exactly the samples the simulated rule is charged); raise
-    /// --concurrency to keep the batch full.
+    /// Samples of an --online rule decoding at once per question (default: the rule's own:
+    /// ESC's window, 4 for adaptive, DeepConf's warm-up). Fewer waste fewer tokens on
+    /// samples cut when the answer settles (1 decodes exactly the samples the simulated
+    /// rule is charged); raise --concurrency to keep the batch full.
     #[arg(long, requires = "online")]
     parallel: Option<usize>,
     /// With --from: tune `:tune` parameters on this leading fraction of the questions and
