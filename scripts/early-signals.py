@@ -44,10 +44,13 @@ def main():
     for s in samples.values():
         s.sort(key=lambda d: d["index"])
 
+    def leader_share(s):
+        # As in verity's rules, a sample without an answer does not vote.
+        votes = collections.Counter(d["answer"] for d in s if d["answer"] is not None)
+        return max(votes.values(), default=0) / len(s)
+
     signals = {
-        "leader's share of the first k answers": lambda s: collections.Counter(
-            d["answer"] for d in s
-        ).most_common(1)[0][1] / len(s),
+        "leader's share of the first k answers": leader_share,
         "mean length (shorter scores higher)": lambda s: -statistics.mean(
             len(d["token_end"]) for d in s
         ),

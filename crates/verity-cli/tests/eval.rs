@@ -23,6 +23,25 @@ fn assert_eval_refuses(args: &[OsString], says: &str) {
     );
 }
 
+/// A JSONL file's lines.
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The `lines` that `keep` keeps, in question order.
+fn by_question(
+    lines: &[serde_json::Value],
+    keep: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<&serde_json::Value> {
+    let mut v: Vec<_> = lines.iter().filter(|l| keep(l)).collect();
+    v.sort_by_key(|l| l["question"].as_u64());
+    v
+}
+
 #[test]
 fn eval_harness_runs_end_to_end_on_smollm2() {
     let dir = temp_dir("eval");
@@ -96,11 +115,7 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     }
     assert!(stdout.contains("(3 questions, n = 4)"));
     // Every sampled trace and every greedy trace is written, with scores and correctness.
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&traces)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&traces);
     assert_eq!(
         lines.iter().filter(|l| l["kind"] == "sample").count(),
         3 * 4
@@ -111,21 +126,11 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         assert!(l["correct"].is_boolean());
     }
     // Every rule's answer per question, and DeepConf-online's, are written too.
-    let rule_lines = |rule: &str| -> Vec<&serde_json::Value> {
-        let mut v: Vec<_> = lines
-            .iter()
-            .filter(|l| l["kind"] == "rule" && l["rule"] == rule)
-            .collect();
-        v.sort_by_key(|l| l["question"].as_u64());
-        v
-    };
-    let online = |rule: Option<&str>| -> Vec<&serde_json::Value> {
-        let mut v: Vec<_> = lines
-            .iter()
-            .filter(|l| l["kind"] == "online" && l["rule"].as_str() == rule)
-            .collect();
-        v.sort_by_key(|l| l["question"].as_u64());
-        v
+    let rule_lines = |rule: &str| by_question(&lines, |l| l["kind"] == "rule" && l["rule"] == rule);
+    let online = |rule: Option<&str>| {
+        by_question(&lines, |l| {
+            l["kind"] == "online" && l["rule"].as_str() == rule
+        })
     };
     assert_eq!(
         online(Some("deepconf-online:2:50:16")).len(),
@@ -239,17 +244,11 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines1: Vec<serde_json::Value> = std::fs::read_to_string(&one_at_a_time)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let of_kind = |kind: &str| {
-        let mut v: Vec<_> = lines1.iter().filter(|l| l["kind"] == kind).collect();
-        v.sort_by_key(|l| l["question"].as_u64());
-        v
-    };
-    let (live, simulated) = (of_kind("online"), of_kind("rule"));
+    let lines1 = json_lines(&one_at_a_time);
+    let (live, simulated) = (
+        by_question(&lines1, |l| l["kind"] == "online"),
+        by_question(&lines1, |l| l["kind"] == "rule"),
+    );
     assert_eq!((live.len(), simulated.len()), (3, 3));
     for (live, simulated) in live.iter().zip(&simulated) {
         assert_eq!(live["answer"], simulated["answer"], "{live} vs {simulated}");
@@ -261,15 +260,15 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
     }
     // --parallel needs --online and at least one sample.
     let model = real_model(SMOLLM2);
-    let live = |extra: &[&str]| -> Vec<OsString> {
+    let with_model = |extra: &[&str]| -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["--model".into(), model.clone().into()];
         args.extend(["--data".into(), data.clone().into()]);
         args.extend(extra.iter().map(OsString::from));
         args
     };
-    assert_eval_refuses(&live(&["--parallel", "1"]), "--online");
+    assert_eval_refuses(&with_model(&["--parallel", "1"]), "--online");
     assert_eval_refuses(
-        &live(&["--online", "esc:2", "--parallel", "0"]),
+        &with_model(&["--online", "esc:2", "--parallel", "0"]),
         "--parallel",
     );
     // The live run drew its curve next to the trace file.
@@ -324,23 +323,13 @@ fn eval_harness_runs_end_to_end_on_smollm2() {
         assert_eval_refuses(&args, says);
     }
     // Bad input: a missing data file and an unknown rule are clear errors.
-    let out = std::process::Command::new(bin)
-        .args(["eval", "--data", "/nonexistent.jsonl", "--model"])
-        .arg(real_model(SMOLLM2))
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("/nonexistent.jsonl")
-    );
-    let out = std::process::Command::new(bin)
-        .args(["eval", "--select", "bogus", "--model"])
-        .arg(real_model(SMOLLM2))
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--select"));
+    let missing: Vec<OsString> = ["--data", "/nonexistent.jsonl", "--model"]
+        .into_iter()
+        .map(OsString::from)
+        .chain([model.clone().into()])
+        .collect();
+    assert_eval_refuses(&missing, "/nonexistent.jsonl");
+    assert_eval_refuses(&with_model(&["--select", "bogus"]), "--select");
 }
 
 #[test]
@@ -403,11 +392,7 @@ fn rl_loop_runs_end_to_end_on_smollm2_and_writes_a_loadable_adapter() {
         stdout.contains("held-out greedy accuracy (2 items): before"),
         "{stdout}"
     );
-    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let metrics = json_lines(&out_dir.join("metrics.jsonl"));
     assert_eq!(metrics.len(), 2);
     for m in &metrics {
         for key in [
